@@ -1,0 +1,88 @@
+"""Typed stage configs: pydantic models loadable from YAML with ``key=value`` overrides.
+
+Every stage config subclasses :class:`StageConfig`. Unknown keys are rejected so that a typo in a YAML
+file or on the command line is an error naming the key, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+C = TypeVar("C", bound="StageConfig")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the offending key."""
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @classmethod
+    def load(cls: type[C], path: str | Path | None = None, overrides: Iterable[str] = ()) -> C:
+        """Build the config from an optional YAML file, then apply ``key=value`` (dotted) overrides."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            data = read_yaml(path)
+        for item in overrides:
+            key, value = parse_override(item)
+            set_dotted(data, key, value)
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(cls.__name__, exc)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=3`` -> ("a.b", 3). Values are parsed as YAML scalars/lists (``[1,2]``, ``true``, ``null``)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def format_validation_error(name: str, exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        problems.append(f"{loc}: {err['msg']}")
+    return f"invalid {name}: " + "; ".join(problems)

@@ -1,0 +1,116 @@
+"""Loading any Hugging Face causal LM and its tokenizer, and turning prompts into token ids.
+
+Accepts a local checkpoint directory, a ``file://`` URI, an object-store URI (``s3://``; downloaded to a
+local cache first) or a hub name where the network allows it: the loading code is the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from jf_ray.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+DType = Literal["auto", "fp32", "bf16", "fp16"]
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in _DTYPES:
+        raise UserInputError(f"unknown dtype {dtype!r}; choose auto, fp32, bf16 or fp16")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def local_model_path(model: str) -> str:
+    """Map a model reference to something ``from_pretrained`` takes (a local dir or a hub name)."""
+    if model.startswith("file://"):
+        model = model[len("file://"):]
+    if "://" in model:
+        from jf_ray.storage import download_dir
+
+        return str(download_dir(model))
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserInputError(f"model path {path} has no config.json (not a Hugging Face checkpoint)")
+        return str(path)
+    looks_like_hub_name = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if not looks_like_hub_name:
+        raise UserInputError(f"model path not found: {model}")
+    return model
+
+
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(local_model_path(model))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model: str, dtype: DType = "auto", device: str = "auto", attn_implementation: str = "sdpa"):
+    """Load a causal LM for inference (eval mode, no grad bookkeeping) on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(device)
+    path = local_model_path(model)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(
+            path, dtype=resolve_dtype(dtype, device), attn_implementation=attn_implementation
+        )
+    except OSError as exc:
+        raise UserInputError(f"cannot load model {model!r}: {exc}") from None
+    lm.to(device).eval()
+    logger.info("loaded %s (%.1fM parameters, %s, %s)", model, num_parameters(lm) / 1e6, lm.dtype, device)
+    return lm
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def eos_token_ids(model, tokenizer=None) -> list[int]:
+    """All ids that end a response: the generation config's EOS list plus the tokenizer's EOS."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return sorted(ids)
+
+
+def encode_prompt(tokenizer, prompt: str, use_chat_template: bool = True) -> list[int]:
+    """Token ids of a user prompt; wrapped in the chat template when the tokenizer has one."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def set_torch_threads(num_threads: int | None) -> None:
+    """Pin intra-op threads; two torch processes each using every core slow down ~10x on small machines."""
+    if num_threads is None:
+        num_threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or None
+    if num_threads:
+        torch.set_num_threads(max(1, num_threads))

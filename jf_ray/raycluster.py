@@ -1,0 +1,39 @@
+"""Starting or joining a Ray cluster the same way from the CLI, the driver job and the tests."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+# Only for a cluster we start ourselves on this machine: keep Ray on 127.0.0.1, send no usage stats,
+# no token auth between local processes, and keep the AWS SDKs off the instance-metadata address.
+LOCAL_CLUSTER_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def set_local_cluster_env() -> None:
+    for key, value in LOCAL_CLUSTER_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
+    """Join ``address`` (or ``RAY_ADDRESS``, e.g. under ``ray job submit``) or start a local cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        set_local_cluster_env()
+        kwargs.setdefault("include_dashboard", False)
+        kwargs["num_cpus"] = num_cpus
+    kwargs.setdefault("log_to_driver", True)
+    ctx = ray.init(address=address, **kwargs)
+    logger.info("ray: %s", "joined " + address if address else "started a local cluster")
+    return ctx
