@@ -1,0 +1,47 @@
+"""Shared pytest fixtures. Keep edits small and additive: several stages add their fixtures here."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_s3_endpoint():
+    """A local S3 wire-protocol server (moto) for the whole session; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_s3_endpoint, monkeypatch, request):
+    """A fresh bucket on the moto server with the environment pointing at it; yields ``s3://<bucket>``."""
+    import uuid
+
+    import boto3
+
+    env = {
+        "JF_S3_ENDPOINT": moto_s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    bucket = f"jf-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}"
