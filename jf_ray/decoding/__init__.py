@@ -4,6 +4,7 @@ Plain torch + transformers, no Ray. One engine runs all of them, batched (contin
 join and leave between forwards); :func:`generate` is the simple facade over it.
 """
 
+from jf_ray.decoding.engine import DecodingEngine, StepOutput, generate
 from jf_ray.decoding.types import (
     DECODER_NAMES,
     BlockTrajectory,
@@ -12,4 +13,13 @@ from jf_ray.decoding.types import (
     DecodeStats,
 )
 
-__all__ = ["DECODER_NAMES", "BlockTrajectory", "DecodeConfig", "DecodeResult", "DecodeStats"]
+__all__ = [
+    "DECODER_NAMES",
+    "BlockTrajectory",
+    "DecodeConfig",
+    "DecodeResult",
+    "DecodeStats",
+    "DecodingEngine",
+    "StepOutput",
+    "generate",
+]

@@ -1,0 +1,211 @@
+"""The decoding engine: continuous batching of requests, each with its own draft policy.
+
+Each :meth:`DecodingEngine.step` admits waiting requests (one prefill forward for them), then runs one
+forward over every running request: each request's policy lays out its segments (a draft, recycled
+candidates, pseudo blocks), the engine batches them with a 4D mask over the ragged cache, and each policy
+verifies its part of the logits and commits tokens. Requests join and leave between forwards. The engine
+is synchronous and not thread-safe: one thread drives it (the server runs it in a background thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from jf_ray.decoding.cache import RaggedKVCache
+from jf_ray.decoding.jacobi import JacobiPolicy
+from jf_ray.decoding.lookup import LookupPolicy
+from jf_ray.decoding.multiblock import MultiBlockPolicy
+from jf_ray.decoding.query import build_query, prefill_query
+from jf_ray.decoding.request import RequestState, SegmentOutput
+from jf_ray.decoding.types import DecodeConfig, DecodeResult, DecodeStats, FinishReason
+from jf_ray.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: Optional[FinishReason]
+    stats: DecodeStats
+    result: Optional[DecodeResult] = None  # set when finished
+
+
+def make_policy(config: DecodeConfig):
+    if config.decoder == "ar":
+        return JacobiPolicy(block_size=1)
+    if config.decoder == "jacobi":
+        return JacobiPolicy(config.block_size, record=config.record_trajectory)
+    if config.decoder == "lookup":
+        return LookupPolicy(config.lookup_tokens or max(config.block_size - 1, 1), config.lookup_max_ngram)
+    return MultiBlockPolicy(config.block_size, config.num_blocks, config.pool_size, config.spawn_ratio)
+
+
+class DecodingEngine:
+    def __init__(self, model, eos_token_ids: list[int], max_batch_size: int = 8, pad_token_id: int = 0):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_batch_size = max_batch_size
+        self.pad_token_id = pad_token_id
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.waiting: deque[RequestState] = deque()
+        self.running: list[RequestState] = []
+        self.cache = RaggedKVCache(self.device)
+        self.last_batch_size = 0
+
+    # -- requests ------------------------------------------------------------------------------------------
+    def add(self, request_id: str, prompt_ids: list[int], config: DecodeConfig) -> None:
+        self.validate(prompt_ids, config)
+        req = RequestState(request_id, list(prompt_ids), config, self.eos_token_ids, policy=make_policy(config))
+        self.waiting.append(req)
+
+    def validate(self, prompt_ids: list[int], config: DecodeConfig) -> None:
+        if not prompt_ids:
+            raise UserInputError("the prompt is empty")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
+            raise UserInputError(f"prompt has token ids outside the vocabulary [0, {self.vocab_size})")
+        if self.max_positions and len(prompt_ids) + config.max_new_tokens > self.max_positions:
+            raise UserInputError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds the "
+                f"model's context of {self.max_positions} tokens"
+            )
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; it leaves the batch at the next step (its slot is freed)."""
+        for req in list(self.waiting):
+            if req.request_id == request_id:
+                self.waiting.remove(req)
+        for req in self.running:
+            if req.request_id == request_id and not req.finished:
+                req.close("abort")
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- stepping ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        self._drop_finished()
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+        active = [req for req in self.running if not req.finished]
+        if active and not admitted:
+            self._decode()
+        outputs = [self._output(req) for req in self.running if len(req.generated) > req.emitted or req.finished]
+        self._drop_finished()
+        return outputs
+
+    def _admit(self) -> list[RequestState]:
+        admitted = []
+        while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+            admitted.append(self.waiting.popleft())
+        return admitted
+
+    def _prefill(self, admitted: list[RequestState]) -> None:
+        query = prefill_query([r.prompt_ids for r in admitted], self.dtype, self.device, self.pad_token_id)
+        fresh = RaggedKVCache(self.device, num_rows=len(admitted))
+        for req in admitted:
+            req.started_at = time.perf_counter()
+        logits = self._forward(query, fresh)
+        for b, req in enumerate(admitted):
+            fresh.commit(b, list(range(len(req.prompt_ids))))
+            req.log_forward()
+            req.stats.prefill_tokens = len(req.prompt_ids)
+            req.extend([req.first_token(logits[b, len(req.prompt_ids) - 1])])
+        self.cache.append_rows(fresh)
+        self.running.extend(admitted)
+
+    def _decode(self) -> None:
+        for req in self.running:  # every running request is unfinished here (see step)
+            req.segments = req.policy.plan(req)
+        query = build_query([r.segments for r in self.running], self.cache.valid, self.dtype, self.pad_token_id)
+        slots_before = self.cache.num_slots
+        logits = self._forward(query, self.cache)
+        predictions = logits.argmax(dim=-1).tolist()
+        for b, req in enumerate(self.running):
+            req.offsets = query.offsets[b]
+            req.outputs = [
+                SegmentOutput(predictions[b][o : o + len(s.tokens)], logits[b, o : o + len(s.tokens)])
+                for s, o in zip(req.segments, req.offsets)
+            ]
+            req.log_forward()
+            req.policy.update(req)
+            offset, count = req.kv_commit
+            self.cache.commit(b, list(range(slots_before + offset, slots_before + offset + count)))
+            req.outputs = []
+        self.cache.maybe_compact()
+
+    def _forward(self, query, cache: RaggedKVCache) -> torch.Tensor:
+        self.last_batch_size = query.input_ids.shape[0]
+        out = self.model(
+            input_ids=query.input_ids,
+            position_ids=query.position_ids,
+            attention_mask=query.attention_mask,
+            past_key_values=cache.kv,
+            use_cache=True,
+        )
+        cache.extend_slots(query.input_ids.shape[1])
+        return out.logits
+
+    def _output(self, req: RequestState) -> StepOutput:
+        new = req.generated[req.emitted :]
+        req.emitted = len(req.generated)
+        result = None
+        if req.finished:
+            req.close()
+            trajectory = req.policy.trajectory(req) if req.config.record_trajectory else None
+            result = DecodeResult(list(req.generated), req.finish_reason, req.stats, trajectory)
+        return StepOutput(req.request_id, new, req.finished, req.finish_reason, req.stats, result)
+
+    def _drop_finished(self) -> None:
+        keep = [b for b, req in enumerate(self.running) if not req.finished]
+        if len(keep) == len(self.running):
+            return
+        self.running = [self.running[b] for b in keep]
+        if keep:
+            self.cache.keep_rows(keep)
+        else:
+            self.cache = RaggedKVCache(self.device)
+
+
+def generate(
+    model,
+    prompts: list[list[int]],
+    config: DecodeConfig,
+    eos_token_ids: list[int],
+    batch_size: int = 8,
+    progress: Optional[Callable[[int], None]] = None,
+) -> list[DecodeResult]:
+    """Decode every prompt with ``config``, ``batch_size`` at a time (continuous batching); results in order."""
+    engine = DecodingEngine(model, eos_token_ids, max_batch_size=batch_size)
+    for i, prompt in enumerate(prompts):
+        engine.add(str(i), prompt, config)
+    results: dict[int, DecodeResult] = {}
+    while engine.has_work:
+        for out in engine.step():
+            if out.result is not None:
+                results[int(out.request_id)] = out.result
+                if progress is not None:
+                    progress(len(results))
+    return [results[i] for i in range(len(prompts))]

@@ -1,0 +1,77 @@
+"""Jacobi decoding of fixed blocks of n tokens (greedy AR is the special case n = 1).
+
+Per forward the draft is ``[head] + guesses`` up to the end of the current block. The verified prefix is
+committed (its K/V was computed under an exact prefix, so it is kept as is), the guesses after the first
+mismatch are refreshed with the model's own predictions, and the draft shrinks until the block reaches its
+fixed point; that last forward also yields the next block's head. A new block starts from guesses drawn
+uniformly from the context (prompt + output), as the reference implementation does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from jf_ray.decoding.acceptance import Verdict
+from jf_ray.decoding.query import Segment
+from jf_ray.decoding.request import RequestState
+from jf_ray.decoding.types import BlockTrajectory
+
+
+class JacobiPolicy:
+    def __init__(self, block_size: int, record: bool = False):
+        self.n = block_size
+        self.block_start = 0  # index in ``generated`` of the current block's first token
+        self.tail: Optional[list[int]] = None  # guesses after the head; None at the start of a block
+        self.record = record
+        self.block_states: dict[int, list[list[int]]] = {}
+
+    def draft_length(self, req: RequestState) -> int:
+        to_block_end = self.block_start + self.n - (len(req.generated) - 1)
+        return max(1, min(to_block_end, req.budget))
+
+    def reaches_block_end(self, req: RequestState) -> bool:
+        return self.block_start + self.n - (len(req.generated) - 1) <= req.budget
+
+    def main_segment(self, req: RequestState) -> Segment:
+        length = self.draft_length(req)
+        if self.tail is None:
+            self.tail = req.context_sample(self.n - 1)
+            if self.record:
+                self.block_states[self.block_index] = [[req.head] + self.tail[: length - 1]]
+        return Segment([req.head] + self.tail[: length - 1], req.next_position)
+
+    @property
+    def block_index(self) -> int:
+        return self.block_start // self.n
+
+    def plan(self, req: RequestState) -> list[Segment]:
+        return [self.main_segment(req)]
+
+    def update(self, req: RequestState) -> None:
+        verdict = req.verify(0)
+        if not req.accept(0, verdict):
+            self.advance(req, verdict, req.outputs[0].predictions)
+
+    def advance(self, req: RequestState, verdict: Verdict, predictions: list[int]) -> None:
+        """Refresh the draft after ``verdict`` was committed (``predictions`` of the winning segment)."""
+        length = len(predictions)
+        if verdict.accepted < length:
+            self.tail = predictions[verdict.accepted : length - 1]
+            if self.record:
+                state = req.generated[self.block_start :] + self.tail
+                self.block_states[self.block_index].append(state)
+        else:  # the whole block is verified; the new head opens the next block
+            self.block_start += self.n
+            self.tail = None
+
+    def trajectory(self, req: RequestState) -> list[BlockTrajectory]:
+        """Every block's recorded states, cut to the block's final length, the fixed point appended last."""
+        blocks = []
+        for index, states in sorted(self.block_states.items()):
+            start = index * self.n
+            fixed = req.generated[start : start + self.n]
+            if not fixed:
+                continue
+            kept = [s[: len(fixed)] for s in states] + [list(fixed)]
+            blocks.append(BlockTrajectory(index, len(req.prompt_ids) + start, kept, list(fixed)))
+        return blocks

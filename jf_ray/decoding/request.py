@@ -1,0 +1,123 @@
+"""Per-request decoding state: the tokens known so far, the stats, the RNG, and the stop rules.
+
+``generated`` holds every token known to be part of the output. Its last element is the *head*: known
+correct (or exactly sampled) but not yet fed to the model, so its K/V is not cached. Invariant after every
+step: committed cache slots of the row == len(prompt) + len(generated) - 1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from jf_ray.decoding.acceptance import Verdict, filter_probs, greedy_verify, speculative_verify
+from jf_ray.decoding.query import Segment
+from jf_ray.decoding.types import DecodeConfig, DecodeStats, FinishReason
+
+
+@dataclass
+class SegmentOutput:
+    predictions: list[int]  # argmax at each offset of the segment
+    logits: torch.Tensor  # [len, V], a view into the forward's logits
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt_ids: list[int]
+    config: DecodeConfig
+    eos_token_ids: frozenset[int]
+    generated: list[int] = field(default_factory=list)
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    finish_reason: Optional[FinishReason] = None
+    policy: object = None  # a draft policy from jf_ray.decoding.policies
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    started_at: float = 0.0
+    # Filled by the engine around each forward:
+    segments: list[Segment] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    outputs: list[SegmentOutput] = field(default_factory=list)
+    kv_commit: Optional[tuple[int, int]] = None  # (query offset, count) to mark valid after this step
+    emitted: int = 0  # tokens already reported to the caller
+
+    def __post_init__(self) -> None:
+        seed = self.config.seed
+        if seed is None:
+            seed = 0 if self.config.greedy else int(torch.seed() % (2**63))
+        self.generator.manual_seed(seed)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def head(self) -> int:
+        return self.generated[-1]
+
+    @property
+    def next_position(self) -> int:
+        """Position id of the head token (the first uncached one)."""
+        return len(self.prompt_ids) + len(self.generated) - 1
+
+    @property
+    def budget(self) -> int:
+        """How many more tokens may still be generated."""
+        return self.config.max_new_tokens - len(self.generated)
+
+    def context_sample(self, count: int) -> list[int]:
+        """``count`` ids drawn uniformly with replacement from the context (prompt + output): draft guesses."""
+        context = self.prompt_ids + self.generated
+        picks = torch.randint(len(context), (count,), generator=self.generator).tolist()
+        return [context[i] for i in picks]
+
+    def verify(self, segment_index: int) -> Verdict:
+        tokens, out = self.segments[segment_index].tokens, self.outputs[segment_index]
+        if self.config.greedy:
+            return greedy_verify(tokens, out.predictions)
+        probs = filter_probs(out.logits, self.config.temperature, self.config.top_k, self.config.top_p)
+        return speculative_verify(tokens, probs, self.generator)
+
+    def first_token(self, last_logits: torch.Tensor) -> int:
+        """The token after the prompt, from the prefill's last logits."""
+        if self.config.greedy:
+            return int(last_logits.argmax())
+        probs = filter_probs(last_logits[None], self.config.temperature, self.config.top_k, self.config.top_p)
+        return int(torch.multinomial(probs[0], 1, generator=self.generator))
+
+    def accept(self, segment_index: int, verdict: Verdict) -> bool:
+        """Commit the verified prefix of a segment plus the next head; apply EOS and the token cap.
+
+        The K/V of the head and of the matched draft tokens (all in this segment) becomes committed; the new
+        head stays uncached. Returns True when the request is finished.
+        """
+        tokens = self.segments[segment_index].tokens
+        kept = self.extend(tokens[1 : verdict.accepted] + [verdict.next_head])
+        # kept[:-1] sit at segment offsets 1..len(kept)-1, the old head at offset 0.
+        self.kv_commit = (self.offsets[segment_index], len(kept))
+        return self.finished
+
+    def extend(self, new_tokens: list[int]) -> list[int]:
+        """Append ``new_tokens`` (the last one becomes the head), cut at EOS and at the token cap."""
+        kept = []
+        for token in new_tokens[: max(self.budget, 0)]:
+            kept.append(token)
+            if token in self.eos_token_ids:
+                self.finish_reason = "stop"
+                break
+        self.generated.extend(kept)
+        self.stats.accepted_hist[len(kept)] += 1
+        if not self.finished and self.budget <= 0:
+            self.finish_reason = "length"
+        return kept
+
+    def log_forward(self) -> None:
+        self.stats.forwards += 1
+
+    def close(self, reason: Optional[FinishReason] = None) -> None:
+        if reason is not None and self.finish_reason is None:
+            self.finish_reason = reason
+        self.stats.tokens = len(self.generated)
+        self.stats.wall_s = time.perf_counter() - self.started_at
