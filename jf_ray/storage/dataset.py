@@ -73,7 +73,7 @@ class VersionedSchema:
         check_columns(table, self.column_names, f"schema {self.name} v{self.version}")
         try:
             return table.select(self.column_names).cast(self.tagged_arrow())
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        except (ValueError, TypeError, pa.ArrowNotImplementedError) as exc:  # Arrow errors subclass these
             raise DatasetError(f"table does not fit schema {self.name} v{self.version}: {exc}") from None
 
     def empty_table(self) -> pa.Table:
