@@ -45,3 +45,17 @@ def s3_bucket(moto_s3_endpoint, monkeypatch, request):
     bucket = f"jf-test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto_s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     return f"s3://{bucket}"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster for the whole test session (2 CPUs, no dashboard, bound to 127.0.0.1)."""
+    from jf_ray.raycluster import set_local_cluster_env
+
+    set_local_cluster_env()
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
