@@ -1,0 +1,24 @@
+"""Serving: the Jacobi decoder as an autoscaling, OpenAI-compatible Ray Serve application.
+
+``jf_ray.serving:app`` (an application builder, alias of ``build_app``) is what ``serve run`` and
+``serve deploy`` import::
+
+    serve run jf_ray.serving:app model=/path/to/checkpoint decode.decoder=mr
+
+Modules: ``protocol`` (OpenAI bodies, errors), ``config`` (ServeConfig), ``scheduler`` (continuous batching
+thread), ``detokenizer`` (text deltas, stop strings), ``generation`` (one request's life), ``service``
+(model + validation, no Ray), ``metrics`` (Ray metrics), ``app`` (FastAPI ingress + Serve deployment).
+Ray and FastAPI are imported only when ``app``/``build_app`` is used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("app", "build_app"):
+        from jf_ray.serving.app import build_app
+
+        return build_app
+    raise AttributeError(f"module 'jf_ray.serving' has no attribute {name!r}")

@@ -1,0 +1,184 @@
+"""The Ray Serve application: a FastAPI ingress speaking the OpenAI HTTP API over :class:`CompletionService`.
+
+``build_app(args)`` is a Serve application builder, so the same code serves ``jf-ray serve``, ``serve run
+jf_ray.serving:app model=...`` and ``serve deploy cluster/serve_config.yaml``. This module is only wiring:
+parsing bodies, auth, OpenAI/SSE formatting; validation and decoding live in ``service.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jf_ray.config import parse_override, set_dotted
+from jf_ray.serving import protocol
+from jf_ray.serving.config import ServeConfig
+from jf_ray.serving.generation import PreparedRequest, TextChunk, collect_text
+from jf_ray.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest
+
+logger = logging.getLogger(__name__)
+
+api = FastAPI(title="jf-ray: Jacobi Forcing decoder, OpenAI-compatible")
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    logger.exception("request failed")
+    return JSONResponse(APIError(500, f"internal error: {exc}", "server_error").body(), status_code=500)
+
+
+async def read_json(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise protocol.invalid_request(f"request body is not valid JSON: {exc}") from None
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+@serve.deployment(name="JacobiDecoder")
+@serve.ingress(api)
+class JacobiDecoderDeployment:
+    """One replica: a model, a continuous-batching engine thread and the OpenAI routes."""
+
+    def __init__(self, config: dict) -> None:
+        from jf_ray.modeling import set_torch_threads
+        from jf_ray.serving.metrics import ServingMetrics
+        from jf_ray.serving.service import CompletionService
+
+        self.config = ServeConfig.from_dict(config)
+        # Ray gives the replica num_cpus cores; more torch threads than that fight other processes.
+        set_torch_threads(max(1, int(self.config.num_cpus)))
+        self.metrics = ServingMetrics(self.config.served_model_name)
+        self.service = CompletionService(self.config, self.metrics, self.metrics)
+
+    def check_health(self) -> None:
+        """Serve restarts the replica when this raises."""
+        if not self.service.scheduler.alive:
+            raise RuntimeError("the engine thread has stopped")
+
+    def __del__(self) -> None:
+        service = getattr(self, "service", None)
+        if service is not None:
+            service.shutdown()
+
+    def _authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if key and request.headers.get("authorization", "") != f"Bearer {key}":
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                           "authentication_error", None, "invalid_api_key")
+
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        body = self.service.health()
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
+        return protocol.models_body(self.service.model_name)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        self._authorize(request)
+        body = protocol.parse_request(CompletionRequest, await read_json(request))
+        prepared = self.service.prepare_completion(body)
+        return await self._respond(prepared, body, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        self._authorize(request)
+        body = protocol.parse_request(ChatCompletionRequest, await read_json(request))
+        prepared = self.service.prepare_chat(body)
+        return await self._respond(prepared, body, chat=True)
+
+    async def _respond(self, prepared: PreparedRequest, body, chat: bool):
+        try:
+            chunks = self.service.start(prepared)
+        except APIError:
+            if self.metrics is not None:
+                self.metrics.on_rejected()
+            raise
+        model = self.service.model_name
+        if body.stream:
+            events = self._sse_events(chunks, prepared.request_id, model, chat, body.include_usage_chunk)
+            return StreamingResponse(events, media_type="text/event-stream")
+        text, finish, usage = await collect_text(chunks)
+        make = protocol.chat_body if chat else protocol.completion_body
+        return make(prepared.request_id, model, text, finish, usage)
+
+    async def _sse_events(
+        self, chunks: AsyncIterator[TextChunk], rid: str, model: str, chat: bool, include_usage: bool
+    ) -> AsyncIterator[str]:
+        if chat:
+            yield sse(protocol.chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
+        try:
+            async for chunk in chunks:
+                if chunk.text or chunk.finish_reason:
+                    yield sse(_text_chunk(rid, model, chat, chunk.text, chunk.finish_reason))
+                if chunk.finish_reason and include_usage:
+                    yield sse(_text_chunk(rid, model, chat, "", None, chunk.usage))
+        except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+            logger.exception("stream %s failed", rid)
+            yield sse(APIError(500, str(exc), "server_error").body())
+        yield sse("[DONE]")
+
+
+def _text_chunk(rid: str, model: str, chat: bool, text: str, finish: Optional[str], usage=None) -> dict:
+    if chat:
+        delta = {"content": text} if text else {}
+        return protocol.chat_chunk(rid, model, delta, finish, usage)
+    return protocol.completion_chunk(rid, model, text, finish, usage)
+
+
+def parse_app_args(args: dict[str, Any]) -> ServeConfig:
+    """Builder args -> ServeConfig. ``serve run ... key=value`` gives strings (parsed like CLI overrides,
+    dotted keys allowed); a Serve config file gives YAML values, nested mappings included."""
+    data: dict[str, Any] = {}
+    for key, value in args.items():
+        if isinstance(value, str):
+            key, value = parse_override(f"{key}={value}")
+        set_dotted(data, key, value)
+    return ServeConfig.from_dict(data)
+
+
+def deployment_options(config: ServeConfig) -> dict:
+    return {
+        "name": "JacobiDecoder",
+        "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        "autoscaling_config": config.autoscaling.to_serve(),
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "health_check_period_s": 10,
+    }
+
+
+def build_app(args: dict[str, Any] | ServeConfig):
+    """Serve application builder: ``serve run jf_ray.serving:app model=/path/to/ckpt decode.decoder=mr``."""
+    config = args if isinstance(args, ServeConfig) else parse_app_args(args)
+    logger.info("building app for %s (decoder %s)", config.model, config.decode.decoder)
+    return JacobiDecoderDeployment.options(**deployment_options(config)).bind(config.model_dump())
+
+
+__all__ = ["JacobiDecoderDeployment", "build_app", "parse_app_args", "deployment_options"]

@@ -1,0 +1,92 @@
+"""Settings of the Serve stage: which checkpoint, how to decode by default, batching, limits, scaling, HTTP.
+
+One :class:`ServeConfig` is what ``jf-ray serve``, ``serve deploy`` (``args:`` of the application) and the
+tests build; the deployment receives it whole, so every knob is visible in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import Field, model_validator
+
+from jf_ray.config import StageConfig
+from jf_ray.decoding.types import DecodeConfig
+
+
+class AutoscalingSettings(StageConfig):
+    """Replica autoscaling, passed to Serve's ``autoscaling_config``."""
+
+    min_replicas: int = Field(1, ge=0, description="fewest replicas kept running (0 allows scale to zero)")
+    max_replicas: int = Field(1, ge=1, description="most replicas Serve may start")
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, description="ongoing requests per replica Serve aims at; above it, it adds replicas"
+    )
+    upscale_delay_s: float = Field(10.0, ge=0, description="load must stay high this long before upscaling")
+    downscale_delay_s: float = Field(60.0, ge=0, description="load must stay low this long before downscaling")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingSettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+    def to_serve(self) -> dict:
+        return self.model_dump()
+
+
+class ServeConfig(StageConfig):
+    """Everything one OpenAI-compatible Jacobi decoding service needs."""
+
+    model: str = Field(..., description="checkpoint: local dir, file:// or s3:// URI (HF format)")
+    model_name: Optional[str] = Field(
+        None, description="name clients pass as `model` (default: last path component of `model`)"
+    )
+    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    decode: DecodeConfig = Field(
+        default_factory=lambda: DecodeConfig(decoder="mr"),
+        description="default decoding of this deployment (decoder, block size, ...); requests may override "
+        "decoder, temperature, top_p, top_k and seed",
+    )
+    max_batch_size: int = Field(8, ge=1, description="requests decoded together in one forward")
+    max_queued_requests: int = Field(
+        32, ge=0, description="requests waiting for a batch slot per replica; beyond it the server answers 503"
+    )
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that gives none")
+    max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica (also its torch threads)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines)")
+    autoscaling: AutoscalingSettings = Field(
+        default_factory=AutoscalingSettings, description="replica autoscaling (min/max, target load)"
+    )
+    host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy")
+    route_prefix: str = Field("/", description="URL prefix of the application")
+    app_name: str = Field("jf-ray", description="name of the Serve application")
+    api_key: Optional[str] = Field(
+        None, description="when set, requests must send `Authorization: Bearer <api_key>`"
+    )
+
+    @model_validator(mode="after")
+    def _limits(self) -> "ServeConfig":
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) > max_tokens_limit ({self.max_tokens_limit})"
+            )
+        return self
+
+    @property
+    def served_model_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        return self.model.rstrip("/").rsplit("/", 1)[-1] or self.model
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        """Serve may route this many requests to one replica at once.
+
+        Larger than the replica's own capacity (batch + queue) so that overload reaches the replica, which
+        answers 503 with an OpenAI error body, instead of piling up unbounded in Serve's router queue.
+        """
+        return 2 * (self.max_batch_size + self.max_queued_requests) + 1

@@ -1,0 +1,130 @@
+"""One request's life on the asyncio side: submit, await step events, detokenize, apply stop strings, count.
+
+:func:`stream_text` is an async generator of :class:`TextChunk`; the last chunk carries the finish reason
+and the usage (with the decoder's counters). If the consumer stops early (client disconnect cancels the
+task, or a stop string ends the text), the request is aborted so its batch slot frees before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional, Protocol
+
+from jf_ray.decoding.types import DecodeConfig
+from jf_ray.serving.detokenizer import IncrementalDetokenizer
+from jf_ray.serving.protocol import Usage
+from jf_ray.serving.scheduler import BatchScheduler
+
+
+class RequestObserver(Protocol):
+    def on_first_token(self, decoder: str, ttft_s: float) -> None: ...
+
+    def on_request_done(self, decoder: str, status: str, latency_s: float, tokens: int, forwards: int) -> None: ...
+
+
+@dataclass
+class TextChunk:
+    text: str
+    finish_reason: Optional[str] = None  # "stop" | "length" on the last chunk
+    usage: Optional[Usage] = None  # on the last chunk
+
+
+@dataclass
+class _Tally:
+    """Counters of one request, filled from its step events."""
+
+    tokens: int = 0
+    forwards: int = 0
+    steps: int = 0
+    batch_sum: int = 0
+    accepted_hist: Optional[dict] = None
+    first_token_at: Optional[float] = None
+
+    def add(self, event) -> bool:
+        """Count one step event; True when it brought the request's first token."""
+        out = event.output
+        self.tokens += len(out.new_token_ids)
+        self.steps += 1
+        self.batch_sum += event.batch_size
+        self.forwards = out.stats.forwards
+        self.accepted_hist = {str(k): v for k, v in sorted(out.stats.accepted_hist.items())}
+        if self.first_token_at is None and out.new_token_ids:
+            self.first_token_at = time.perf_counter()
+            return True
+        return False
+
+    def usage(self, prompt_tokens: int, decoder: str) -> Usage:
+        return Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=self.tokens,
+            total_tokens=prompt_tokens + self.tokens,
+            forwards=self.forwards,
+            tokens_per_forward=round(self.tokens / self.forwards, 4) if self.forwards else 0.0,
+            accepted_hist=self.accepted_hist or {},
+            mean_batch_size=round(self.batch_sum / self.steps, 3) if self.steps else 0.0,
+            decoder=decoder,
+        )
+
+
+@dataclass
+class PreparedRequest:
+    """A validated request, ready for the engine."""
+
+    request_id: str
+    prompt_ids: list[int]
+    decode: DecodeConfig
+    stop_strings: list[str] = field(default_factory=list)
+    created_at: float = field(default_factory=time.perf_counter)
+
+
+async def stream_text(
+    scheduler: BatchScheduler, tokenizer, request: PreparedRequest, queue: asyncio.Queue,
+    observer: Optional[RequestObserver] = None,
+) -> AsyncIterator[TextChunk]:
+    """Chunks of a request already submitted with ``queue = scheduler.submit(...)``.
+
+    Submitting first (outside the generator) lets the caller answer 503 before any response header is sent.
+    """
+    decoder = request.decode.decoder
+    detok = IncrementalDetokenizer(tokenizer, request.stop_strings)
+    tally, status = _Tally(), "aborted"
+    try:
+        while True:
+            event = await queue.get()
+            if isinstance(event, Exception):
+                status = "error"
+                raise event
+            if tally.add(event) and observer is not None:
+                observer.on_first_token(decoder, tally.first_token_at - request.created_at)
+            delta = detok.add(event.output.new_token_ids)
+            finish = "stop" if delta.stopped else _openai_finish(event.output)
+            if finish is None:
+                if delta.text:
+                    yield TextChunk(delta.text)
+                continue
+            status = "ok"
+            text = delta.text if delta.stopped else delta.text + detok.flush()
+            yield TextChunk(text, finish, tally.usage(len(request.prompt_ids), decoder))
+            return
+    finally:
+        scheduler.abort(request.request_id)  # frees the slot; a no-op when the engine already finished it
+        if observer is not None:
+            latency = time.perf_counter() - request.created_at
+            observer.on_request_done(decoder, status, latency, tally.tokens, tally.forwards)
+
+
+async def collect_text(chunks: AsyncIterator[TextChunk]) -> tuple[str, str, Usage]:
+    """Run a chunk stream to its end: (text, finish_reason, usage)."""
+    parts, last = [], None
+    async for chunk in chunks:
+        parts.append(chunk.text)
+        last = chunk
+    return "".join(parts), last.finish_reason, last.usage
+
+
+def _openai_finish(output) -> Optional[str]:
+    if not output.finished:
+        return None
+    return "length" if output.finish_reason == "length" else "stop"

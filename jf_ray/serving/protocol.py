@@ -1,0 +1,241 @@
+"""OpenAI-compatible request and response bodies, and the OpenAI-style error that every bad input becomes.
+
+Requests are validated strictly (``"5"`` is not an integer) so that a wrong type is a 400 naming the field;
+fields we do not know are ignored, as OpenAI clients send optional extras. Fields we know but cannot honour
+(``n > 1``, ``logprobs``, penalties) are rejected instead of silently ignored. ``decoder`` and ``top_k``
+are extensions: the decoder can be chosen per request.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from jf_ray.decoding.types import DecoderName
+
+MAX_STOP_STRINGS = 16
+
+
+class APIError(Exception):
+    """An error that leaves the server as ``{"error": {...}}`` with an HTTP status, as OpenAI does."""
+
+    def __init__(
+        self, status: int, message: str, type: str = "invalid_request_error",
+        param: Optional[str] = None, code: Optional[str] = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+def from_validation_error(exc: ValidationError) -> APIError:
+    """First problem of a pydantic error as a 400 naming the field (``messages.0.content: ...``)."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    # Union members add their type name to the location (``prompt.str``); keep the user's path only.
+    path = ".".join(p for p in loc if p not in {"str", "list[str]", "list[int]", "list[ContentPart]"})
+    message = f"{path}: {err['msg']}" if path else err["msg"]
+    more = len(exc.errors()) - 1
+    if more:
+        message += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return invalid_request(message, param=loc[0] if loc else None)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = Field(False, description="send a last chunk that carries `usage`")
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str = Field(..., min_length=1, description="served model name (GET /v1/models)")
+    max_tokens: Optional[int] = Field(None, ge=1, description="cap on generated tokens")
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0, description="0 = greedy")
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0, description="nucleus sampling mass")
+    top_k: Optional[int] = Field(None, ge=0, description="extension: keep the k most likely tokens")
+    seed: Optional[int] = Field(None, description="seed of sampling and draft initialisation")
+    stop: Optional[Union[str, list[str]]] = Field(None, description="strings that end the completion")
+    stream: bool = Field(False, description="answer with server-sent events")
+    stream_options: Optional[StreamOptions] = Field(None, description="include_usage: final usage chunk")
+    n: int = Field(1, ge=1, le=1, description="only one choice per request is supported")
+    logprobs: Optional[Any] = Field(None, description="not supported; must be absent")
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported; must be 0")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported; must be 0")
+    user: Optional[str] = Field(None, description="end-user id (logged only)")
+    decoder: Optional[DecoderName] = Field(None, description="extension: ar | jacobi | mr | lookup")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: Any) -> Any:
+        if value not in (None, False, 0):
+            raise ValueError("logprobs are not supported")
+        return None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: Optional[Union[str, list[str]]]) -> Optional[list[str]]:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return list(self.stop or [])
+
+    @property
+    def include_usage_chunk(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Request):
+    """``POST /v1/completions``: one prompt, as text or as token ids."""
+
+    prompt: Union[str, list[str], list[int]] = Field(..., description="text, [text] or token ids")
+    echo: bool = Field(False, description="not supported; must be false")
+    suffix: Optional[str] = Field(None, description="not supported; must be absent")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: Union[str, list[str], list[int]]) -> Union[str, list[int]]:
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            if len(value) != 1:
+                raise ValueError("exactly one prompt per request is supported")
+            value = value[0]
+        if len(value) == 0:
+            raise ValueError("prompt must not be empty")
+        if isinstance(value, list) and any(t < 0 for t in value):
+            raise ValueError("token ids must be >= 0")
+        return value
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> "CompletionRequest":
+        if self.echo:
+            raise ValueError("echo is not supported")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        return self
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"] = Field(..., description="only text parts are supported")
+    text: str = Field(..., description="the text")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"] = Field(..., description="author of the turn")
+    content: Union[str, list[ContentPart]] = Field(..., description="text or text parts")
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Request):
+    """``POST /v1/chat/completions``: messages rendered with the checkpoint's chat template."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1, description="the conversation so far")
+    max_completion_tokens: Optional[int] = Field(None, ge=1, description="newer name of max_tokens")
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> "ChatCompletionRequest":
+        if not any(m.text.strip() for m in self.messages):
+            raise ValueError("messages must contain some text")
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+    def template_messages(self) -> list[dict]:
+        # "developer" is OpenAI's newer name for the system turn; templates know only "system".
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in self.messages]
+
+
+def parse_request(cls: type[_Request], payload: Any) -> _Request:
+    """Validate a decoded JSON body; every problem becomes a 400 with an OpenAI error body."""
+    if not isinstance(payload, dict):
+        raise invalid_request("request body must be a JSON object")
+    try:
+        return cls.model_validate(payload)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+class Usage(BaseModel):
+    """OpenAI usage plus the decoder's counters (extra keys are kept by OpenAI clients)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    forwards: int = Field(description="model calls that worked for this request, prefill included")
+    tokens_per_forward: float = Field(description="completion tokens per forward (1.0 for greedy AR)")
+    accepted_hist: dict[str, int] = Field(description="tokens gained by one forward -> number of forwards")
+    mean_batch_size: float = Field(description="mean number of requests sharing this request's forwards")
+    decoder: str = Field(description="decoder that served the request")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def completion_body(rid: str, model: str, text: str, finish: Optional[str], usage: Optional[Usage]) -> dict:
+    body = {
+        "id": rid, "object": "text_completion", "created": now(), "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+    }
+    if usage is not None:
+        body["usage"] = usage.model_dump()
+    return body
+
+
+def chat_body(rid: str, model: str, text: str, finish: Optional[str], usage: Optional[Usage]) -> dict:
+    body = {
+        "id": rid, "object": "chat.completion", "created": now(), "model": model,
+        "choices": [{
+            "index": 0, "message": {"role": "assistant", "content": text},
+            "finish_reason": finish, "logprobs": None,
+        }],
+    }
+    if usage is not None:
+        body["usage"] = usage.model_dump()
+    return body
+
+
+def chat_chunk(rid: str, model: str, delta: dict, finish: Optional[str], usage: Optional[Usage] = None) -> dict:
+    choices = [] if usage is not None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+    body = {"id": rid, "object": "chat.completion.chunk", "created": now(), "model": model, "choices": choices}
+    if usage is not None:
+        body["usage"] = usage.model_dump()
+    return body
+
+
+def completion_chunk(rid: str, model: str, text: str, finish: Optional[str], usage: Optional[Usage] = None) -> dict:
+    body = completion_body(rid, model, text, finish, usage)
+    if usage is not None:
+        body["choices"] = []
+    return body
+
+
+def models_body(model: str, owned_by: str = "jf-ray") -> dict:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": now(), "owned_by": owned_by}]}

@@ -1,0 +1,208 @@
+"""Continuous batching for a server: one thread drives the synchronous ``DecodingEngine``; asyncio handlers
+talk to it through a command queue and per-request asyncio queues.
+
+The engine is not thread-safe, so only the engine thread touches it: ``submit`` and ``abort`` enqueue
+commands that the thread applies between two steps (this is where requests join and leave the batch).
+Every step's outputs go back to the waiting handlers with ``loop.call_soon_threadsafe``. No Ray here: the
+Serve deployment wraps this, and the tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+from jf_ray.decoding.types import DecodeConfig
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The replica holds ``max_batch_size + max_queued_requests`` requests already."""
+
+
+class EngineFailure(RuntimeError):
+    """The engine raised during a step; the requests in that batch end with this error."""
+
+
+class StepObserver(Protocol):
+    def on_step(self, batch_size: int, queue_length: int, step_s: float) -> None: ...
+
+
+@dataclass
+class StepEvent:
+    """What one engine step produced for one request, as seen by its handler."""
+
+    output: object  # jf_ray.decoding StepOutput: request_id, new_token_ids, finished, finish_reason, stats
+    batch_size: int  # requests in the forward that produced it
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    admitted: int = 0
+    finished: int = 0
+    aborted: int = 0
+    rejected: int = 0
+    batch_size_hist: Counter = field(default_factory=Counter)
+
+    def to_dict(self) -> dict:
+        sizes = self.batch_size_hist
+        return {
+            "steps": self.steps, "admitted": self.admitted, "finished": self.finished,
+            "aborted": self.aborted, "rejected": self.rejected,
+            "max_batch_size_seen": max(sizes) if sizes else 0,
+            "batch_size_hist": {str(k): v for k, v in sorted(sizes.items())},
+        }
+
+
+class BatchScheduler:
+    def __init__(
+        self, engine, max_batch_size: int, max_queued_requests: int,
+        observer: Optional[StepObserver] = None,
+    ) -> None:
+        self.engine = engine
+        self.capacity = max_batch_size + max_queued_requests
+        self.max_batch_size = max_batch_size
+        self.observer = observer
+        self.stats = SchedulerStats()
+        self._streams: dict[str, _Stream] = {}
+        self._commands: list[tuple] = []
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="jf-ray-engine", daemon=True)
+
+    # ---- handler side (any thread / the event loop) ----
+    def start(self) -> "BatchScheduler":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def submit(self, request_id: str, prompt_ids: list[int], config: DecodeConfig) -> asyncio.Queue:
+        """Queue a request; its StepEvents (or an exception) arrive on the returned queue, in order."""
+        loop = asyncio.get_running_loop()
+        with self._wakeup:
+            if len(self._streams) >= self.capacity:
+                self.stats.rejected += 1
+                raise QueueFullError(
+                    f"server overloaded: {self.max_batch_size} requests decoding and "
+                    f"{self.capacity - self.max_batch_size} queued; retry later"
+                )
+            stream = _Stream(loop, asyncio.Queue())
+            self._streams[request_id] = stream
+            self._commands.append(("add", request_id, prompt_ids, config))
+            self._wakeup.notify()
+        return stream.queue
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request (client gone, stop string hit): frees its batch slot before the next step."""
+        with self._wakeup:
+            if self._streams.pop(request_id, None) is None:
+                return
+            self.stats.aborted += 1
+            self._commands.append(("abort", request_id))
+            self._wakeup.notify()
+
+    @property
+    def num_active(self) -> int:
+        return len(self._streams)
+
+    @property
+    def queue_length(self) -> int:
+        """Requests accepted but not (yet) in the running batch."""
+        return max(0, self.num_active - self.max_batch_size)
+
+    def snapshot(self) -> dict:
+        return {"alive": self.alive, "active": self.num_active, "queued": self.queue_length, **self.stats.to_dict()}
+
+    # ---- engine thread ----
+    def _run(self) -> None:
+        logger.info("engine thread started (max batch %d, capacity %d)", self.max_batch_size, self.capacity)
+        while True:
+            with self._wakeup:
+                while not (self._stopping or self._commands or self.engine.has_work):
+                    self._wakeup.wait()
+                if self._stopping:
+                    break
+                commands, self._commands = self._commands, []
+            self._apply(commands)
+            if self.engine.has_work:
+                self._step()
+        logger.info("engine thread stopped")
+
+    def _apply(self, commands: list[tuple]) -> None:
+        for command in commands:
+            if command[0] == "add":
+                _, request_id, prompt_ids, config = command
+                if request_id in self._streams:  # not aborted while it waited for the thread
+                    self._add(request_id, prompt_ids, config)
+            else:
+                self.engine.abort(command[1])
+
+    def _add(self, request_id: str, prompt_ids: list[int], config: DecodeConfig) -> None:
+        try:
+            self.engine.add(request_id, prompt_ids, config)
+        except Exception as exc:  # the engine's own validation; the server checks the same limits first
+            with self._wakeup:
+                stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+            return
+        self.stats.admitted += 1
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # keep the replica serving: fail this batch, not the process
+            logger.exception("engine step failed; failing the running requests")
+            self._fail_all(EngineFailure(f"decoding failed: {exc}"))
+            return
+        step_s = time.perf_counter() - started
+        batch_size = self.engine.last_batch_size  # rows of the step's forward (prefill or decode)
+        self.stats.steps += 1
+        self.stats.batch_size_hist[batch_size] += 1
+        for out in outputs:
+            self._deliver(out, batch_size)
+        if self.observer is not None:
+            self.observer.on_step(batch_size, self.queue_length, step_s)
+
+    def _deliver(self, out, batch_size: int) -> None:
+        with self._wakeup:
+            stream = self._streams.get(out.request_id)
+            if stream is not None and out.finished:
+                del self._streams[out.request_id]
+                self.stats.finished += 1
+        if stream is not None:  # None: aborted by its handler meanwhile
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, StepEvent(out, batch_size))
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._wakeup:
+            streams, self._streams = self._streams, {}
+        for request_id, stream in streams.items():
+            try:
+                self.engine.abort(request_id)
+            except Exception:  # the engine may not know it (never admitted); nothing to free then
+                logger.debug("abort of %s after failure raised", request_id, exc_info=True)
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)

@@ -1,0 +1,147 @@
+"""The model behind the HTTP API, without Ray: load the checkpoint, validate requests, run them batched.
+
+The Serve deployment (``jf_ray.serving.app``) holds one :class:`CompletionService` per replica; tests and
+``jf-ray bench-serve`` can use it directly. Every problem with a request is an :class:`APIError` (4xx) raised
+before the request reaches the engine, so a bad request never disturbs the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator, Optional
+
+from jf_ray.decoding.types import DecodeConfig
+from jf_ray.serving.config import ServeConfig
+from jf_ray.serving.generation import PreparedRequest, RequestObserver, TextChunk, stream_text
+from jf_ray.serving.protocol import (
+    APIError, ChatCompletionRequest, CompletionRequest, invalid_request, new_id,
+)
+from jf_ray.serving.scheduler import BatchScheduler, QueueFullError, StepObserver
+
+logger = logging.getLogger(__name__)
+
+# Request fields that override the deployment's DecodeConfig when given.
+_DECODE_OVERRIDES = ("decoder", "temperature", "top_p", "top_k", "seed")
+
+
+class CompletionService:
+    def __init__(
+        self, config: ServeConfig, request_observer: Optional[RequestObserver] = None,
+        step_observer: Optional[StepObserver] = None,
+    ) -> None:
+        from jf_ray.decoding import DecodingEngine
+        from jf_ray.modeling import eos_token_ids, load_model, load_tokenizer
+
+        self.config = config
+        self.model_name = config.served_model_name
+        self.tokenizer = load_tokenizer(config.model)
+        self.model = load_model(config.model, dtype=config.dtype, device=config.device)
+        self.context_length = context_length(self.model)
+        self.vocab_size = int(self.model.config.vocab_size)
+        self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
+        engine = DecodingEngine(self.model, self.eos_token_ids, max_batch_size=config.max_batch_size)
+        self.scheduler = BatchScheduler(
+            engine, config.max_batch_size, config.max_queued_requests, step_observer
+        ).start()
+        self.request_observer = request_observer
+        logger.info("serving %s as %r (context %d tokens, decoder %s)", config.model, self.model_name,
+                    self.context_length, config.decode.decoder)
+
+    # ---- validation ----
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {self.model_name!r}",
+                           "invalid_request_error", "model", "model_not_found")
+
+    def prepare_completion(self, request: CompletionRequest) -> PreparedRequest:
+        self.check_model(request.model)
+        if isinstance(request.prompt, str):
+            prompt_ids = self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
+        else:
+            prompt_ids = list(request.prompt)
+            bad = [t for t in prompt_ids if t >= self.vocab_size]
+            if bad:
+                raise invalid_request(f"prompt: token id {bad[0]} >= vocabulary size {self.vocab_size}", "prompt")
+        return self._prepare(new_id("cmpl"), prompt_ids, request, "prompt")
+
+    def prepare_chat(self, request: ChatCompletionRequest) -> PreparedRequest:
+        self.check_model(request.model)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise invalid_request("this model has no chat template; use /v1/completions", "messages")
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                request.template_messages(), add_generation_prompt=True, tokenize=True
+            )
+        except Exception as exc:  # jinja raises for conversations the template forbids (role order)
+            raise invalid_request(f"messages: the chat template rejects them: {exc}", "messages") from None
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return self._prepare(new_id("chatcmpl"), list(ids), request, "messages")
+
+    def _prepare(self, request_id: str, prompt_ids: list[int], request, prompt_field: str) -> PreparedRequest:
+        if not prompt_ids:
+            raise invalid_request(f"{prompt_field}: the prompt is empty after tokenization", prompt_field)
+        max_tokens = self._max_tokens(len(prompt_ids), request.max_tokens, prompt_field)
+        overrides = {k: getattr(request, k) for k in _DECODE_OVERRIDES if getattr(request, k) is not None}
+        decode = self.config.decode.model_dump()
+        decode.update(overrides, max_new_tokens=max_tokens, record_trajectory=False)
+        try:
+            config = DecodeConfig.model_validate(decode)
+        except ValueError as exc:
+            raise invalid_request(f"invalid decoding settings: {exc}") from None
+        return PreparedRequest(request_id, prompt_ids, config, request.stop_strings)
+
+    def _max_tokens(self, prompt_tokens: int, requested: Optional[int], prompt_field: str) -> int:
+        room = self.context_length - prompt_tokens
+        if room <= 0:
+            raise invalid_request(
+                f"{prompt_field}: the prompt has {prompt_tokens} tokens; this model's maximum context length is "
+                f"{self.context_length} tokens", prompt_field, "context_length_exceeded",
+            )
+        if requested is None:
+            return min(self.config.default_max_tokens, room)
+        if requested > self.config.max_tokens_limit:
+            raise invalid_request(
+                f"max_tokens: {requested} is above this server's limit of {self.config.max_tokens_limit}",
+                "max_tokens",
+            )
+        if requested > room:
+            raise invalid_request(
+                f"max_tokens: this model's maximum context length is {self.context_length} tokens, but you "
+                f"requested {prompt_tokens + requested} ({prompt_tokens} in the prompt, {requested} in the "
+                "completion)", "max_tokens", "context_length_exceeded",
+            )
+        return requested
+
+    # ---- running ----
+    def start(self, request: PreparedRequest) -> AsyncIterator[TextChunk]:
+        """Submit now (503 if the replica is full), then stream the chunks."""
+        try:
+            queue = self.scheduler.submit(request.request_id, request.prompt_ids, request.decode)
+        except QueueFullError as exc:
+            raise APIError(503, str(exc), "server_error", None, "overloaded") from None
+        return stream_text(self.scheduler, self.tokenizer, request, queue, self.request_observer)
+
+    def health(self) -> dict:
+        return {"status": "ok" if self.scheduler.alive else "engine stopped", "model": self.model_name,
+                **self.scheduler.snapshot()}
+
+    def shutdown(self) -> None:
+        self.scheduler.stop()
+
+
+def context_length(model) -> int:
+    """Longest sequence the checkpoint was built for (prompt + completion)."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError(f"cannot tell the context length of {type(model).__name__}; set max_position_embeddings")
+
+
+async def run_to_end(service: CompletionService, request: PreparedRequest):
+    """Convenience for tests and benchmarks without HTTP: (text, finish_reason, usage)."""
+    from jf_ray.serving.generation import collect_text
+
+    return await collect_text(service.start(request))
