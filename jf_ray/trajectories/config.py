@@ -1,0 +1,50 @@
+"""Typed config of trajectory collection (``jf-ray collect``, the pipeline job)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import Field
+
+from jf_ray.config import StageConfig
+from jf_ray.trajectories.backends import BackendSpec
+
+
+class CollectConfig(StageConfig):
+    """Collect greedy Jacobi trajectories of ``model`` on ``prompts`` into a Parquet dataset at ``out``."""
+
+    model: str = Field(..., description="checkpoint: local dir, file:// or s3:// URI, or hub name")
+    prompts: str = Field(..., description='URI of a JSONL file, one {"prompt": str, "id"?: str|int} per line')
+    out: str = Field(..., description="URI of the output dataset (file://, s3:// or a local path)")
+    block_size: int = Field(16, ge=1, description="Jacobi block size n")
+    max_new_tokens: int = Field(256, ge=1, description="cap on generated tokens per prompt")
+    workers: int = Field(1, ge=1, description="number of Ray actors (one per GPU on GPU clusters)")
+    batch_size: int = Field(8, ge=1, description="prompts decoded together inside one worker")
+    shard_size: int = Field(32, ge=1, description="prompts per output shard (the unit of resume and retry)")
+    round: int = Field(1, ge=0, description="Jacobi Forcing round this data is for (stored in every row)")
+    model_id: Optional[str] = Field(None, description="id stored in every row (default: the model string)")
+    seed: int = Field(0, description="base seed of draft initialisation; shard i uses seed + i")
+    resume: bool = Field(True, description="skip shards already finished in `out` (checksums verified)")
+    num_gpus_per_worker: float = Field(0.0, ge=0.0, description="GPUs per actor (1 on GPU clusters, 0 on CPU)")
+    num_cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs per actor; also its torch thread count")
+    max_shard_attempts: int = Field(3, ge=1, description="attempts per shard before the run fails")
+    backend: str = Field("transformers", description="'transformers' or 'package.module:Class' (e.g. a vLLM one)")
+    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
+    attn_implementation: str = Field("sdpa", description="transformers attention implementation")
+    use_chat_template: bool = Field(True, description="wrap prompts in the tokenizer's chat template")
+    ray_address: Optional[str] = Field(None, description="Ray cluster to join (default: RAY_ADDRESS or local)")
+    progress: bool = Field(True, description="show a progress bar on the driver")
+
+    @property
+    def resolved_model_id(self) -> str:
+        return self.model_id or self.model
+
+    def backend_spec(self) -> BackendSpec:
+        return BackendSpec(
+            name=self.backend,
+            model=self.model,
+            dtype=self.dtype,
+            device="cuda" if self.num_gpus_per_worker > 0 else "cpu",
+            attn_implementation=self.attn_implementation,
+            use_chat_template=self.use_chat_template,
+        )
