@@ -105,16 +105,16 @@ class DecodingEngine:
     # -- stepping ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        aborted = [self._output(req) for req in self.running if req.finished]
         self._drop_finished()
         admitted = self._admit()
         if admitted:
-            self._prefill(admitted)
-        active = [req for req in self.running if not req.finished]
-        if active and not admitted:
+            self._prefill(admitted)  # running requests wait one forward while new ones are prefilled
+        elif self.running:
             self._decode()
         outputs = [self._output(req) for req in self.running if len(req.generated) > req.emitted or req.finished]
         self._drop_finished()
-        return outputs
+        return aborted + outputs
 
     def _admit(self) -> list[RequestState]:
         admitted = []

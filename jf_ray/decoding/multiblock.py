@@ -9,7 +9,9 @@
   becomes the new RA draft, re-verified under the now-exact prefix (the reference code drops it, P17).
 * Rejection recycling: drafts the model rejected go into an n-gram pool that persists across blocks.
   Sequences in the pool that contain the current head yield candidate drafts verified in the same forward
-  (extra segments that see only the cache); the best verified candidate wins.
+  (extra segments that see only the cache); the best verified candidate wins. With ``recycle_context`` (on
+  by default, as in the reference code) the text generated so far is a source too (prompt-lookup style);
+  turn it off to measure what the model's own parallel decoding gains without copying.
 With sampling (temperature > 0) only the main draft is verified, so acceptance stays distribution-exact.
 """
 
@@ -19,6 +21,7 @@ import math
 from collections import deque
 
 from jf_ray.decoding.jacobi import JacobiPolicy
+from jf_ray.decoding.lookup import lookup_continuation
 from jf_ray.decoding.query import Segment
 from jf_ray.decoding.request import RequestState
 
@@ -65,7 +68,7 @@ class MultiBlockPolicy:
         main = self.ra.main_segment(req)
         segments = [main]
         if req.config.greedy and self.pool_size:
-            for cand in self.pool.candidates(main.tokens, self.pool_size):
+            for cand in self._candidates(req, main.tokens):
                 segments.append(Segment(cand, main.start_position))
         self.num_candidates = len(segments) - 1
         block_end = len(req.prompt_ids) + self.ra.block_start + self.n
@@ -73,6 +76,19 @@ class MultiBlockPolicy:
             before = [0] + [1 + self.num_candidates + j for j in range(k)]
             segments.append(Segment(content, block_end + k * self.n, sees=before))
         return segments
+
+    def _candidates(self, req: RequestState, draft: list[int]) -> list[list[int]]:
+        """Context continuation first (when enabled), then pool entries; at most ``pool_size``, all distinct."""
+        found = []
+        if req.config.recycle_context:
+            copied = lookup_continuation(req.prompt_ids + req.generated, req.config.lookup_max_ngram, len(draft) - 1)
+            candidate = [draft[0]] + copied + draft[1 + len(copied) :]
+            if copied and candidate != draft:
+                found.append(candidate)
+        for candidate in self.pool.candidates(draft, self.pool_size):
+            if len(found) < self.pool_size and candidate not in found:
+                found.append(candidate)
+        return found
 
     def update(self, req: RequestState) -> None:
         verdicts = [req.verify(i) for i in range(1 + self.num_candidates)]

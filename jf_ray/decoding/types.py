@@ -30,6 +30,9 @@ class DecodeConfig(StageConfig):
     num_blocks: int = Field(2, ge=1, description="mr: K, blocks in flight (1 real-active + K-1 pseudo-active)")
     pool_size: int = Field(4, ge=0, description="mr: n-gram pool capacity = verification budget per step")
     spawn_ratio: float = Field(0.85, gt=0.0, le=1.0, description="mr: spawn a block at ceil(r*n) accepted")
+    recycle_context: bool = Field(
+        True, description="mr: also draw candidates from the prompt + output (copying), not only rejected drafts"
+    )
     lookup_tokens: Optional[int] = Field(
         None, ge=1, description="lookup: max tokens copied per candidate (default block_size - 1)"
     )

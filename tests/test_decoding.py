@@ -1,0 +1,195 @@
+"""The central invariant: every greedy decoder reproduces greedy AR of the same model token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import cycle_qwen2, random_llama, random_qwen2
+
+from jf_ray.decoding import DecodeConfig, DecodingEngine, generate
+
+PROMPT_LENGTHS = (1, 5, 17, 40)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_qwen2(seed=0)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 200, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def ar_outputs(model, prompts):
+    results = generate(model, prompts, DecodeConfig(decoder="ar", max_new_tokens=70), [], batch_size=1)
+    return [r.token_ids for r in results]
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Reference greedy AR without any of our code: a plain loop of full forwards."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = model(ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    return ids[0, len(prompt) :].tolist()
+
+
+def test_ar_matches_plain_forward_loop(model, prompts, ar_outputs):
+    for prompt, out in zip(prompts, ar_outputs):
+        assert out == hf_greedy(model, prompt, 70)
+
+
+@pytest.mark.parametrize("decoder", ["jacobi", "mr", "lookup"])
+@pytest.mark.parametrize("block_size", [1, 2, 7, 16, 64])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_greedy_decoders_equal_ar(model, prompts, ar_outputs, decoder, block_size, batch_size):
+    config = DecodeConfig(decoder=decoder, block_size=block_size, max_new_tokens=70, pool_size=4)
+    results = generate(model, prompts, config, [], batch_size=batch_size)
+    assert [r.token_ids for r in results] == ar_outputs
+    for r in results:
+        assert r.finish_reason == "length"
+        assert r.stats.tokens == 70
+        assert r.stats.forwards <= r.stats.tokens  # every forward commits >= 1 token
+        assert min(r.stats.accepted_hist) >= 1
+
+
+@pytest.mark.parametrize("decoder", ["ar", "jacobi", "mr", "lookup"])
+@pytest.mark.parametrize("eos_at", [0, 3, 7, 30])
+def test_eos_anywhere_in_a_block_ends_the_request(model, prompts, ar_outputs, decoder, eos_at):
+    """Make the token AR emits at ``eos_at`` the EOS id: every decoder must stop right after it."""
+    prompt, reference = prompts[2], ar_outputs[2]
+    eos = reference[eos_at]
+    expected = reference[: reference.index(eos) + 1]
+    config = DecodeConfig(decoder=decoder, block_size=8, max_new_tokens=70)
+    (result,) = generate(model, [prompt], config, [eos])
+    assert result.token_ids == expected
+    assert result.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("decoder", ["jacobi", "mr", "lookup"])
+def test_cache_holds_exactly_the_committed_tokens_after_every_step(model, prompts, decoder):
+    engine = DecodingEngine(model, [], max_batch_size=4)
+    config = DecodeConfig(decoder=decoder, block_size=7, max_new_tokens=50)
+    for i, prompt in enumerate(prompts):
+        engine.add(str(i), prompt, config)
+    while engine.has_work:
+        engine.step()
+        committed = engine.cache.committed().tolist()
+        for row, req in enumerate(engine.running):
+            assert committed[row] == len(req.prompt_ids) + len(req.generated) - 1
+
+
+def test_committed_kv_equals_a_plain_forward(model, prompts):
+    """The K/V kept for committed tokens is exactly what an AR pass over the same tokens produces."""
+    engine = DecodingEngine(model, [], max_batch_size=1)
+    engine.add("0", prompts[1], DecodeConfig(decoder="mr", block_size=7, max_new_tokens=30))
+    for _ in range(6):
+        engine.step()
+    req = engine.running[0]
+    engine.cache.compact()
+    tokens = req.prompt_ids + req.generated[:-1]
+    with torch.no_grad():
+        reference = model(torch.tensor([tokens]), use_cache=True).past_key_values
+    for ours, theirs in zip(engine.cache.kv.layers, reference.layers):
+        torch.testing.assert_close(ours.keys[:, :, : len(tokens)], theirs.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.values[:, :, : len(tokens)], theirs.values, atol=1e-5, rtol=1e-5)
+
+
+def test_multiblock_with_one_block_and_no_pool_is_plain_jacobi(model, prompts):
+    jacobi = generate(model, prompts, DecodeConfig(decoder="jacobi", block_size=16, max_new_tokens=70), [])
+    mr = generate(
+        model, prompts, DecodeConfig(decoder="mr", block_size=16, num_blocks=1, pool_size=0, max_new_tokens=70), []
+    )
+    assert [r.token_ids for r in mr] == [r.token_ids for r in jacobi]
+    assert [r.stats.forwards for r in mr] == [r.stats.forwards for r in jacobi]
+
+
+def test_continuous_batching_admits_requests_between_steps(model, prompts, ar_outputs):
+    engine = DecodingEngine(model, [], max_batch_size=2)
+    config = DecodeConfig(decoder="mr", block_size=7, max_new_tokens=70)
+    done: dict[str, list[int]] = {}
+    engine.add("0", prompts[0], config)
+    for step in range(200):
+        if step == 3:
+            engine.add("1", prompts[1], config)
+        if step == 5:
+            engine.add("2", prompts[2], config)  # waits: the batch is full
+            assert engine.num_waiting == 1
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.result.token_ids
+        if not engine.has_work:
+            break
+    assert done == {str(i): ar_outputs[i] for i in range(3)}
+
+
+def test_abort_frees_the_slot(model, prompts):
+    engine = DecodingEngine(model, [], max_batch_size=1)
+    config = DecodeConfig(decoder="jacobi", block_size=4, max_new_tokens=60)
+    engine.add("a", prompts[0], config)
+    engine.add("b", prompts[1], config)
+    engine.step()
+    assert engine.num_running == 1 and engine.num_waiting == 1
+    engine.abort("a")
+    outputs = engine.step()
+    assert any(o.request_id == "a" and o.finish_reason == "abort" for o in outputs)
+    assert [r.request_id for r in engine.running] == ["b"]
+
+
+def test_llama_family_and_eager_attention():
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 200, (n,), generator=gen).tolist() for n in (4, 11)]
+    for model in (random_llama(seed=1), random_qwen2(seed=2, attn="eager")):
+        ar = generate(model, prompts, DecodeConfig(decoder="ar", max_new_tokens=40), [])
+        for decoder in ("jacobi", "mr"):
+            out = generate(model, prompts, DecodeConfig(decoder=decoder, block_size=8, max_new_tokens=40), [], 2)
+            assert [r.token_ids for r in out] == [r.token_ids for r in ar]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_decodes(model, prompts, dtype):
+    half = random_qwen2(seed=0).to(dtype)
+    config = DecodeConfig(decoder="mr", block_size=8, max_new_tokens=30)
+    results = generate(half, prompts, config, [], batch_size=2)
+    for r in results:
+        assert len(r.token_ids) == 30 and r.stats.tpf >= 1.0
+
+
+def test_copying_pays_on_a_repetitive_model():
+    """On a model whose outputs repeat, lookup and recycling verify several tokens per forward, exactly."""
+    model = cycle_qwen2()
+    prompts = [[0, 1, 2, 3], [5, 6, 7]]
+    ar = generate(model, prompts, DecodeConfig(decoder="ar", max_new_tokens=60), [])
+    for decoder in ("lookup", "mr"):
+        out = generate(model, prompts, DecodeConfig(decoder=decoder, block_size=16, max_new_tokens=60), [])
+        assert [r.token_ids for r in out] == [r.token_ids for r in ar]
+        assert all(r.stats.tpf > 2.0 for r in out), [r.stats.tpf for r in out]
+        assert all(r.stats.recycled_hits > 0 for r in out)
+
+
+def test_ngram_pool_candidates_start_with_the_head_and_keep_the_draft_length():
+    from jf_ray.decoding.multiblock import NGramPool
+
+    pool = NGramPool(capacity=4)
+    pool.add([9, 5, 6, 7])
+    pool.add([1, 5, 8])
+    pool.add([5])  # too short to hold a continuation: ignored
+    draft = [5, 0, 0, 0, 0]
+    candidates = pool.candidates(draft, limit=4)
+    assert candidates == [[5, 8, 0, 0, 0], [5, 6, 7, 0, 0]]  # newest entry first, padded with the draft
+    assert pool.candidates(draft, limit=1) == [[5, 8, 0, 0, 0]]
+    assert pool.candidates([4, 0, 0], limit=4) == []
+
+
+def test_recycling_without_context_copying_is_still_exact():
+    model = cycle_qwen2()
+    prompts = [[0, 1, 2, 3], [5, 6, 7]]
+    ar = generate(model, prompts, DecodeConfig(decoder="ar", max_new_tokens=50), [])
+    config = DecodeConfig(decoder="mr", block_size=8, num_blocks=3, spawn_ratio=0.5, recycle_context=False,
+                          max_new_tokens=50)
+    out = generate(model, prompts, config, [], batch_size=2)
+    assert [r.token_ids for r in out] == [r.token_ids for r in ar]
