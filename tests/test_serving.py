@@ -167,3 +167,202 @@ def test_stop_string_ends_the_text_before_it(service):
     text, finish, usage = run(run_to_end(service, completion(service, prompt=PROMPT, max_tokens=40, stop=[stop])))
     assert text == full[: full.index(stop)]
     assert finish == "stop" and usage.completion_tokens < 40
+
+
+# ------------------------------------------------------------------------- Serve app over real HTTP
+API_KEY = "test-key"
+MAX_BATCH, MAX_QUEUED = 4, 4
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, checkpoint):
+    """The Serve app on a local Ray cluster; yields its base URL. Torn down with the module."""
+    from ray import serve
+
+    from jf_ray.serving.app import build_app
+    from jf_ray.serving.config import ServeConfig
+
+    config = ServeConfig(
+        model=checkpoint, model_name="tiny", api_key=API_KEY, max_batch_size=MAX_BATCH,
+        max_queued_requests=MAX_QUEUED, max_tokens_limit=160, default_max_tokens=64, port=_free_port(),
+        decode={"decoder": "mr", "block_size": 16},
+    )
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+    yield f"http://{config.host}:{config.port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def http(server: str, path: str, body: bytes | dict | None = None, key: str | None = API_KEY):
+    """(status, parsed JSON) of a raw request: for what the openai client refuses to send."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    request = urllib.request.Request(server + path, data=data, method="POST" if data is not None else "GET")
+    request.add_header("Content-Type", "application/json")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def chat_prompt_ids(reference, content: str) -> list[int]:
+    ids = reference.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                  add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    status, body = http(server, "/health", key=None)
+    assert status == 200 and body["status"] == "ok" and body["alive"]
+
+
+def test_completions_greedy_equal_ar_for_every_decoder(client, reference):
+    expected = reference.greedy(reference.tokenizer(PROMPT)["input_ids"], 64)
+    for decoder in (None, "ar", "jacobi", "mr"):
+        extra = {"decoder": decoder} if decoder else {}
+        out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=64, temperature=0,
+                                        extra_body=extra)
+        assert out.choices[0].text == reference.text(expected), decoder
+        usage = out.usage.model_dump()
+        assert usage["completion_tokens"] == len(expected)
+        assert usage["decoder"] == (decoder or "mr")
+        assert usage["forwards"] >= 1 and usage["tokens_per_forward"] == pytest.approx(
+            usage["completion_tokens"] / usage["forwards"], abs=1e-3)
+
+
+def test_chat_completion_uses_the_chat_template(client, reference):
+    expected = reference.greedy(chat_prompt_ids(reference, "Write a parser."), 40)
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Write a parser."}],
+                                         max_tokens=40)
+    assert out.choices[0].message.content == reference.text(expected)
+    assert out.choices[0].message.role == "assistant"
+    assert out.usage.prompt_tokens == len(chat_prompt_ids(reference, "Write a parser."))
+
+
+def test_streaming_matches_non_streaming(client):
+    whole = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=50).choices[0].text
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=50, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 50 and chunks[-1].usage.model_dump()["forwards"] >= 1
+
+    messages = [{"role": "user", "content": "hello"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=30).choices[0].message
+    parts = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=30, stream=True))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == whole.content
+
+
+def test_sampling_with_a_seed_is_reproducible(client):
+    def sample(seed: int) -> str:
+        return client.completions.create(model="tiny", prompt=PROMPT, max_tokens=32, temperature=1.0,
+                                         top_p=0.9, seed=seed).choices[0].text
+
+    assert sample(7) == sample(7)
+    assert len({sample(7), sample(8), sample(9)}) > 1
+
+
+@pytest.mark.parametrize(
+    "path,body,status,param",
+    [
+        ("/v1/completions", b"{not json", 400, None),
+        ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": "5"}, 400, "max_tokens"),
+        ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "temperature": [1]}, 400, "temperature"),
+        ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, "prompt"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x " * 400}, 400, "prompt"),
+        ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 161}, 400, "max_tokens"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x " * 60, "max_tokens": 150}, 400, "max_tokens"),
+        ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "decoder": "beam"}, 400, "decoder"),
+        ("/v1/completions", {"model": "other", "prompt": PROMPT}, 404, "model"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": 3}]}, 400, "messages"),
+    ],
+)
+def test_bad_input_is_a_4xx_with_an_openai_error_body(server, path, body, status, param):
+    got_status, got = http(server, path, body)
+    assert got_status == status, got
+    assert set(got["error"]) == {"message", "type", "param", "code"} and got["error"]["message"]
+    assert got["error"]["param"] == param
+    status, health = http(server, "/health", key=None)
+    assert status == 200 and health["status"] == "ok"
+
+
+def test_api_key_is_required(server):
+    status, body = http(server, "/v1/models", key=None)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert http(server, "/v1/models", key="wrong")[0] == 401
+
+
+def test_concurrent_requests_share_forwards(client, server, reference):
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = reference.text(reference.greedy(reference.tokenizer(PROMPT)["input_ids"], 60))
+    steps_before = http(server, "/health", key=None)[1]["batch_size_hist"]
+    with ThreadPoolExecutor(MAX_BATCH) as pool:
+        outs = list(pool.map(lambda _: client.completions.create(model="tiny", prompt=PROMPT, max_tokens=60,
+                                                                 extra_body={"decoder": "jacobi"}),
+                             range(MAX_BATCH)))
+    assert all(o.choices[0].text == expected for o in outs)  # batching does not change greedy output
+    assert max(o.usage.model_dump()["mean_batch_size"] for o in outs) > 1
+    hist = http(server, "/health", key=None)[1]["batch_size_hist"]
+    assert any(int(size) > 1 and count > steps_before.get(size, 0) for size, count in hist.items())
+
+
+def test_overload_is_a_503_and_the_replica_recovers(server, reference):
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompt_ids = reference.tokenizer(PROMPT)["input_ids"]
+    assert reference.tokenizer.eos_token_id not in reference.greedy(prompt_ids, 150)  # every request is long
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 150, "decoder": "ar"}
+    with ThreadPoolExecutor(3 * (MAX_BATCH + MAX_QUEUED)) as pool:
+        results = list(pool.map(lambda _: http(server, "/v1/completions", body), range(3 * (MAX_BATCH + MAX_QUEUED))))
+    statuses = [status for status, _ in results]
+    assert statuses.count(200) >= MAX_BATCH and 503 in statuses, statuses
+    rejected = next(b for s, b in results if s == 503)
+    assert rejected["error"]["code"] == "overloaded" and "overloaded" in rejected["error"]["message"]
+    assert set(statuses) <= {200, 503}
+    assert http(server, "/v1/completions", {**body, "max_tokens": 4})[0] == 200
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(server, reference):
+    from http.client import HTTPConnection
+
+    prompt_ids = reference.tokenizer(PROMPT)["input_ids"]
+    assert reference.tokenizer.eos_token_id not in reference.greedy(prompt_ids, 150)
+    aborted = http(server, "/health", key=None)[1]["aborted"]
+    host, port = server.removeprefix("http://").split(":")
+    conn = HTTPConnection(host, int(port), timeout=30)
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 150, "decoder": "ar", "stream": True}
+    conn.request("POST", "/v1/completions", json.dumps(body),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    conn.sock.shutdown(2)
+    conn.close()
+    deadline, health = time.monotonic() + 20, {}
+    while time.monotonic() < deadline:
+        health = http(server, "/health", key=None)[1]
+        if health["active"] == 0 and health["aborted"] > aborted:
+            break
+        time.sleep(0.05)
+    assert health["active"] == 0 and health["aborted"] == aborted + 1, health

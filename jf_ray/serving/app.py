@@ -5,11 +5,10 @@ jf_ray.serving:app model=...`` and ``serve deploy cluster/serve_config.yaml``. T
 parsing bodies, auth, OpenAI/SSE formatting; validation and decoding live in ``service.py``.
 """
 
-from __future__ import annotations
 
 import json
 import logging
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -53,9 +52,16 @@ async def read_json(request: Request) -> Any:
         raise protocol.invalid_request(f"request body is not valid JSON: {exc}") from None
 
 
-def sse(payload: dict | str) -> str:
+def sse(payload: Union[dict, str]) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n"
+
+
+def _text_chunk(rid: str, model: str, chat: bool, text: str, finish: Optional[str], usage=None) -> dict:
+    if chat:
+        delta = {"content": text} if text else {}
+        return protocol.chat_chunk(rid, model, delta, finish, usage)
+    return protocol.completion_chunk(rid, model, text, finish, usage)
 
 
 @serve.deployment(name="JacobiDecoder")
@@ -146,13 +152,6 @@ class JacobiDecoderDeployment:
         yield sse("[DONE]")
 
 
-def _text_chunk(rid: str, model: str, chat: bool, text: str, finish: Optional[str], usage=None) -> dict:
-    if chat:
-        delta = {"content": text} if text else {}
-        return protocol.chat_chunk(rid, model, delta, finish, usage)
-    return protocol.completion_chunk(rid, model, text, finish, usage)
-
-
 def parse_app_args(args: dict[str, Any]) -> ServeConfig:
     """Builder args -> ServeConfig. ``serve run ... key=value`` gives strings (parsed like CLI overrides,
     dotted keys allowed); a Serve config file gives YAML values, nested mappings included."""
@@ -174,7 +173,7 @@ def deployment_options(config: ServeConfig) -> dict:
     }
 
 
-def build_app(args: dict[str, Any] | ServeConfig):
+def build_app(args: Union[dict[str, Any], ServeConfig]):
     """Serve application builder: ``serve run jf_ray.serving:app model=/path/to/ckpt decode.decoder=mr``."""
     config = args if isinstance(args, ServeConfig) else parse_app_args(args)
     logger.info("building app for %s (decoder %s)", config.model, config.decode.decoder)
