@@ -17,6 +17,9 @@ from jf_ray.errors import UserInputError
 # Order here is the order shown by ``jf-ray --help``.
 SUBCOMMANDS = [
     "jf_ray.cli.bench",
+    "jf_ray.cli.collect",
+    "jf_ray.cli.pack",
+    "jf_ray.cli.train",
 ]
 
 

@@ -63,6 +63,7 @@ class DecodingEngine:
         self.running: list[RequestState] = []
         self.cache = RaggedKVCache(self.device)
         self.last_batch_size = 0
+        self.forward_s = 0.0  # time spent inside the model; wall time minus this is the engine's overhead
 
     # -- requests ------------------------------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], config: DecodeConfig) -> None:
@@ -158,6 +159,7 @@ class DecodingEngine:
 
     def _forward(self, query, cache: RaggedKVCache) -> torch.Tensor:
         self.last_batch_size = query.input_ids.shape[0]
+        start = time.perf_counter()
         out = self.model(
             input_ids=query.input_ids,
             position_ids=query.position_ids,
@@ -165,6 +167,7 @@ class DecodingEngine:
             past_key_values=cache.kv,
             use_cache=True,
         )
+        self.forward_s += time.perf_counter() - start
         cache.extend_slots(query.input_ids.shape[1])
         return out.logits
 

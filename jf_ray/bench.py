@@ -1,0 +1,134 @@
+"""``jf-ray bench``: decoders side by side on the same prompts, in one process, with JSON out.
+
+Every decoder is timed the same way: from the first prefill to the last token of the last prompt, batched
+``batch_size`` at a time (tokenisation excluded, prefill included). Greedy AR always runs first: it is the
+reference for ``exact_match_vs_ar`` and ``speedup_vs_ar``. ``repetition`` is the share of generated tokens
+that complete a 4-gram already present earlier in prompt + output, so that TPF gained by copying loops can
+be told apart from real parallel decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import psutil
+
+from jf_ray.decoding import DecodeConfig, DecodeResult, DecodeStats, DecodingEngine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DecoderRun:
+    results: list[DecodeResult]
+    wall_s: float
+    forward_s: float
+    peak_rss_mb: float
+
+
+def repetition(prompt: list[int], output: list[int], n: int = 4) -> tuple[int, int]:
+    """(generated tokens that complete an n-gram seen earlier in prompt + output, generated tokens)."""
+    sequence, seen, repeated = prompt + output, set(), 0
+    for end in range(n, len(sequence) + 1):
+        gram = tuple(sequence[end - n : end])
+        if end > len(prompt) and gram in seen:
+            repeated += 1
+        seen.add(gram)
+    return repeated, len(output)
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread while a decoder runs."""
+
+    def __init__(self, interval_s: float = 0.02):
+        self.interval_s, self.peak, self._stop = interval_s, 0, threading.Event()
+        self._process = psutil.Process()
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def run_decoder(
+    model, prompts: list[list[int]], config: DecodeConfig, eos_ids: list[int], batch_size: int,
+    progress: Optional[Callable[[int], None]] = None,
+) -> DecoderRun:
+    engine = DecodingEngine(model, eos_ids, max_batch_size=batch_size)
+    for i, prompt in enumerate(prompts):
+        engine.add(str(i), prompt, config)
+    results: dict[int, DecodeResult] = {}
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        while engine.has_work:
+            for out in engine.step():
+                if out.result is not None:
+                    results[int(out.request_id)] = out.result
+                    if progress:
+                        progress(1)
+        wall = time.perf_counter() - start
+    ordered = [results[i] for i in range(len(prompts))]
+    return DecoderRun(ordered, wall, engine.forward_s, rss.peak / 2**20)
+
+
+def summarize(run: DecoderRun, prompts: list[list[int]], reference: Optional[DecoderRun]) -> dict:
+    stats = DecodeStats()
+    for r in run.results:
+        stats = stats.merge(r.stats)
+    repeated = total = 0
+    for prompt, r in zip(prompts, run.results):
+        rep, n = repetition(prompt, r.token_ids)
+        repeated, total = repeated + rep, total + n
+    tokens_per_s = stats.tokens / run.wall_s if run.wall_s else 0.0
+    summary = {
+        "tokens": stats.tokens,
+        "forwards": stats.forwards,
+        "tpf": round(stats.tpf, 4),
+        "tokens_per_s": round(tokens_per_s, 2),
+        "wall_s": round(run.wall_s, 4),
+        "exact_match_vs_ar": None,
+        "speedup_vs_ar": None,
+        "repetition": round(repeated / total, 4) if total else 0.0,
+        "peak_rss_mb": round(run.peak_rss_mb, 1),
+        "overhead_frac": round(1.0 - run.forward_s / run.wall_s, 4) if run.wall_s else 0.0,
+        "accepted_hist": {str(k): v for k, v in sorted(stats.accepted_hist.items())},
+        "recycled_hits": stats.recycled_hits,
+    }
+    if reference is not None:
+        same = sum(a.token_ids == b.token_ids for a, b in zip(run.results, reference.results))
+        ar_tps = sum(r.stats.tokens for r in reference.results) / reference.wall_s
+        summary["exact_match_vs_ar"] = round(same / len(prompts), 4)
+        summary["speedup_vs_ar"] = round(tokens_per_s / ar_tps, 4) if ar_tps else None
+    return summary
+
+
+def bench_decoders(
+    model, prompts: list[list[int]], decoders: list[str], base_config: DecodeConfig, eos_ids: list[int],
+    batch_size: int = 1, progress_factory: Optional[Callable[[str, int], Callable[[int], None]]] = None,
+) -> dict[str, dict]:
+    """Run AR first (the reference), then each decoder; returns {decoder: bench fields}."""
+    warmup = base_config.model_copy(update={"decoder": "mr", "max_new_tokens": 4})
+    run_decoder(model, prompts[:1], warmup, eos_ids, 1)  # first-call costs (allocations, kernels) not timed
+    runs: dict[str, DecoderRun] = {}
+    for name in ["ar"] + [d for d in decoders if d != "ar"]:
+        config = base_config.model_copy(update={"decoder": name})
+        progress = progress_factory(name, len(prompts)) if progress_factory else None
+        runs[name] = run_decoder(model, prompts, config, eos_ids, batch_size, progress)
+        logger.info("%s: %d tokens in %.2fs", name, sum(len(r.token_ids) for r in runs[name].results),
+                    runs[name].wall_s)
+    reference = runs["ar"]
+    return {name: summarize(run, prompts, reference) for name, run in runs.items() if name in decoders}

@@ -1,0 +1,72 @@
+"""``jf-ray bench``: run decoders side by side on the same prompts and write a JSON report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from jf_ray.cli.common import add_decode_options, add_model_options, decoder_list, positive_int
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="compare decoders (TPF, tokens/s, exactness vs AR) on the same prompts",
+        description="Runs greedy AR and the chosen decoders on the same prompts in one process.",
+    )
+    add_model_options(parser)
+    parser.add_argument("--prompts", required=True, help='JSONL file or URI, one {"prompt": ...} per line')
+    parser.add_argument("--decoders", type=decoder_list, default=["ar", "jacobi", "mr", "lookup"],
+                        help="comma-separated: ar,jacobi,mr,lookup")
+    add_decode_options(parser)
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="requests decoded together")
+    parser.add_argument("--num-prompts", type=positive_int, default=None, help="use the first N prompts")
+    parser.add_argument("--no-chat-template", action="store_true", help="feed prompts as raw text")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
+    parser.add_argument("--json", dest="json_out", default=None, help="write the report here (path or URI)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from jf_ray.bench import bench_decoders
+    from jf_ray.cli.common import decode_config_from_args
+    from jf_ray.modeling import encode_prompt, eos_token_ids, load_model, load_tokenizer, set_torch_threads
+    from jf_ray.trajectories.prompts import read_prompts
+
+    set_torch_threads(args.threads)
+    texts = [p.text for p in read_prompts(args.prompts)][: args.num_prompts]
+    config = decode_config_from_args(args)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    prompts = [encode_prompt(tokenizer, t, use_chat_template=not args.no_chat_template) for t in texts]
+
+    def progress_factory(name: str, total: int):
+        bar = tqdm(total=total, desc=f"bench {name}", unit="prompt", leave=False)
+        return bar.update
+
+    results = bench_decoders(model, prompts, args.decoders, config, eos_token_ids(model, tokenizer),
+                             args.batch_size, progress_factory)
+    report = {
+        "model": args.model,
+        "config": {**config.model_dump(exclude={"decoder", "record_trajectory"}), "batch_size": args.batch_size,
+                   "num_prompts": len(prompts), "dtype": str(model.dtype), "device": str(model.device)},
+        "results": results,
+    }
+    print_table(results)
+    if args.json_out:
+        from jf_ray.storage import write_json_atomic
+
+        write_json_atomic(args.json_out, report)
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+def print_table(results: dict[str, dict]) -> None:
+    columns = ["tokens", "forwards", "tpf", "tokens_per_s", "speedup_vs_ar", "exact_match_vs_ar", "repetition",
+               "overhead_frac", "peak_rss_mb"]
+    header = f"{'decoder':<8}" + "".join(f"{c:>18}" for c in columns)
+    print(header)
+    for name, row in results.items():
+        print(f"{name:<8}" + "".join(f"{json.dumps(row[c]):>18}" for c in columns))

@@ -1,0 +1,63 @@
+"""Argument types and options shared by several ``jf-ray`` subcommands (light imports only)."""
+
+from __future__ import annotations
+
+import argparse
+
+DECODERS = ("ar", "jacobi", "mr", "lookup")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def decoder_name(text: str) -> str:
+    if text not in DECODERS:
+        raise argparse.ArgumentTypeError(f"unknown decoder {text!r}; choose from {', '.join(DECODERS)}")
+    return text
+
+
+def decoder_list(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("no decoder given")
+    return [decoder_name(name) for name in names]
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="HF checkpoint dir, file:// or s3:// URI, or hub name")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+
+def add_decode_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--block-size", type=positive_int, default=64, help="Jacobi block size n")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256)
+    parser.add_argument("--num-blocks", type=positive_int, default=2, help="mr: blocks in flight K")
+    parser.add_argument("--pool-size", type=int, default=4, help="mr: candidates verified per forward")
+    parser.add_argument("--spawn-ratio", type=float, default=0.85, help="mr: spawn at ceil(r*n) accepted")
+    parser.add_argument("--no-recycle-context", action="store_true", help="mr: no candidates copied from context")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def decode_config_from_args(args: argparse.Namespace, decoder: str = "jacobi"):
+    from jf_ray.decoding import DecodeConfig
+
+    return DecodeConfig.from_dict(
+        {
+            "decoder": decoder,
+            "block_size": args.block_size,
+            "max_new_tokens": args.max_new_tokens,
+            "num_blocks": args.num_blocks,
+            "pool_size": args.pool_size,
+            "spawn_ratio": args.spawn_ratio,
+            "recycle_context": not args.no_recycle_context,
+            "seed": args.seed,
+        }
+    )
