@@ -152,6 +152,7 @@ def _summary(config, prompts, tasks, reports, retries, rows, wall_s) -> dict:
         "shards": len(tasks),
         "shards_run": len(reports),
         "shards_skipped": len(tasks) - len({r["shard"] for r in reports}),
+        "shard_names_run": sorted(r["shard"] for r in reports),
         "retries": retries,
         "rows": rows,
         "tokens": tokens,
