@@ -20,6 +20,8 @@ SUBCOMMANDS = [
     "jf_ray.cli.collect",
     "jf_ray.cli.pack",
     "jf_ray.cli.train",
+    "jf_ray.cli.serve",
+    "jf_ray.cli.bench_serve",
 ]
 
 
