@@ -1,0 +1,161 @@
+"""``jf-ray bench-serve``: load-test the Serve app (or any running server) per decoder and concurrency.
+
+Starts the app locally unless ``--url`` is given, then for every decoder (chosen per request, so all cells
+use the same replica and model) and every concurrency runs a closed-loop load and writes one JSON report:
+throughput, p50/p99 latency and time to first token, tokens per forward, errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from jf_ray.cli.common import decoder_list, positive_int
+
+DEFAULT_PROMPTS = [
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Compute 12345 + 67890.",
+    "Write a function that reverses a linked list.",
+    "Explain what a hash map is.",
+    "Write a Python class for a stack with push and pop.",
+    "What is 321 * 47?",
+    "Write a function that checks whether a string is a palindrome.",
+    "Sort a list of tuples by their second element.",
+]
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench-serve",
+        help="load-test the serving app: throughput and p50/p99 latency per decoder and concurrency",
+        description="Closed-loop load with streaming OpenAI clients; writes a JSON report.",
+    )
+    parser.add_argument("--model", default=None, help="checkpoint to serve (not needed with --url)")
+    parser.add_argument("--url", default=None, help="benchmark this running server instead of starting one")
+    parser.add_argument("--model-name", default=None, help="`model` sent in requests (default: the served name)")
+    parser.add_argument("--api-key", default="unused", help="API key of the server")
+    parser.add_argument("--decoders", type=decoder_list, default=["ar", "mr"], help="comma-separated decoders")
+    parser.add_argument("--concurrency", type=int_list, default=[1, 4, 16], help="comma-separated client counts")
+    parser.add_argument("--requests-per-client", type=positive_int, default=4, help="requests each client sends")
+    parser.add_argument("--max-tokens", type=positive_int, default=64, help="max_tokens of every request")
+    parser.add_argument("--prompts", default=None, help='JSONL file or URI, one {"prompt": ...} per line')
+    parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat", help="API to call")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="ServeConfig field of the local app, e.g. --set decode.block_size=16")
+    parser.add_argument("--port", type=positive_int, default=8000, help="port of the local app")
+    parser.add_argument("--ray-cpus", type=positive_int, default=None, help="CPUs of a locally started cluster")
+    parser.add_argument("--json", dest="json_out", default=None, help="write the report here (path or URI)")
+    parser.set_defaults(func=run)
+
+
+def local_config(args: argparse.Namespace):
+    """The app's config: enough batch slots and queue that every client is served, none refused."""
+    from jf_ray.config import parse_override, set_dotted
+    from jf_ray.errors import UserInputError
+    from jf_ray.serving.config import ServeConfig
+
+    if not args.model:
+        raise UserInputError("pass --model (to start the app) or --url (to use a running server)")
+    peak = max(args.concurrency)
+    data: dict = {"model": args.model, "port": args.port, "max_batch_size": peak, "max_queued_requests": peak,
+                  "default_max_tokens": args.max_tokens, "max_tokens_limit": max(args.max_tokens, 4096)}
+    for item in args.overrides:
+        set_dotted(data, *parse_override(item))
+    return ServeConfig.from_dict(data)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+    import platform
+
+    from jf_ray.serving.loadtest import run_load
+
+    prompts = _prompts(args.prompts)
+    config, stop = (None, None) if args.url else _start_local(local_config(args), args.ray_cpus)
+    url = args.url or f"http://{config.host}:{config.port}"
+    model = args.model_name or (config.served_model_name if config else None) or _served_model(url, args.api_key)
+    results = []
+    try:
+        for decoder in args.decoders:
+            asyncio.run(run_load(url, model, prompts, decoder, 1, 1, args.max_tokens,  # warm-up, discarded
+                                 args.endpoint == "chat", args.api_key))
+            for concurrency in args.concurrency:
+                result = asyncio.run(run_load(url, model, prompts, decoder, concurrency, args.requests_per_client,
+                                              args.max_tokens, args.endpoint == "chat", args.api_key))
+                print_row(result)
+                results.append(result.to_dict())
+    finally:
+        if stop is not None:
+            stop()
+    report = {
+        "url": url, "model": model, "endpoint": args.endpoint, "max_tokens": args.max_tokens,
+        "requests_per_client": args.requests_per_client, "num_prompts": len(prompts),
+        "server_config": config.model_dump(exclude={"api_key"}) if config else None,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "results": results, "speedup_vs_ar": speedups(results),
+    }
+    if args.json_out:
+        from jf_ray.storage import write_json_atomic
+
+        write_json_atomic(args.json_out, report)
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+def speedups(results: list[dict]) -> dict:
+    """Throughput of each decoder over AR's, per concurrency (when AR was measured)."""
+    ar = {r["concurrency"]: r["throughput_tokens_per_s"] for r in results if r["decoder"] == "ar"}
+    out: dict = {}
+    for r in results:
+        base = ar.get(r["concurrency"])
+        if r["decoder"] != "ar" and base:
+            out.setdefault(r["decoder"], {})[str(r["concurrency"])] = round(r["throughput_tokens_per_s"] / base, 3)
+    return out
+
+
+def print_row(r) -> None:
+    print(f"{r.decoder:<7} c={r.concurrency:<3} {r.throughput_tokens_per_s:>8.1f} tok/s  "
+          f"p50 {r.latency_p50_s:.3f}s  p99 {r.latency_p99_s:.3f}s  ttft p50 {r.ttft_p50_s:.3f}s  "
+          f"tpf {r.tokens_per_forward:.2f}  errors {r.errors}/{r.requests}", flush=True)
+
+
+def _prompts(uri):
+    if uri is None:
+        return DEFAULT_PROMPTS
+    from jf_ray.trajectories.prompts import read_prompts
+
+    return [p.text for p in read_prompts(uri)]
+
+
+def _served_model(url: str, api_key: str) -> str:
+    from openai import OpenAI
+
+    return OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key, max_retries=0).models.list().data[0].id
+
+
+def _start_local(config, ray_cpus):
+    import ray
+    from ray import serve
+
+    from jf_ray.raycluster import init_ray
+    from jf_ray.serving.app import build_app
+
+    init_ray(None, num_cpus=ray_cpus)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+
+    def stop() -> None:
+        serve.shutdown()
+        ray.shutdown()
+
+    return config, stop
