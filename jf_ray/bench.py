@@ -116,11 +116,11 @@ def summarize(run: DecoderRun, prompts: list[list[int]], reference: Optional[Dec
     return summary
 
 
-def bench_decoders(
+def run_decoders(
     model, prompts: list[list[int]], decoders: list[str], base_config: DecodeConfig, eos_ids: list[int],
     batch_size: int = 1, progress_factory: Optional[Callable[[str, int], Callable[[int], None]]] = None,
-) -> dict[str, dict]:
-    """Run AR first (the reference), then each decoder; returns {decoder: bench fields}."""
+) -> dict[str, DecoderRun]:
+    """Run AR first (the reference), then each decoder, back to back under the same conditions."""
     warmup = base_config.model_copy(update={"decoder": "mr", "max_new_tokens": 4})
     run_decoder(model, prompts[:1], warmup, eos_ids, 1)  # first-call costs (allocations, kernels) not timed
     runs: dict[str, DecoderRun] = {}
@@ -130,5 +130,13 @@ def bench_decoders(
         runs[name] = run_decoder(model, prompts, config, eos_ids, batch_size, progress)
         logger.info("%s: %d tokens in %.2fs", name, sum(len(r.token_ids) for r in runs[name].results),
                     runs[name].wall_s)
-    reference = runs["ar"]
-    return {name: summarize(run, prompts, reference) for name, run in runs.items() if name in decoders}
+    return runs
+
+
+def bench_decoders(
+    model, prompts: list[list[int]], decoders: list[str], base_config: DecodeConfig, eos_ids: list[int],
+    batch_size: int = 1, progress_factory: Optional[Callable[[str, int], Callable[[int], None]]] = None,
+) -> dict[str, dict]:
+    """{decoder: bench fields} for the requested decoders (AR always runs, as the reference)."""
+    runs = run_decoders(model, prompts, decoders, base_config, eos_ids, batch_size, progress_factory)
+    return {name: summarize(run, prompts, runs["ar"]) for name, run in runs.items() if name in decoders}

@@ -30,10 +30,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
         return ray.get_runtime_context()
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
+        # "local" always starts a fresh cluster; ray.init() would silently join any `ray start` cluster here.
+        address = "local"
         set_local_cluster_env()
         kwargs.setdefault("include_dashboard", False)
         kwargs["num_cpus"] = num_cpus
     kwargs.setdefault("log_to_driver", True)
     ctx = ray.init(address=address, **kwargs)
-    logger.info("ray: %s", "joined " + address if address else "started a local cluster")
+    logger.info("ray: %s", "started a local cluster" if address == "local" else "joined " + address)
     return ctx

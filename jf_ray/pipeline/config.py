@@ -1,0 +1,97 @@
+"""Typed config of the progressive Jacobi Forcing job (``jobs/progressive.py``)."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator
+
+from jf_ray.config import StageConfig
+from jf_ray.decoding.types import DECODER_NAMES
+
+Task = Literal["math", "code"]
+
+
+class BaseModelConfig(StageConfig):
+    model: Optional[str] = Field(
+        None, description="existing HF checkpoint (dir, file://, s3://, hub name); null = build the embedded base"
+    )
+    preset: str = Field("small", description="embedded base preset when building: micro | tiny | small")
+    build_dir: Optional[str] = Field(
+        None, description="local dir to build the base in (default: <run_dir>/base for local runs, else a cache)"
+    )
+
+
+class WorkloadConfig(StageConfig):
+    tasks: list[Task] = Field(["math", "code"], min_length=1, description="workloads to train and evaluate on")
+    train_prompts: dict[str, int] = Field(
+        {"math": 512, "code": 256}, description="prompts per task for trajectory collection (train split)"
+    )
+    eval_prompts: dict[str, int] = Field({"math": 64, "code": 32}, description="held-out prompts per task")
+    anchor_examples: int = Field(
+        2000, ge=0, description="train-split prompt+answer pairs mixed in with AR loss (keeps the LM intact)"
+    )
+
+
+class RoundConfig(StageConfig):
+    block_size: int = Field(..., ge=1, description="Jacobi block size n of this round's trajectories")
+    window: int = Field(16, ge=1, description="noise-schedule window W")
+    strategy: Literal["progressive", "random", "reverse"] = Field("progressive", description="noise schedule")
+    steps: int = Field(200, ge=1, description="optimizer steps of this round")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate of this round")
+
+
+class CollectSettings(StageConfig):
+    workers: int = Field(2, ge=1, description="Ray actors collecting trajectories")
+    batch_size: int = Field(16, ge=1, description="prompts decoded together per actor")
+    shard_size: int = Field(32, ge=1, description="prompts per shard (unit of resume/retry)")
+    max_new_tokens: int = Field(256, ge=1, description="cap per response")
+    num_gpus_per_worker: float = Field(0.0, ge=0, description="1 on GPU clusters")
+    num_cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per actor")
+
+
+class TrainSettings(StageConfig):
+    workers: int = Field(1, ge=1, description="Ray Train workers")
+    cpus_per_worker: int = Field(2, ge=1, description="CPUs per worker")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp or fsdp")
+    micro_batch_size: int = Field(2, ge=1, description="packed sequences per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per step")
+    anchor_ratio: float = Field(1.0, ge=0, description="anchor sequences per packed sequence")
+    ar_weight: float = Field(1.0, ge=0, description="w of the AR loss")
+    max_packed_tokens: Optional[int] = Field(None, ge=8, description="cap on packed sequence length")
+    extra: dict = Field({}, description="any other jf_ray.training.TrainConfig field")
+
+
+class EvalSettings(StageConfig):
+    decoders: list[str] = Field(list(DECODER_NAMES), description="decoders of the final benchmark")
+    round_decoder: str = Field("mr", description="decoder of the per-round evaluation")
+    block_size: int = Field(32, ge=1, description="inference block size n")
+    max_new_tokens: int = Field(256, ge=1, description="cap per answer")
+    batch_size: int = Field(1, ge=1, description="requests decoded together while timing")
+    threads: Optional[int] = Field(None, ge=1, description="torch threads while evaluating (default: all)")
+
+    @field_validator("decoders")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        unknown = [d for d in value if d not in DECODER_NAMES]
+        if unknown:
+            raise ValueError(f"unknown decoders {unknown}; choose from {list(DECODER_NAMES)}")
+        return value
+
+
+class PipelineConfig(StageConfig):
+    """The whole progressive distillation: base -> rounds of collect/pack/train/evaluate -> benchmark."""
+
+    run_dir: str = Field("runs/default", description="URI of the run (file:// path or s3://); outputs + markers")
+    seed: int = Field(0, description="seed of data drawing, collection and training")
+    ray_address: Optional[str] = Field(None, description="cluster to join (default: RAY_ADDRESS or local)")
+    base: BaseModelConfig = Field(default_factory=BaseModelConfig)
+    workloads: WorkloadConfig = Field(default_factory=WorkloadConfig)
+    rounds: list[RoundConfig] = Field(
+        default_factory=lambda: [RoundConfig(block_size=16), RoundConfig(block_size=32)],
+        description="rounds of progressive distillation, in order (block size grows)",
+    )
+    collect: CollectSettings = Field(default_factory=CollectSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    evaluation: EvalSettings = Field(default_factory=EvalSettings)

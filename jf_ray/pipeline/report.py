@@ -1,0 +1,138 @@
+"""The run's report: ``report.json`` (machine-readable), ``report.md`` (the paper's main-table layout) and
+PNG plots (TPF and speed-up per decoder and round, training curves)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+from jf_ray.pipeline.config import PipelineConfig
+from jf_ray.storage import exists, join_uri, read_bytes, write_bytes_atomic, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+BENCH_FIELDS = ("tokens", "forwards", "tpf", "tokens_per_s", "wall_s", "exact_match_vs_ar", "speedup_vs_ar",
+                "repetition")
+QUALITY_FIELDS = ("accuracy", "loss", "parse_rate")
+
+
+def write_report(cfg: PipelineConfig, outputs: dict) -> dict:
+    rounds = outputs["bench"]["rounds"]
+    training = [training_curve(outputs.get(f"round{k}.train")) for k in range(1, len(cfg.rounds) + 1)]
+    report = {
+        "run_dir": cfg.run_dir,
+        "rounds": rounds,
+        "round_eval": [outputs.get(f"round{k}.eval", {}).get("eval") for k in range(len(cfg.rounds) + 1)],
+        "training": [{"round": k + 1, **curve} for k, curve in enumerate(training)],
+        "collection": [_collect_summary(outputs.get(f"round{k}.collect")) for k in range(1, len(cfg.rounds) + 1)],
+        "config": cfg.model_dump(mode="json"),
+    }
+    files = {"json": join_uri(cfg.run_dir, "report.json"), "markdown": join_uri(cfg.run_dir, "report.md")}
+    write_json_atomic(files["json"], report)
+    plots = write_plots(cfg.run_dir, rounds, training)
+    write_bytes_atomic(files["markdown"], render_markdown(report, plots).encode())
+    logger.info("report: %s", files["markdown"])
+    return {**files, "plots": plots}
+
+
+def training_curve(train_output: dict | None) -> dict:
+    if not train_output or not exists(train_output.get("metrics_log", "")):
+        return {"steps": [], "loss": [], "loss_consistency": [], "loss_ar": [], "tokens_per_s": None}
+    rows = [json.loads(line) for line in read_bytes(train_output["metrics_log"]).decode().splitlines() if line]
+    speeds = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
+    return {
+        "steps": [r["step"] for r in rows],
+        "loss": [r["loss"] for r in rows],
+        "loss_consistency": [r.get("loss_consistency") for r in rows],
+        "loss_ar": [r.get("loss_ar") for r in rows],
+        "tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
+        "wall_s": train_output.get("wall_s"),
+    }
+
+
+def _collect_summary(collect_output: dict | None) -> dict | None:
+    if not collect_output:
+        return None
+    keys = ("prompts", "rows", "tokens", "forwards", "tpf", "tokens_per_s", "wall_s")
+    return {k: collect_output.get(k) for k in keys}
+
+
+def render_markdown(report: dict, plots: dict[str, str]) -> str:
+    lines = ["# Jacobi Forcing run report", "", f"Run: `{report['run_dir']}`", ""]
+    tasks = list(report["rounds"][0]["eval"])
+    for task in tasks:
+        metric = "accuracy" if task == "math" else "loss"
+        lines += [f"## {task}", "",
+                  f"| round (n) | decoder | TPF | tokens/s | speed-up vs AR | {metric} | exact vs AR | repetition |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for rnd in report["rounds"]:
+            label = "base" if rnd["round"] == 0 else f"round {rnd['round']} (n={rnd['block_size']})"
+            for decoder, row in rnd["eval"][task].items():
+                if decoder == "samples":
+                    continue
+                lines.append(
+                    f"| {label} | {decoder} | {row['tpf']:.2f} | {row['tokens_per_s']:.1f} | "
+                    f"{row['speedup_vs_ar']:.2f}x | {_fmt(row.get(metric))} | {row['exact_match_vs_ar']:.2f} | "
+                    f"{row['repetition']:.2f} |"
+                )
+        lines.append("")
+    lines += ["## Training", "", "| round | steps | final loss | consistency | AR | tokens/s | wall s |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for curve in report["training"]:
+        if curve["steps"]:
+            lines.append(f"| {curve['round']} | {curve['steps'][-1]} | {curve['loss'][-1]:.4f} | "
+                         f"{_fmt(curve['loss_consistency'][-1])} | {_fmt(curve['loss_ar'][-1])} | "
+                         f"{_fmt(curve['tokens_per_s'])} | {_fmt(curve.get('wall_s'))} |")
+    lines += ["", "## Plots", ""] + [f"![{name}]({name}.png)" for name in plots] + [""]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def write_plots(run_dir: str, rounds: list[dict], training: list[dict]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = {}
+    for field, title in (("tpf", "tokens per forward"), ("speedup_vs_ar", "speed-up over greedy AR")):
+        tasks = list(rounds[0]["eval"])
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            decoders = [d for d in rounds[0]["eval"][task] if d != "samples"]
+            width = 0.8 / len(rounds)
+            for i, rnd in enumerate(rounds):
+                values = [rnd["eval"][task][d][field] or 0 for d in decoders]
+                label = "base" if rnd["round"] == 0 else f"round {rnd['round']} (n={rnd['block_size']})"
+                ax.bar([x + i * width for x in range(len(decoders))], values, width, label=label)
+            ax.set_xticks([x + 0.4 - width / 2 for x in range(len(decoders))], decoders)
+            ax.set_title(f"{task}: {title}")
+            ax.legend(fontsize=8)
+        plots[field] = _save(fig, join_uri(run_dir, f"{field}.png"))
+        plt.close(fig)
+    if any(c["steps"] for c in training):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for k, curve in enumerate(training, start=1):
+            if curve["steps"]:
+                ax.plot(curve["steps"], curve["loss"], label=f"round {k} total")
+                ax.plot(curve["steps"], curve["loss_consistency"], "--", label=f"round {k} consistency")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title("training")
+        ax.legend(fontsize=8)
+        plots["training"] = _save(fig, join_uri(run_dir, "training.png"))
+        plt.close(fig)
+    return plots
+
+
+def _save(fig, uri: str) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    write_bytes_atomic(uri, buffer.getvalue())
+    return uri

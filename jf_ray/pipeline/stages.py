@@ -1,0 +1,183 @@
+"""The stages of the progressive job, each a small function over the config and earlier outputs.
+
+Graph: ``base -> data -> round0.eval -> [roundK.collect -> roundK.pack -> roundK.train -> roundK.eval]* ->
+bench -> report``. Round K collects with round K-1's model at its (larger) block size and continues
+training from it. Every output lives under the run's storage URI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from jf_ray.pipeline.config import PipelineConfig
+from jf_ray.pipeline.graph import Stage
+from jf_ray.storage import is_local, join_uri, local_path, upload_dir, write_bytes_atomic
+
+logger = logging.getLogger(__name__)
+
+
+def build_stages(cfg: PipelineConfig) -> list[Stage]:
+    stages = [
+        Stage("base", lambda out: base_stage(cfg), weight=4.0 if cfg.base.model is None else 0.1),
+        Stage("data", lambda out: data_stage(cfg), weight=0.2),
+        Stage("round0.eval", lambda out: eval_stage(cfg, out["base"]["model"], out), weight=1.0),
+    ]
+    for k, rnd in enumerate(cfg.rounds, start=1):
+        stages += [
+            Stage(f"round{k}.collect", lambda out, k=k: collect_stage(cfg, k, out), weight=1.5),
+            Stage(f"round{k}.pack", lambda out, k=k: pack_stage(cfg, k, out), weight=0.3),
+            Stage(f"round{k}.train", lambda out, k=k: train_stage(cfg, k, out), weight=3.0),
+            Stage(f"round{k}.eval", lambda out, k=k: eval_stage(cfg, model_of(out, k), out), weight=1.0),
+        ]
+    stages.append(Stage("bench", lambda out: bench_stage(cfg, out), weight=2.0 * (len(cfg.rounds) + 1)))
+    stages.append(Stage("report", lambda out: report_stage(cfg, out), weight=0.1))
+    return stages
+
+
+def model_of(outputs: dict, round_index: int) -> str:
+    return outputs["base"]["model"] if round_index == 0 else outputs[f"round{round_index}.train"]["checkpoint"]
+
+
+def base_stage(cfg: PipelineConfig) -> dict:
+    from jf_ray.basemodel import build_base
+    from jf_ray.modeling import local_model_path
+
+    if cfg.base.model is not None:
+        local_model_path(cfg.base.model)  # fails fast, naming the problem, if it is not a checkpoint
+        return {"model": cfg.base.model, "built": False}
+    build_dir = cfg.base.build_dir
+    if build_dir is None:
+        build_dir = (
+            join_uri(cfg.run_dir, "base") if is_local(cfg.run_dir)
+            else str(Path.home() / ".cache" / "jf_ray" / f"base-{cfg.base.preset}-{cfg.seed}")
+        )
+    path = build_base(local_path(build_dir), preset=cfg.base.preset, seed=cfg.seed, show_progress=True)
+    model = str(path)
+    if not is_local(cfg.run_dir):
+        model = join_uri(cfg.run_dir, "base")
+        upload_dir(path, model)
+    return {"model": model, "built": True, "preset": cfg.base.preset}
+
+
+def data_stage(cfg: PipelineConfig) -> dict:
+    """Collection prompts (train split), held-out evaluation sets and AR anchor pairs, as JSONL."""
+    from jf_ray.workloads import load_examples, write_examples
+
+    data_dir = join_uri(cfg.run_dir, "data")
+    lines, evals, anchors = [], {}, []
+    for task in cfg.workloads.tasks:
+        train = load_examples(task, "train", cfg.workloads.train_prompts.get(task, 0) or 1, seed=cfg.seed)
+        lines += [json.dumps({"id": f"{task}-{i:05d}", "prompt": ex.prompt}) for i, ex in enumerate(train)]
+        evals[task] = join_uri(data_dir, f"eval_{task}.jsonl")
+        write_examples(evals[task], load_examples(task, "heldout", cfg.workloads.eval_prompts.get(task, 1),
+                                                  seed=cfg.seed))
+        share = cfg.workloads.anchor_examples // len(cfg.workloads.tasks)
+        if share:
+            anchors += load_examples(task, "train", share, seed=cfg.seed + 1)
+    prompts_uri = join_uri(data_dir, "collect_prompts.jsonl")
+    write_bytes_atomic(prompts_uri, ("\n".join(lines) + "\n").encode())
+    outputs = {"collect_prompts": prompts_uri, "num_prompts": len(lines), "eval": evals, "anchor": None}
+    if anchors:
+        outputs["anchor"] = join_uri(data_dir, "anchor.jsonl")
+        write_examples(outputs["anchor"], anchors)
+    return outputs
+
+
+def collect_stage(cfg: PipelineConfig, k: int, outputs: dict) -> dict:
+    from jf_ray.trajectories.collect import collect
+    from jf_ray.trajectories.config import CollectConfig
+
+    settings, rnd = cfg.collect, cfg.rounds[k - 1]
+    config = CollectConfig(
+        model=model_of(outputs, k - 1), prompts=outputs["data"]["collect_prompts"],
+        out=join_uri(cfg.run_dir, f"round{k}", "trajectories"), block_size=rnd.block_size,
+        max_new_tokens=settings.max_new_tokens, workers=settings.workers, batch_size=settings.batch_size,
+        shard_size=settings.shard_size, round=k, model_id=f"round{k - 1}", seed=cfg.seed,
+        num_gpus_per_worker=settings.num_gpus_per_worker, num_cpus_per_worker=settings.num_cpus_per_worker,
+        ray_address=cfg.ray_address,
+    )
+    return collect(config)
+
+
+def pack_stage(cfg: PipelineConfig, k: int, outputs: dict) -> dict:
+    from jf_ray.packing import pack
+    from jf_ray.packing.config import PackConfig
+
+    rnd = cfg.rounds[k - 1]
+    config = PackConfig(
+        trajectories=outputs[f"round{k}.collect"]["out"], out=join_uri(cfg.run_dir, f"round{k}", "packed"),
+        window=rnd.window, strategy=rnd.strategy, seed=cfg.seed, max_tokens=cfg.train.max_packed_tokens,
+    )
+    return pack(config)
+
+
+def train_stage(cfg: PipelineConfig, k: int, outputs: dict) -> dict:
+    from jf_ray.training import train
+    from jf_ray.training.config import TrainConfig
+
+    settings, rnd = cfg.train, cfg.rounds[k - 1]
+    anchor = outputs["data"]["anchor"] if settings.anchor_ratio > 0 else None
+    config = TrainConfig.from_dict({
+        "model": model_of(outputs, k - 1), "data": outputs[f"round{k}.pack"]["out"],
+        "out": join_uri(cfg.run_dir, f"round{k}"), "run_name": "train", "workers": settings.workers,
+        "cpus_per_worker": settings.cpus_per_worker, "use_gpu": settings.use_gpu, "strategy": settings.strategy,
+        "steps": rnd.steps, "lr": rnd.lr, "micro_batch_size": settings.micro_batch_size,
+        "grad_accum": settings.grad_accum, "anchor": anchor, "anchor_ratio": settings.anchor_ratio if anchor else 0.0,
+        "loss": {"ar_weight": settings.ar_weight}, "seed": cfg.seed, **settings.extra,
+    })
+    return train(config)
+
+
+def _eval_resources(cfg: PipelineConfig) -> dict:
+    gpus = cfg.collect.num_gpus_per_worker
+    cpus = cfg.evaluation.threads or os.cpu_count() or 1
+    return {"num_gpus": gpus, "num_cpus": 1 if gpus else min(cpus, 2 * cfg.train.cpus_per_worker)}
+
+
+def eval_stage(cfg: PipelineConfig, model: str, outputs: dict) -> dict:
+    """Quality of one model with the per-round decoder, on every task."""
+    from jf_ray.pipeline.evaluate import evaluate_remote
+    from jf_ray.raycluster import init_ray
+
+    init_ray(cfg.ray_address)
+    ev = cfg.evaluation
+    results = {}
+    for task, examples in outputs["data"]["eval"].items():
+        report = evaluate_remote(
+            _eval_resources(cfg), model_uri=model, task=task, examples_uri=examples,
+            decoders=[ev.round_decoder], block_size=ev.block_size, max_new_tokens=ev.max_new_tokens,
+            batch_size=max(ev.batch_size, 8), seed=cfg.seed, threads=ev.threads,
+        )
+        results[task] = report[ev.round_decoder]
+    return {"model": model, "eval": results}
+
+
+def bench_stage(cfg: PipelineConfig, outputs: dict) -> dict:
+    """Every model (base and each round) x task x decoder, timed back to back under the same conditions."""
+    from jf_ray.pipeline.evaluate import evaluate_remote
+    from jf_ray.raycluster import init_ray
+
+    init_ray(cfg.ray_address)
+    ev = cfg.evaluation
+    rounds = []
+    for k in range(len(cfg.rounds) + 1):
+        model = model_of(outputs, k)
+        per_task = {}
+        for task, examples in outputs["data"]["eval"].items():
+            per_task[task] = evaluate_remote(
+                _eval_resources(cfg), model_uri=model, task=task, examples_uri=examples, decoders=ev.decoders,
+                block_size=ev.block_size, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+                seed=cfg.seed, threads=ev.threads,
+            )
+        block_size = None if k == 0 else cfg.rounds[k - 1].block_size
+        rounds.append({"round": k, "block_size": block_size, "model": model, "eval": per_task})
+    return {"rounds": rounds}
+
+
+def report_stage(cfg: PipelineConfig, outputs: dict) -> dict:
+    from jf_ray.pipeline.report import write_report
+
+    return write_report(cfg, outputs)
