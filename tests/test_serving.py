@@ -187,7 +187,7 @@ def server(ray_session, checkpoint):
     """The Serve app on a local Ray cluster; yields its base URL. Torn down with the module."""
     from ray import serve
 
-    from jf_ray.serving.app import build_app
+    from jf_ray.serving.deployment import build_app
     from jf_ray.serving.config import ServeConfig
 
     config = ServeConfig(

@@ -7,7 +7,9 @@
 
 Modules: ``protocol`` (OpenAI bodies, errors), ``config`` (ServeConfig), ``scheduler`` (continuous batching
 thread), ``detokenizer`` (text deltas, stop strings), ``generation`` (one request's life), ``service``
-(model + validation, no Ray), ``metrics`` (Ray metrics), ``app`` (FastAPI ingress + Serve deployment).
+(model + validation, no Ray), ``metrics`` (Ray metrics), ``deployment`` (FastAPI ingress + Serve
+deployment + builder), ``loadtest`` (HTTP load generator). The builder's module is not named ``app``: a
+submodule ``app`` would become the package attribute ``app`` and shadow the builder once imported.
 Ray and FastAPI are imported only when ``app``/``build_app`` is used.
 """
 
@@ -18,7 +20,7 @@ from typing import Any
 
 def __getattr__(name: str) -> Any:
     if name in ("app", "build_app"):
-        from jf_ray.serving.app import build_app
+        from jf_ray.serving.deployment import build_app
 
         return build_app
     raise AttributeError(f"module 'jf_ray.serving' has no attribute {name!r}")

@@ -1,8 +1,8 @@
 """Serving metrics as Ray metrics, exported by every node's metrics agent in Prometheus format.
 
 Ray prefixes every name with ``ray_`` on export (``ray_jf_serve_request_latency_s_bucket``); the Grafana
-dashboard in ``dashboards/jf_ray_serving.json`` queries those names. Ray Serve adds the deployment, replica
-and application tags to metrics recorded inside a replica; ``model`` and ``decoder`` are ours.
+dashboard in ``dashboards/jf_ray_serving.json`` queries those names (counters get ``_total``). Every series
+carries ``model`` and ``replica`` tags (Ray adds only its own node/worker tags), request series ``decoder``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ METRICS = {
     "completion_tokens": ("counter", "generated tokens", ()),
     "forwards": ("counter", "model forwards spent on requests (per request, prefill included)", ()),
     "batch_size": ("histogram", "requests in one engine step (one shared forward)", ()),
-    "running_requests": ("gauge", "requests in the running batch after the last step", ()),
+    "running_requests": ("gauge", "requests in the engine's running batch after the last step", ()),
     "queue_length": ("gauge", "requests waiting for a batch slot after the last step", ()),
     "step_latency_s": ("histogram", "wall time of one engine step", ()),
     "rejected_requests": ("counter", "requests refused with 503 because the queue was full", ()),
@@ -50,16 +50,16 @@ def _make(name: str, base_tags: tuple[str, ...]):
 class ServingMetrics:
     """Implements the scheduler's StepObserver and the request observer of ``generation.stream_text``."""
 
-    def __init__(self, model_name: str) -> None:
-        request_tags, step_tags = ("model", "decoder"), ("model",)
+    def __init__(self, model_name: str, replica: str = "") -> None:
+        request_tags, step_tags = ("model", "replica", "decoder"), ("model", "replica")
         per_step = {"batch_size", "running_requests", "queue_length", "step_latency_s", "rejected_requests"}
         self._m = {name: _make(name, step_tags if name in per_step else request_tags) for name in METRICS}
         for metric in self._m.values():
-            metric.set_default_tags({"model": model_name})
+            metric.set_default_tags({"model": model_name, "replica": replica})
 
-    def on_step(self, batch_size: int, queue_length: int, step_s: float) -> None:
+    def on_step(self, batch_size: int, running: int, queue_length: int, step_s: float) -> None:
         self._m["batch_size"].observe(batch_size)
-        self._m["running_requests"].set(batch_size)
+        self._m["running_requests"].set(running)
         self._m["queue_length"].set(queue_length)
         self._m["step_latency_s"].observe(step_s)
 

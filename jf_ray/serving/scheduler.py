@@ -31,7 +31,7 @@ class EngineFailure(RuntimeError):
 
 
 class StepObserver(Protocol):
-    def on_step(self, batch_size: int, queue_length: int, step_s: float) -> None: ...
+    def on_step(self, batch_size: int, running: int, queue_length: int, step_s: float) -> None: ...
 
 
 @dataclass
@@ -186,7 +186,7 @@ class BatchScheduler:
         for out in outputs:
             self._deliver(out, batch_size)
         if self.observer is not None:
-            self.observer.on_step(batch_size, self.queue_length, step_s)
+            self.observer.on_step(batch_size, self.engine.num_running, self.queue_length, step_s)
 
     def _deliver(self, out, batch_size: int) -> None:
         with self._wakeup:

@@ -1,7 +1,7 @@
 """The model behind the HTTP API, without Ray: load the checkpoint, validate requests, run them batched.
 
-The Serve deployment (``jf_ray.serving.app``) holds one :class:`CompletionService` per replica; tests and
-``jf-ray bench-serve`` can use it directly. Every problem with a request is an :class:`APIError` (4xx) raised
+The Serve deployment (``jf_ray.serving.deployment``) holds one :class:`CompletionService` per replica;
+tests use it directly. Every problem with a request is an :class:`APIError` (4xx) raised
 before the request reaches the engine, so a bad request never disturbs the batch.
 """
 

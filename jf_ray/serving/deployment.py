@@ -77,7 +77,8 @@ class JacobiDecoderDeployment:
         self.config = ServeConfig.from_dict(config)
         # Ray gives the replica num_cpus cores; more torch threads than that fight other processes.
         set_torch_threads(max(1, int(self.config.num_cpus)))
-        self.metrics = ServingMetrics(self.config.served_model_name)
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.metrics = ServingMetrics(self.config.served_model_name, replica)
         self.service = CompletionService(self.config, self.metrics, self.metrics)
 
     def check_health(self) -> None:
