@@ -137,13 +137,22 @@ def test_interrupted_run_resumes_and_redoes_a_corrupt_shard(ray_session, checkpo
     _check_dataset(out, reference)
 
 
-def test_resume_refuses_other_settings(ray_session, checkpoint, prompts_uri, tmp_path):
+def test_resume_refuses_other_settings_and_a_fresh_start_forgets_old_shards(
+    ray_session, checkpoint, prompts_uri, tmp_path
+):
     out = str(tmp_path / "traj")
-    collect(_config(checkpoint, prompts_uri, out, workers=1, shard_size=10))
+    collect(_config(checkpoint, prompts_uri, out, workers=1, shard_size=5))
     with pytest.raises(UserInputError, match="block_size: 4 -> 2"):
-        collect(_config(checkpoint, prompts_uri, out, block_size=2, shard_size=10))
-    summary = collect(_config(checkpoint, prompts_uri, out, workers=1, block_size=2, shard_size=10, resume=False))
-    assert summary["shards_run"] == 1
+        collect(_config(checkpoint, prompts_uri, out, block_size=2, shard_size=5))
+
+    def interrupt(report: dict) -> None:
+        raise _Interrupt()
+
+    fresh = _config(checkpoint, prompts_uri, out, workers=1, block_size=2, shard_size=5, resume=False)
+    with pytest.raises(_Interrupt):  # one new shard written, then the driver dies
+        collect(fresh, on_shard_done=interrupt)
+    summary = collect(_config(checkpoint, prompts_uri, out, workers=1, block_size=2, shard_size=5))
+    assert (summary["shards_run"], summary["shards_skipped"]) == (1, 1)  # the old block-4 shard is not reused
     assert set(read_dataset(out, columns=["block_size"]).column("block_size").to_pylist()) == {2}
 
 

@@ -87,6 +87,9 @@ def test_dataset_roundtrip_and_resume_bookkeeping(tmp_path):
     DatasetWriter(uri, SCHEMA).write_shard("s2", _table(["d"]))
     with pytest.raises(DatasetError, match="manifest.json missing"):
         read_dataset(uri)
+    writer.reset()
+    assert writer.finished_shards() == {}
+    assert writer.commit()["num_rows"] == 0
 
 
 def test_reader_rejects_wrong_schema_and_missing_columns(tmp_path):

@@ -34,7 +34,7 @@ from jf_ray.storage.io import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from jf_ray.storage.uri import exists, join_uri
+from jf_ray.storage.uri import exists, fs_and_path, join_uri
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,12 @@ class DatasetWriter:
         if not self._manifest_cleared:
             delete_file(join_uri(self.dataset_uri, MANIFEST))
             self._manifest_cleared = True
+
+    def reset(self) -> None:
+        """Remove the manifest and every shard (start the dataset over)."""
+        delete_file(join_uri(self.dataset_uri, MANIFEST))
+        fs, path = fs_and_path(join_uri(self.dataset_uri, SHARDS_DIR))
+        fs.delete_dir_contents(path, missing_dir_ok=True)
 
     def finished_shards(self, verify: bool = True) -> dict[str, dict[str, Any]]:
         """Shards whose record exists, has this schema, and (``verify``) whose bytes match the checksum."""

@@ -19,7 +19,7 @@ from collections import defaultdict
 from typing import Callable, Optional
 
 from jf_ray.errors import UserInputError
-from jf_ray.storage import DatasetError, DatasetWriter, delete_file, exists, join_uri, read_dataset, read_json
+from jf_ray.storage import DatasetError, DatasetWriter, exists, join_uri, read_dataset, read_json
 from jf_ray.storage import write_json_atomic
 from jf_ray.trajectories.config import CollectConfig
 from jf_ray.trajectories.prompts import Prompt, read_prompts, shard_prompts
@@ -86,12 +86,12 @@ def collect(config: CollectConfig, on_shard_done: Optional[Callable[[dict], None
     start = time.perf_counter()
     prompts = read_prompts(config.prompts)
     tasks = plan_tasks(prompts, config)
-    check_resumable(config, run_identity(prompts, config))
     writer = DatasetWriter(config.out, TRAJECTORY_SCHEMA)
+    if not config.resume:
+        writer.reset()  # before the new identity is recorded: no old shard may pass as part of this run
+    check_resumable(config, run_identity(prompts, config))
     finished = set(writer.finished_shards(verify=True)) if config.resume else set()
     todo = [t for t in tasks if t.name not in finished]
-    if not config.resume:
-        delete_file(join_uri(config.out, "manifest.json"))
     logger.info("collect: %d prompts in %d shards, %d already finished, %d to do",
                 len(prompts), len(tasks), len(tasks) - len(todo), len(todo))
     reports, retries = [], []
