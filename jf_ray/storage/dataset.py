@@ -261,7 +261,9 @@ def _read_verified_shard(dataset_uri: str, shard: dict, schema_tag: dict, column
     data = read_bytes(join_uri(dataset_uri, shard["file"]))
     table = parquet_bytes_to_table(data, columns, source=f"shard {shard['name']}")
     if table.num_rows != shard["rows"]:
-        raise DatasetError(f"{dataset_uri}: shard {shard['name']} has {table.num_rows} rows, manifest says {shard['rows']}")
+        raise DatasetError(
+            f"{dataset_uri}: shard {shard['name']} has {table.num_rows} rows, manifest says {shard['rows']}"
+        )
     meta = table.schema.metadata or {}
     tag = (meta.get(_SCHEMA_NAME_KEY, b"").decode(), meta.get(_SCHEMA_VERSION_KEY, b"").decode())
     if tag != (schema_tag["name"], str(schema_tag["version"])):

@@ -66,7 +66,9 @@ class TransformersBackend:
     def from_spec(cls, spec: BackendSpec) -> "TransformersBackend":
         from jf_ray.modeling import load_model, load_tokenizer
 
-        model = load_model(spec.model, dtype=spec.dtype, device=spec.device, attn_implementation=spec.attn_implementation)
+        model = load_model(
+            spec.model, dtype=spec.dtype, device=spec.device, attn_implementation=spec.attn_implementation
+        )
         return cls(model, load_tokenizer(spec.model), spec.use_chat_template)
 
     def eos_token_ids(self) -> list[int]:

@@ -38,7 +38,9 @@ class RecordSettings:
 
 
 class ShardWorker:
-    def __init__(self, settings: RecordSettings, spec: BackendSpec | None = None, backend: GenerationBackend | None = None):
+    def __init__(
+        self, settings: RecordSettings, spec: BackendSpec | None = None, backend: GenerationBackend | None = None
+    ):
         if backend is None and spec is None:
             raise ValueError("ShardWorker needs a backend or a BackendSpec")
         self.settings = settings
