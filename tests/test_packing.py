@@ -124,3 +124,36 @@ def test_table_round_trip(trajectories):
     for restored, original in zip(back, packed):
         assert restored.target_ratios == pytest.approx(original.target_ratios)
         assert restored.state_indices == original.state_indices
+
+
+def test_ray_data_pack_job_matches_the_plain_functions(ray_session, tmp_path, trajectories):
+    """`pack` over trajectory shards (one response split across shards, one malformed) writes a committed
+    jf_ray.packed dataset equal to packing the rows in-process."""
+    from jf_ray.packing.config import PackConfig
+    from jf_ray.packing.ray_pack import pack
+    from jf_ray.packing.schema import PACKED_SCHEMA
+    from jf_ray.storage import DatasetWriter, read_dataset, read_manifest
+    from jf_ray.trajectories.schema import TRAJECTORY_SCHEMA, rows_to_table
+
+    broken = [dict(r, prompt_id="broken") for r in trajectories if r["prompt_id"] == "p2" and r["block_index"] != 0]
+    rows = sorted(trajectories, key=lambda r: (r["prompt_id"], r["block_index"])) + broken
+    source = f"file://{tmp_path}/trajectories"
+    writer = DatasetWriter(source, TRAJECTORY_SCHEMA)
+    half = len(rows) // 2  # splits a response across the two shards
+    writer.write_shard("shard-0", rows_to_table(rows[:half]))
+    writer.write_shard("shard-1", rows_to_table(rows[half:]))
+    writer.commit()
+
+    out = f"file://{tmp_path}/packed"
+    config = PackConfig(trajectories=source, out=out, window=4, strategy="random", seed=5, rows_per_shard=2)
+    summary = pack(config)
+    expected, stats = pack_rows(rows, PackOptions(window=4, strategy="random", seed=5))
+    assert summary["packed"] == stats.packed == 5
+    assert summary["skipped"] == {"malformed": 1, "too_long": 0}
+    assert summary["tokens"] == stats.tokens and summary["blocks"] == stats.blocks
+    assert summary["shards"] == len(read_manifest(out, PACKED_SCHEMA)["shards"]) >= 2
+    got = {s.prompt_id: s for s in table_to_packed(read_dataset(out, schema=PACKED_SCHEMA))}
+    assert sorted(got) == sorted(s.prompt_id for s in expected)
+    for seq in expected:
+        assert got[seq.prompt_id].flat_ids() == seq.flat_ids()
+        assert got[seq.prompt_id].state_indices == seq.state_indices

@@ -33,7 +33,12 @@ def packed_forward(model, batch: PackedBatch, kind: str = "nc", window: int = 16
     if attn == "flex_attention":
         attention_mask = flex_block_mask(batch.segment, batch.block, batch.seq, kind, window)
     else:
-        dtype = next(model.parameters()).dtype
+        device_type = batch.input_ids.device.type
+        # Under autocast the attention runs in the autocast dtype; the mask must match it.
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        else:
+            dtype = next(model.parameters()).dtype
         attention_mask = additive_mask(allowed_keys(batch.segment, batch.block, batch.seq, kind, window), dtype)
     output = model(
         input_ids=batch.input_ids,
@@ -77,7 +82,8 @@ def gradient_sync(model: torch.nn.Module, enabled: bool):
         yield
 
 
-def autocast_context(device: torch.device, precision: str):
+def autocast_context(device: torch.device | str, precision: str):
+    device = torch.device(device)
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -1,0 +1,25 @@
+"""Typed config of the packing stage (``jf-ray pack`` and :func:`jf_ray.packing.pack`)."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from jf_ray.config import StageConfig
+
+
+class PackConfig(StageConfig):
+    """Trajectories (schema jf_ray.trajectories) -> packed training sequences (schema jf_ray.packed)."""
+
+    trajectories: str = Field(..., description="URI of the trajectory dataset written by `jf-ray collect`")
+    out: str = Field(..., description="URI of the packed dataset to write")
+    window: int = Field(16, ge=1, description="noise-schedule window W in blocks (ratios linspace(0, 1, W))")
+    strategy: Literal["progressive", "random", "reverse"] = Field(
+        "progressive", description="target ratio per block: cyclic ramp (method), random or reverse (ablations)"
+    )
+    seed: int = Field(0, description="seed of the random strategy (each response draws from (seed, prompt_id))")
+    max_tokens: Optional[int] = Field(
+        None, ge=2, description="cap on packed length: keep the leading blocks that fit (None = no cap)"
+    )
+    rows_per_shard: int = Field(1024, ge=1, description="packed sequences per output Parquet shard")

@@ -1,0 +1,187 @@
+"""Training: data stream, plain loop (loss goes down, resume is exact), and the Ray TorchTrainer layer."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from jf_ray.decoding import DecodeConfig, generate
+from jf_ray.packing.pack import PackOptions, pack_rows, packed_to_table
+from jf_ray.packing.schema import PACKED_SCHEMA
+from jf_ray.trajectories.recorder import trajectory_rows
+from jf_ray.training.batches import TrainSequence, collate
+from jf_ray.training.checkpoint import load_training_state, save_checkpoint
+from jf_ray.training.config import TrainConfig
+from jf_ray.training.data import MicroBatchStream, anchor_from_record, load_packed_sequences
+from jf_ray.training.losses import jacobi_forcing_loss
+from jf_ray.training.loop import LoopState, build_optimizer, build_scheduler, packed_forward, run_loop
+from tiny_models import random_qwen2
+
+VOCAB = 96
+BLOCK = 8
+
+
+def jacobi_sequences(model, count: int = 12, seed: int = 0) -> list:
+    """Real greedy Jacobi trajectories of ``model`` packed with the progressive schedule."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(3, 7))] for _ in range(count)]
+    cap = 4 * BLOCK  # as the collector does: decode one token more so the last block's drafts are full
+    config = DecodeConfig(decoder="jacobi", block_size=BLOCK, max_new_tokens=cap + 1, record_trajectory=True, seed=seed)
+    results = generate(model, prompts, config, eos_token_ids=[], batch_size=count)
+    rows = []
+    for index, (prompt, result) in enumerate(zip(prompts, results)):
+        rows += trajectory_rows(f"p{index}", prompt, result, block_size=BLOCK, model_id="tiny", round_index=1,
+                                eos_ids=[], max_tokens=cap)  # fmt: skip
+    packed, stats = pack_rows(rows, PackOptions(window=4))
+    assert stats.packed == count
+    return packed
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A saved tiny Qwen2 and a committed packed dataset of its own Jacobi trajectories."""
+    from jf_ray.storage import DatasetWriter
+
+    root = tmp_path_factory.mktemp("train")
+    model = random_qwen2(seed=0, vocab_size=VOCAB)
+    model.save_pretrained(root / "base")
+    packed = jacobi_sequences(model)
+    writer = DatasetWriter(f"file://{root}/packed", PACKED_SCHEMA)
+    writer.write_shard("part-0", packed_to_table(packed[:7]))
+    writer.write_shard("part-1", packed_to_table(packed[7:]))
+    writer.commit()
+    return {"root": root, "model": str(root / "base"), "data": f"file://{root}/packed", "packed": packed}
+
+
+def config_for(setup, **overrides) -> TrainConfig:
+    base = dict(model=setup["model"], data=setup["data"], out=f"file://{setup['root']}/runs", lr=3e-3,
+                warmup_ratio=0.0, micro_batch_size=2, max_row_tokens=200)  # fmt: skip
+    return TrainConfig(**{**base, **overrides})
+
+
+def dataset_loss(model, sequences: list[TrainSequence]) -> dict[str, float]:
+    model.eval()
+    with torch.no_grad():
+        parts = [jacobi_forcing_loss(packed_forward(model, collate([s])), collate([s])) for s in sequences]
+    return {
+        "total": sum(float(p.total) for p in parts) / len(parts),
+        "consistency": sum(float(p.consistency) for p in parts) / len(parts),
+        "ar": sum(float(p.ar) for p in parts) / len(parts),
+    }
+
+
+def test_stream_shards_evenly_and_is_a_function_of_the_step(tiny_setup):
+    sequences = load_packed_sequences(tiny_setup["data"])
+    assert len(sequences) == 12
+    config = config_for(tiny_setup, micro_batch_size=2, grad_accum=2, epochs=2)
+    ranks = [MicroBatchStream(sequences[:11], config, rank, 2) for rank in (0, 1)]
+    assert ranks[0].per_worker == ranks[1].per_worker == 5  # 11 // 2, remainder dropped
+    assert ranks[0].micro_per_epoch == 3 and ranks[0].total_steps() == 3  # ceil(2 * 3 / 2)
+    seen = [set(ranks[r]._worker_order(0)) for r in (0, 1)]
+    assert not seen[0] & seen[1], "workers share sequences within an epoch"
+    again = MicroBatchStream(sequences[:11], config, 0, 2)
+    for step in range(3):
+        for a, b in zip(ranks[0](step), again(step)):
+            assert torch.equal(a.input_ids, b.input_ids)
+    assert ranks[0]._worker_order(0) != ranks[0]._worker_order(1), "epochs reshuffle"
+
+
+def test_anchor_sequences_ride_along_at_the_configured_ratio(tiny_setup):
+    anchors = [anchor_from_record({"input_ids": list(range(1, 20 + i))}, None, 16, False) for i in range(5)]
+    assert all(len(a) == 16 and a.is_anchor for a in anchors)
+    config = config_for(tiny_setup, micro_batch_size=2, anchor="unused.jsonl", anchor_ratio=0.75)
+    stream = MicroBatchStream(load_packed_sequences(tiny_setup["data"]), config, 0, 1, anchors=anchors)
+    counts = [stream.micro_batch(i).anchor_labels.ne(-100).sum().item() // 15 for i in range(8)]
+    assert sum(counts) == 12  # 0.75 anchors per packed sequence, 2 packed sequences per micro-batch, 8 batches
+    with pytest.raises(ValueError, match="anchor"):
+        config_for(tiny_setup, anchor_ratio=0.5)
+
+
+def train_in_process(setup, steps: int, stop: int | None = None, model=None, resume_from=None):
+    """Run the plain loop for a ``steps``-step schedule, up to step ``stop``; optionally resume first."""
+    config = config_for(setup, steps=steps)
+    model = model or random_qwen2(seed=0, vocab_size=VOCAB).train()
+    stream = MicroBatchStream(load_packed_sequences(setup["data"]), config, 0, 1)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, steps, config.warmup_ratio)
+    state = LoopState()
+    if resume_from is not None:
+        state = load_training_state(resume_from, model, optimizer, scheduler)
+    logged = []
+    run_loop(model, stream, optimizer, scheduler, config, stop or steps, state, "cpu", lambda s, m: logged.append(m))
+    return model, optimizer, scheduler, logged
+
+
+def test_plain_loop_lowers_the_jacobi_forcing_loss(tiny_setup):
+    sequences = load_packed_sequences(tiny_setup["data"])
+    before = dataset_loss(random_qwen2(seed=0, vocab_size=VOCAB), sequences)
+    model, _, _, logged = train_in_process(tiny_setup, steps=12)
+    after = dataset_loss(model, sequences)
+    assert after["total"] < 0.85 * before["total"]
+    assert after["consistency"] < before["consistency"] and after["ar"] < before["ar"]
+    assert [m["step"] for m in logged] == list(range(1, 13))
+    assert all(m["tokens_per_s"] > 0 and m["consistency_pairs"] > 0 for m in logged)
+
+
+def test_resume_from_a_checkpoint_continues_exactly(tiny_setup, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    straight, _, _, _ = train_in_process(tiny_setup, steps=6)
+    interrupted, optimizer, scheduler, _ = train_in_process(tiny_setup, steps=6, stop=3)
+    save_checkpoint(tmp_path, interrupted, None, optimizer, scheduler, LoopState(step=3), {}, is_writer=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).train()
+    resumed, _, _, logged = train_in_process(tiny_setup, steps=6, model=reloaded, resume_from=tmp_path)
+    assert [m["step"] for m in logged] == [4, 5, 6]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.fixture(scope="module")
+def ray_run(tiny_setup, ray_session):
+    """One 2-worker TorchTrainer run (gloo DDP on CPU) of 6 steps with a checkpoint every 3."""
+    from jf_ray.training.ray_train import train
+
+    config = config_for(tiny_setup, workers=2, steps=6, checkpoint_every=3, run_name="ray2")
+    return config, train(config)
+
+
+def test_two_worker_ray_run_lowers_the_loss_and_its_checkpoint_loads(tiny_setup, ray_run):
+    from jf_ray.modeling import load_model
+    from jf_ray.storage import read_bytes, read_json
+
+    config, summary = ray_run
+    assert summary["checkpoint"] == f"{config.out}/ray2/checkpoint-000006"
+    assert summary["metrics"]["step"] == 6 and summary["metrics"]["tokens_per_s"] > 0
+    assert read_json(f"{config.out}/ray2/summary.json")["checkpoint"] == summary["checkpoint"]
+    log = [json.loads(line) for line in read_bytes(summary["metrics_log"]).decode().splitlines()]
+    assert [entry["step"] for entry in log] == list(range(1, 7))
+    assert {"loss", "loss_consistency", "loss_ar", "lr", "tokens_per_s", "grad_norm"} <= set(log[0])
+    # both workers' tokens are counted: one step covers 2 micro-batches of 2 sequences
+    assert log[0]["tokens"] > max(s.num_tokens for s in tiny_setup["packed"]) * 2
+
+    trained = load_model(summary["checkpoint"], dtype="fp32", device="cpu")
+    sequences = load_packed_sequences(tiny_setup["data"])
+    before = dataset_loss(random_qwen2(seed=0, vocab_size=VOCAB), sequences)
+    after = dataset_loss(trained, sequences)
+    assert after["total"] < 0.9 * before["total"]
+    # the trained checkpoint still decodes: greedy Jacobi reproduces its greedy AR
+    prompt = [[5, 17, 42, 8]]
+    outputs = [generate(trained, prompt, DecodeConfig(decoder=d, block_size=BLOCK, max_new_tokens=24), [])[0]
+               for d in ("ar", "jacobi")]  # fmt: skip
+    assert outputs[0].token_ids == outputs[1].token_ids
+
+
+@pytest.mark.slow
+def test_rerunning_the_same_run_resumes_from_the_latest_checkpoint(tiny_setup, ray_run):
+    from jf_ray.storage import read_bytes
+    from jf_ray.training.ray_train import train
+
+    config, first = ray_run
+    summary = train(config.model_copy(update={"steps": 8}))
+    assert summary["checkpoint"].endswith("checkpoint-000008")
+    log = [json.loads(line) for line in read_bytes(summary["metrics_log"]).decode().splitlines()]
+    assert [entry["step"] for entry in log] == list(range(1, 9)), "steps 1-6 kept, 7-8 appended, none redone"
+    assert summary["metrics"]["tokens_total"] > first["metrics"]["tokens_total"]
