@@ -22,6 +22,8 @@ SUBCOMMANDS = [
     "jf_ray.cli.train",
     "jf_ray.cli.serve",
     "jf_ray.cli.bench_serve",
+    "jf_ray.cli.base",
+    "jf_ray.cli.eval",
 ]
 
 

@@ -1,0 +1,114 @@
+"""The pretraining corpus: both workloads as chat turns plus raw stdlib code, as packed token rows.
+
+Chat turns (``prompt -> answer <|im_end|>``) teach the model to answer in the format the decoders use; the
+loss covers the answer and its EOS only, because the prompt text (random names and numbers) is not
+something the model can or needs to predict. Raw code rows are plain language modelling. Only the ``train``
+split of each workload is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+
+from jf_ray.basemodel.presets import BasePreset
+from jf_ray.basemodel.tokenizer import ENDOFTEXT, encode_chat_examples
+from jf_ray.workloads.code import code_corpus, code_examples
+from jf_ray.workloads.math import generate_math
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenRows:
+    """Fixed-length training rows: ``input_ids`` [N, seq_len] and ``labels`` (IGNORE_INDEX where no loss)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def loss_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+def tokenizer_texts(preset: BasePreset, seed: int) -> list[str]:
+    """Text the tokenizer is trained on: train-split code and math problems, about half each."""
+    budget = preset.tokenizer_chars
+    texts = code_corpus("train", max_chars=budget // 2, seed=seed)
+    chars = 0
+    for example in generate_math(max(1, budget // 600), split="train", seed=seed):
+        texts.append(f"{example.prompt}\n{example.answer}\n")
+        chars += len(texts[-1])
+        if chars >= budget // 2:
+            break
+    return texts
+
+
+def build_rows(tokenizer, preset: BasePreset, seed: int) -> TokenRows:
+    """All training rows of a build: packed chat turns and chunked raw code, in a seeded order."""
+    chat = _chat_sequences(tokenizer, preset, seed)
+    rows = _pack(chat, preset.seq_len, tokenizer.pad_token_id)
+    rows += _raw_code_rows(tokenizer, preset, seed)
+    random.Random(f"rows/{seed}").shuffle(rows)
+    input_ids = torch.tensor([ids for ids, _ in rows], dtype=torch.long)
+    labels = torch.tensor([labels for _, labels in rows], dtype=torch.long)
+    data = TokenRows(input_ids, labels)
+    logger.info("corpus: %d rows of %d tokens, %d loss tokens", len(data), preset.seq_len, data.loss_tokens)
+    return data
+
+
+def _chat_sequences(tokenizer, preset: BasePreset, seed: int) -> list[tuple[list[int], list[int]]]:
+    examples = generate_math(preset.math_examples, split="train", seed=seed) if preset.math_examples else []
+    if preset.code_examples:
+        examples += code_examples("train", n=preset.code_examples, seed=seed)
+    sequences = []
+    for ids, prompt_len in encode_chat_examples(tokenizer, [(e.prompt, e.answer) for e in examples]):
+        if len(ids) <= preset.seq_len:
+            sequences.append((ids, [IGNORE_INDEX] * prompt_len + ids[prompt_len:]))
+    random.Random(f"chat/{seed}").shuffle(sequences)
+    return sequences
+
+
+def _pack(sequences, seq_len: int, pad_id: int) -> list[tuple[list[int], list[int]]]:
+    """Greedy packing of whole sequences into rows; the tail of a row is padding without loss.
+
+    Padding sits at the end of a row, so under causal attention it never influences a real token.
+    """
+    rows: list[tuple[list[int], list[int]]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for seq_ids, seq_labels in sequences:
+        if len(ids) + len(seq_ids) > seq_len:
+            rows.append(_pad(ids, labels, seq_len, pad_id))
+            ids, labels = [], []
+        ids, labels = ids + seq_ids, labels + seq_labels
+    if ids:
+        rows.append(_pad(ids, labels, seq_len, pad_id))
+    return rows
+
+
+def _pad(ids: list[int], labels: list[int], seq_len: int, pad_id: int) -> tuple[list[int], list[int]]:
+    missing = seq_len - len(ids)
+    return ids + [pad_id] * missing, labels + [IGNORE_INDEX] * missing
+
+
+def _raw_code_rows(tokenizer, preset: BasePreset, seed: int) -> list[tuple[list[int], list[int]]]:
+    if not preset.raw_code_chars:
+        return []
+    texts = code_corpus("train", max_chars=preset.raw_code_chars, seed=seed)
+    separator = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    stream: list[int] = []
+    # The backend tokenizer directly: batched in Rust and free of the max-length warning of the wrapper.
+    for encoding in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
+        stream.extend(encoding.ids)
+        stream.append(separator)
+    n = preset.seq_len
+    return [(stream[i : i + n], stream[i : i + n]) for i in range(0, len(stream) - n + 1, n)]

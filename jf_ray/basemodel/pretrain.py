@@ -1,0 +1,106 @@
+"""Random-init Qwen2 model and its pretraining loop (plain torch, seeded, with a tqdm progress bar)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+
+import torch
+
+from jf_ray.basemodel.corpus import TokenRows
+from jf_ray.basemodel.presets import BasePreset
+
+logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def new_model(preset: BasePreset, tokenizer):
+    """A randomly initialised Qwen2 causal LM with the tokenizer's special ids in its config."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    eos_id = tokenizer.eos_token_id
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=preset.hidden_size,
+        num_hidden_layers=preset.num_layers,
+        num_attention_heads=preset.num_heads,
+        num_key_value_heads=preset.num_kv_heads,
+        intermediate_size=preset.intermediate_size,
+        max_position_embeddings=preset.max_position_embeddings,
+        rope_theta=preset.rope_theta,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=eos_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id)
+    return model
+
+
+def lr_at(step: int, preset: BasePreset) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to a tenth of it."""
+    if step < preset.warmup_steps:
+        return preset.lr * (step + 1) / preset.warmup_steps
+    progress = (step - preset.warmup_steps) / max(1, preset.steps - preset.warmup_steps)
+    return preset.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def batch_order(num_rows: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Row indices for every step: seeded epochs, each a fresh permutation of all rows."""
+    generator = torch.Generator().manual_seed(seed)
+    needed = steps * batch_size
+    epochs = [torch.randperm(num_rows, generator=generator) for _ in range(-(-needed // num_rows))]
+    return torch.cat(epochs)[:needed].view(steps, batch_size)
+
+
+def pretrain(model, rows: TokenRows, preset: BasePreset, seed: int, show_progress: bool = True) -> dict:
+    """Train ``model`` in place on ``rows`` for ``preset.steps`` steps; returns loss and throughput figures."""
+    from tqdm import tqdm
+
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": preset.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=preset.lr, betas=(0.9, 0.95), eps=1e-8,
+    )
+    order = batch_order(len(rows), preset.steps, preset.batch_size, seed)
+    losses: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(range(preset.steps), desc="pretrain", disable=not show_progress, mininterval=1.0)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, preset)
+        loss = _train_step(model, optimizer, rows, order[step])
+        losses.append(loss)
+        tokens_per_s = (step + 1) * preset.batch_size * preset.seq_len / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+    model.eval()
+    wall_s = time.perf_counter() - start
+    tail = losses[-max(1, len(losses) // 20):]
+    summary = {
+        "steps": preset.steps,
+        "train_tokens": preset.steps * preset.batch_size * preset.seq_len,
+        "final_loss": round(sum(tail) / len(tail), 4),
+        "train_wall_s": round(wall_s, 1),
+        "tokens_per_s": round(preset.steps * preset.batch_size * preset.seq_len / wall_s, 1),
+    }
+    logger.info("pretrain done: %s", summary)
+    return summary
+
+
+def _train_step(model, optimizer, rows: TokenRows, index: torch.Tensor) -> float:
+    input_ids, labels = rows.input_ids[index], rows.labels[index]
+    loss = model(input_ids=input_ids, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())

@@ -1,0 +1,16 @@
+"""The two embedded workloads, ``code`` (stdlib functions) and ``math`` (generated word problems).
+
+Each has a ``train`` split (base-model pretraining and post-training prompts) and a ``heldout`` split that
+no training data ever comes from. :func:`load_examples` draws either; :func:`write_examples` exports JSONL.
+"""
+
+from jf_ray.workloads.common import (
+    SPLITS,
+    TASKS,
+    Example,
+    load_examples,
+    read_examples,
+    write_examples,
+)
+
+__all__ = ["SPLITS", "TASKS", "Example", "load_examples", "read_examples", "write_examples"]

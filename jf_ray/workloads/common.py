@@ -1,0 +1,86 @@
+"""What every workload shares: the prompt/answer example, the split names, and JSONL export.
+
+A workload example is a ``prompt`` (what the user sends; the chat template wraps it) and the reference
+``answer`` (what the model should reply). The JSONL files written here (one ``{"prompt", "answer"}`` object a
+line) are what ``jf-ray bench``, trajectory collection and the pipeline read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Iterable, Literal
+
+from jf_ray.errors import UserInputError
+
+Split = Literal["train", "heldout"]
+SPLITS: tuple[str, ...] = ("train", "heldout")
+TASKS: tuple[str, ...] = ("code", "math")
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+    source: str = ""  # provenance where there is one (the stdlib file of a code example)
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise UserInputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
+def check_task(task: str) -> None:
+    if task not in TASKS:
+        raise UserInputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+
+
+def load_examples(task: str, split: Split, n: int, seed: int = 0) -> list[Example]:
+    """``n`` examples of ``task``/``split`` (fewer for ``code`` when the split has fewer functions)."""
+    check_task(task)
+    check_split(split)
+    if n < 1:
+        raise UserInputError(f"number of examples must be >= 1, got {n}")
+    if task == "math":
+        from jf_ray.workloads.math import generate_math
+
+        return generate_math(n, split=split, seed=seed)
+    from jf_ray.workloads.code import code_examples
+
+    return code_examples(split, n=n, seed=seed)
+
+
+def examples_to_jsonl(examples: Iterable[Example]) -> bytes:
+    rows = ({k: v for k, v in asdict(example).items() if k != "source" or v} for example in examples)
+    lines = [json.dumps(row, ensure_ascii=False) for row in rows]
+    return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
+def jsonl_to_examples(data: bytes, source: str = "") -> list[Example]:
+    examples = []
+    for number, line in enumerate(data.decode().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            examples.append(
+                Example(prompt=str(row["prompt"]), answer=str(row.get("answer", "")), source=str(row.get("source", "")))
+            )
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise UserInputError(f"{source or 'JSONL'} line {number}: not a {{prompt, answer}} object ({exc})")
+    return examples
+
+
+def write_examples(uri: str, examples: Iterable[Example]) -> int:
+    """Write examples as JSONL to ``uri`` (file path, ``file://`` or ``s3://``) atomically; returns the count."""
+    from jf_ray.storage.io import write_bytes_atomic
+
+    examples = list(examples)
+    write_bytes_atomic(uri, examples_to_jsonl(examples))
+    return len(examples)
+
+
+def read_examples(uri: str) -> list[Example]:
+    from jf_ray.storage.io import read_bytes
+
+    return jsonl_to_examples(read_bytes(uri), source=uri)

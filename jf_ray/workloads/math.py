@@ -1,0 +1,149 @@
+"""The ``math`` workload: generated multi-step arithmetic word problems with step-by-step solutions.
+
+Each problem follows one person's stock of items through a few events (finding more, giving some away,
+buying boxes of them, doubling, sharing equally). The solution states one exact computation per line and ends
+with ``The answer is N.`` so that a decoder's output can be checked exactly.
+
+Numbers are kept small (operands below 100, results below :data:`MAX_VALUE`) so that a few-million-parameter
+model can learn the digit arithmetic in minutes; the tokenizer splits numbers into single digits.
+
+Split: a problem belongs to ``heldout`` when a hash of its text falls in the held-out share, otherwise to
+``train``. The generator rejects problems of the other split, so any seed draws fresh problems of the asked
+split, and a held-out problem can never appear in training data, whatever seeds were used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from typing import Callable
+
+from jf_ray.workloads.common import Example, Split, check_split
+
+HELDOUT_PERCENT = 10
+MAX_VALUE = 300
+MIN_EVENTS, MAX_EVENTS = 2, 3
+
+NAMES = (
+    "Ava", "Ben", "Cara", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jade", "Kai", "Lena", "Milo", "Nora",
+    "Omar", "Pia", "Quinn", "Rosa", "Sam", "Tara", "Uma", "Vic", "Wes", "Yara", "Zoe",
+)
+ITEMS = (
+    "apples", "marbles", "stickers", "books", "coins", "pencils", "cookies", "cards", "shells", "stamps",
+    "buttons", "beads", "candles", "eggs", "plums", "toys", "rocks", "ribbons", "cups", "seeds",
+)
+CONTAINERS = ("boxes", "bags", "packs", "jars", "crates", "baskets")
+
+# "The answer is N" (our format), "#### N" (GSM8K) or "\boxed{N}" (what math-tuned chat models write).
+_ANSWER_RE = re.compile(r"(?:answer is:?|####|\\boxed\{)\s*\$?\s*(-?\d[\d,]*)")
+
+
+def generate_math(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
+    """``n`` distinct problems of ``split``, deterministic for ``(split, seed)``."""
+    check_split(split)
+    rng = random.Random(f"math/{split}/{seed}")
+    seen: set[str] = set()
+    out: list[Example] = []
+    while len(out) < n:
+        example = draw_problem(rng)
+        if problem_split(example.prompt) != split or example.prompt in seen:
+            continue
+        seen.add(example.prompt)
+        out.append(example)
+    return out
+
+
+def problem_split(prompt: str) -> Split:
+    digest = hashlib.sha256(prompt.encode()).digest()
+    return "heldout" if int.from_bytes(digest[:4], "big") % 100 < HELDOUT_PERCENT else "train"
+
+
+def draw_problem(rng: random.Random) -> Example:
+    """One random problem: a start quantity, 2-3 events, a question; the solution computes line by line."""
+    name, friend = rng.sample(NAMES, 2)
+    item = rng.choice(ITEMS)
+    value = rng.randint(2, 60)
+    story = [f"{name} has {value} {item}."]
+    solution = [f"{name} starts with {value} {item}."]
+    num_events = rng.randint(MIN_EVENTS, MAX_EVENTS)
+    for _ in range(num_events):
+        event = rng.choice(_possible_events(value))
+        value = event(rng, value, name, friend, item, story, solution)
+    story.append(f"How many {item} does {name} have now?")
+    solution.append(f"The answer is {value}.")
+    return Example(prompt=" ".join(story), answer="\n".join(solution))
+
+
+# Each event appends its sentence to ``story`` and its computation(s) to ``solution``; returns the new value.
+def _find_more(rng, value, name, friend, item, story, solution) -> int:
+    k = rng.randint(2, min(99, MAX_VALUE - value))
+    story.append(f"Then {name} finds {k} more {item}.")
+    solution.append(f"After finding {k} more: {value} + {k} = {value + k}.")
+    return value + k
+
+
+def _give_away(rng, value, name, friend, item, story, solution) -> int:
+    k = rng.randint(1, min(99, value - 1))
+    story.append(f"Then {name} gives {k} {item} to {friend}.")
+    solution.append(f"After giving {k} away: {value} - {k} = {value - k}.")
+    return value - k
+
+
+def _buy_boxes(rng, value, name, friend, item, story, solution) -> int:
+    boxes = rng.randint(2, min(9, (MAX_VALUE - value) // 2))
+    per_box = rng.randint(2, min(12, (MAX_VALUE - value) // boxes))
+    container = rng.choice(CONTAINERS)
+    bought = boxes * per_box
+    story.append(f"Then {name} buys {boxes} {container} with {per_box} {item} in each.")
+    solution.append(f"The {container} hold {boxes} * {per_box} = {bought} {item}.")
+    solution.append(f"After buying: {value} + {bought} = {value + bought}.")
+    return value + bought
+
+
+def _multiply(rng, value, name, friend, item, story, solution) -> int:
+    factor = rng.randint(2, min(4, MAX_VALUE // value))
+    word = {2: "doubles", 3: "triples", 4: "quadruples"}[factor]
+    story.append(f"Then {name} {word} the number of {item}.")
+    solution.append(f"After that: {value} * {factor} = {value * factor}.")
+    return value * factor
+
+
+def _share(rng, value, name, friend, item, story, solution) -> int:
+    parts = rng.choice([k for k in range(2, 10) if value % k == 0])
+    story.append(f"Then {name} splits the {item} into {parts} equal piles and keeps only one pile.")
+    solution.append(f"One pile has {value} / {parts} = {value // parts}.")
+    return value // parts
+
+
+def _possible_events(value: int) -> list[Callable[..., int]]:
+    events: list[Callable[..., int]] = []
+    if value <= MAX_VALUE - 2:
+        events.append(_find_more)
+    if value >= 2:
+        events.append(_give_away)
+    if MAX_VALUE - value >= 4:
+        events.append(_buy_boxes)
+    if 2 * value <= MAX_VALUE:
+        events.append(_multiply)
+    if value >= 4 and any(value % k == 0 for k in range(2, 10)):
+        events.append(_share)
+    return events
+
+
+def final_answer(text: str) -> int | None:
+    """The last final answer stated in ``text``, or None.
+
+    There is no fallback to "the last number": a solution cut off mid-way must not pass because its last
+    intermediate result happens to equal the answer.
+    """
+    candidates = _ANSWER_RE.findall(text)
+    if not candidates:
+        return None
+    return int(candidates[-1].replace(",", ""))
+
+
+def is_correct(generated: str, reference_answer: str) -> bool:
+    """Exact check of the final answer of ``generated`` against the reference solution's."""
+    expected = final_answer(reference_answer)
+    return expected is not None and final_answer(generated) == expected
