@@ -366,3 +366,39 @@ def test_client_disconnect_mid_stream_frees_the_slot(server, reference):
             break
         time.sleep(0.05)
     assert health["active"] == 0 and health["aborted"] == aborted + 1, health
+
+
+@pytest.mark.slow
+def test_jf_ray_serve_runs_in_the_foreground_and_tears_down_on_sigterm(checkpoint):
+    import signal
+    import subprocess
+    import sys
+
+    from jf_ray.raycluster import LOCAL_CLUSTER_ENV
+
+    port = _free_port()
+    env = {**os.environ, **LOCAL_CLUSTER_ENV, "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "jf_ray.cli.main", "serve", "--model", checkpoint, "--port", str(port),
+           "--decoder", "jacobi", "--ray-cpus", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, health = time.monotonic() + 120, None
+        while time.monotonic() < deadline and proc.poll() is None and health is None:
+            try:
+                health = http(f"http://127.0.0.1:{port}", "/health", key=None)
+            except OSError:
+                time.sleep(0.5)
+        assert health is not None and health[0] == 200, proc.stdout.read() if proc.poll() is not None else ""
+        status, body = http(f"http://127.0.0.1:{port}", "/v1/completions",
+                            {"model": os.path.basename(checkpoint), "prompt": PROMPT, "max_tokens": 8}, key=None)
+        assert status == 200 and body["usage"]["decoder"] == "jacobi"
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert "shutting down" in output
+    with pytest.raises(OSError):
+        http(f"http://127.0.0.1:{port}", "/health", key=None)
