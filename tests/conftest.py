@@ -59,3 +59,14 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def micro_checkpoint(tmp_path_factory):
+    """A real Hugging Face checkpoint (Qwen2 + BPE tokenizer + chat template), ``micro`` preset, built once.
+
+    Seconds to build; the model is barely trained, so use it for plumbing, not for quality.
+    """
+    from jf_ray.basemodel import build_base
+
+    return build_base(tmp_path_factory.mktemp("base") / "micro", preset="micro", seed=0, num_threads=1)

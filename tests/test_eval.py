@@ -1,0 +1,92 @@
+"""Evaluation on the workloads with the decoding engine, on the real micro checkpoint; ``jf-ray eval``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from jf_ray.cli.main import main
+from jf_ray.decoding import DecodeConfig
+from jf_ray.evaluation import answer_loss, decode_examples, evaluate_code, evaluate_math, run_eval
+from jf_ray.modeling import load_model, load_tokenizer
+from jf_ray.workloads import load_examples
+from jf_ray.workloads.math import is_correct
+
+STAT_KEYS = {"tokens", "forwards", "tpf", "tokens_per_s", "wall_s"}
+
+
+@pytest.fixture(scope="module")
+def micro(micro_checkpoint):
+    return load_model(str(micro_checkpoint), dtype="fp32", device="cpu"), load_tokenizer(str(micro_checkpoint))
+
+
+def test_evaluate_math_scores_with_the_checker(micro):
+    model, tokenizer = micro
+    problems = load_examples("math", "heldout", 6, seed=0)
+    report = evaluate_math(model, tokenizer, problems, DecodeConfig(decoder="ar", max_new_tokens=24), batch_size=4)
+    assert report["n"] == 6 and STAT_KEYS <= set(report["stats"])
+    outputs, _ = decode_examples(model, tokenizer, problems, DecodeConfig(decoder="ar", max_new_tokens=24), 4)
+    assert report["correct"] == sum(is_correct(o, p.answer) for o, p in zip(outputs, problems))
+    assert report["accuracy"] == pytest.approx(report["correct"] / 6, abs=1e-4)
+    stats = report["stats"]
+    assert stats["forwards"] == stats["tokens"]  # greedy AR: one token per forward, the prefill included
+    assert sum(report["finish_reasons"].values()) == 6
+
+
+@pytest.mark.parametrize("decoder", ["jacobi", "mr"])
+def test_parallel_decoders_reproduce_greedy_ar(micro, decoder):
+    model, tokenizer = micro
+    examples = load_examples("math", "heldout", 4, seed=1) + load_examples("code", "heldout", 3, seed=0)
+    ar_config = DecodeConfig(decoder="ar", max_new_tokens=40)
+    ar_texts, ar = decode_examples(model, tokenizer, examples, ar_config, batch_size=3)
+    texts, parallel = decode_examples(
+        model, tokenizer, examples, ar_config.model_copy(update={"decoder": decoder, "block_size": 8}), 3
+    )
+    assert texts == ar_texts
+    assert parallel["stats"]["tokens"] == ar["stats"]["tokens"]
+    assert parallel["stats"]["forwards"] <= ar["stats"]["forwards"]
+
+
+def test_evaluate_code_loss_and_parse_rate(micro):
+    model, tokenizer = micro
+    examples = load_examples("code", "heldout", 4, seed=0)
+    report = evaluate_code(model, tokenizer, examples, DecodeConfig(decoder="jacobi", block_size=8,
+                                                                   max_new_tokens=16), batch_size=2)
+    assert report["n"] == 4 and 0.0 <= report["parse_rate"] <= 1.0
+    # Barely trained: the loss is far above a trained model's and below a uniform guess over the vocabulary.
+    assert 0.0 < report["loss"] < math.log(len(tokenizer)) + 1.0
+    assert report["loss_tokens"] > 0 and report["stats"]["tokens"] > 0
+
+
+def test_answer_loss_does_not_depend_on_batching(micro):
+    model, tokenizer = micro
+    examples = load_examples("code", "heldout", 5, seed=0) + load_examples("math", "heldout", 3, seed=0)
+    one = answer_loss(model, tokenizer, examples, batch_size=1)
+    many = answer_loss(model, tokenizer, examples, batch_size=8)
+    assert one["tokens"] == many["tokens"] > 0
+    assert one["loss"] == pytest.approx(many["loss"], abs=1e-3)
+
+
+def test_run_eval_facade(micro_checkpoint):
+    report = run_eval(str(micro_checkpoint), "math", decoder="jacobi", n=3, block_size=4, max_new_tokens=12)
+    assert report["config"]["decode"]["decoder"] == "jacobi" and report["config"]["n"] == 3
+    assert report["n"] == 3 and report["stats"]["tokens"] > 0
+
+
+def test_cli_eval_writes_json(micro_checkpoint, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--model", str(micro_checkpoint), "--task", "code", "--n", "2", "--decoder", "jacobi",
+                 "--block-size", "4", "--max-new-tokens", "8", "--threads", "1", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["task"] == "code" and report["decoder"] == "jacobi" and STAT_KEYS <= set(report["stats"])
+    assert "parse_rate=" in capsys.readouterr().out
+
+
+def test_cli_eval_bad_input_exits_2(tmp_path):
+    assert main(["eval", "--model", str(tmp_path / "missing"), "--task", "math", "--n", "1"]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--model", str(tmp_path), "--task", "poetry"])
+    assert exc.value.code == 2
