@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from test_trajectories import PROMPT_TEXTS, build_tiny_checkpoint, greedy_ar
 
 from jf_ray.cli.main import main as cli_main
@@ -97,7 +96,8 @@ def test_killed_actor_has_its_shard_retried(ray_session, checkpoint, prompts_uri
 
     def kill_the_other_worker(report: dict) -> None:
         if not killed:  # the other actor is busy with its own shard (or about to get one)
-            other = [name for name in _actor_names(ray) if name != report["actor"]][0]
+            run_tag = report["actor"].rsplit("-w", 1)[0]  # names are <run tag>-w<slot>-g<generation>
+            other = [name for name in _actor_names(ray, run_tag) if name != report["actor"]][0]
             ray.kill(ray.get_actor(other))
             killed.append(other)
 
@@ -107,14 +107,15 @@ def test_killed_actor_has_its_shard_retried(ray_session, checkpoint, prompts_uri
     _check_dataset(out, reference)
 
 
-def _actor_names(ray) -> list[str]:
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("jf-collect-")]
+def _actor_names(ray, prefix: str) -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
 
 
 class _Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow  # three collect runs, each starting fresh actors
 def test_interrupted_run_resumes_and_redoes_a_corrupt_shard(ray_session, checkpoint, prompts_uri, reference, tmp_path):
     out = str(tmp_path / "traj")
     done = []
@@ -137,6 +138,7 @@ def test_interrupted_run_resumes_and_redoes_a_corrupt_shard(ray_session, checkpo
     _check_dataset(out, reference)
 
 
+@pytest.mark.slow  # three collect runs, each starting fresh actors
 def test_resume_refuses_other_settings_and_a_fresh_start_forgets_old_shards(
     ray_session, checkpoint, prompts_uri, tmp_path
 ):
