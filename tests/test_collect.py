@@ -115,7 +115,7 @@ class _Interrupt(Exception):
     pass
 
 
-@pytest.mark.slow  # three collect runs, each starting fresh actors
+@pytest.mark.slow  # two collect runs, each starting fresh actors
 def test_interrupted_run_resumes_and_redoes_a_corrupt_shard(ray_session, checkpoint, prompts_uri, reference, tmp_path):
     out = str(tmp_path / "traj")
     done = []
