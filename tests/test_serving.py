@@ -169,6 +169,31 @@ def test_stop_string_ends_the_text_before_it(service):
     assert finish == "stop" and usage.completion_tokens < 40
 
 
+
+
+def test_generation_ends_at_eos_with_finish_reason_stop(checkpoint, reference, tmp_path):
+    """A copy of the checkpoint whose generation config adds, as a second EOS, a token greedy emits at step 10."""
+    import shutil
+
+    from jf_ray.serving.config import ServeConfig
+    from jf_ray.serving.service import CompletionService, run_to_end
+
+    prompt_ids = reference.tokenizer(PROMPT)["input_ids"]
+    free_run = reference.greedy(prompt_ids, 40)
+    stop_token = free_run[10]
+    expected = free_run[: free_run.index(stop_token) + 1]
+    copy = shutil.copytree(checkpoint, tmp_path / "two_eos")
+    gen_config = json.loads((copy / "generation_config.json").read_text())
+    gen_config["eos_token_id"] = [reference.tokenizer.eos_token_id, stop_token]
+    (copy / "generation_config.json").write_text(json.dumps(gen_config))
+    svc = CompletionService(ServeConfig(model=str(copy)))
+    try:
+        for decoder in ("ar", "mr"):
+            text, finish, usage = run(run_to_end(svc, completion(svc, prompt=PROMPT, max_tokens=40, decoder=decoder)))
+            assert (text, finish, usage.completion_tokens) == (reference.text(expected), "stop", len(expected))
+    finally:
+        svc.shutdown()
+
 # ------------------------------------------------------------------------- Serve app over real HTTP
 API_KEY = "test-key"
 MAX_BATCH, MAX_QUEUED = 4, 4
