@@ -52,7 +52,8 @@ def build_tiny_checkpoint(out_dir: str, context: int = 192) -> str:
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-        tie_word_embeddings=True, initializer_range=0.3, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True, initializer_range=0.3, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     Qwen2ForCausalLM(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

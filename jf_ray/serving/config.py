@@ -60,8 +60,11 @@ class ServeConfig(StageConfig):
     autoscaling: AutoscalingSettings = Field(
         default_factory=AutoscalingSettings, description="replica autoscaling (min/max, target load)"
     )
-    host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy")
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy")
+    host: str = Field(
+        "127.0.0.1", description="HTTP bind address of the Serve proxy (jf-ray serve; `serve deploy` takes "
+        "http_options.host of its config file)"
+    )
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy (as for host)")
     route_prefix: str = Field("/", description="URL prefix of the application")
     app_name: str = Field("jf-ray", description="name of the Serve application")
     api_key: Optional[str] = Field(

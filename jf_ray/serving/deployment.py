@@ -6,6 +6,7 @@ parsing bodies, auth, OpenAI/SSE formatting; validation and decoding live in ``s
 """
 
 
+import hmac
 import json
 import logging
 from typing import Any, AsyncIterator, Optional, Union
@@ -93,7 +94,8 @@ class JacobiDecoderDeployment:
 
     def _authorize(self, request: Request) -> None:
         key = self.config.api_key
-        if key and request.headers.get("authorization", "") != f"Bearer {key}":
+        sent = request.headers.get("authorization", "")
+        if key and not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
             raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
                            "authentication_error", None, "invalid_api_key")
 
