@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         "url": url, "model": model, "endpoint": args.endpoint, "max_tokens": args.max_tokens,
         "requests_per_client": args.requests_per_client, "num_prompts": len(prompts),
         "server_config": config.model_dump(exclude={"api_key"}) if config else None,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},  # other work on the box skews timings
         "results": results, "speedup_vs_ar": speedups(results),
     }
     if args.json_out:
@@ -148,7 +149,7 @@ def _start_local(config, ray_cpus):
     from ray import serve
 
     from jf_ray.raycluster import init_ray
-    from jf_ray.serving.app import build_app
+    from jf_ray.serving.deployment import build_app
 
     init_ray(None, num_cpus=ray_cpus)
     serve.start(http_options={"host": config.host, "port": config.port})
