@@ -107,11 +107,14 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "trajectory_collection",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        # Other processes on a shared machine skew every number; keep the load beside them.
+        "load_average_start": os.getloadavg(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("json_out", "scratch")},
         "num_prompts": len(read_prompts(args.prompts)),
         "batch_scaling": batch_scaling(args, args.prompts, scratch),
         "worker_scaling": worker_scaling(args, args.prompts, scratch),
     }
+    result["load_average_end"] = os.getloadavg()
     result["total_s"] = round(time.time() - start, 1)
     write_bytes_atomic(args.json_out, (json.dumps(result, indent=2) + "\n").encode())
     return result
