@@ -193,3 +193,19 @@ def test_recycling_without_context_copying_is_still_exact():
                           max_new_tokens=50)
     out = generate(model, prompts, config, [], batch_size=2)
     assert [r.token_ids for r in out] == [r.token_ids for r in ar]
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 5, 16])
+@pytest.mark.parametrize("max_new_tokens", [1, 9, 32, 33])
+def test_trajectories_cover_every_token_with_full_length_states(model, prompts, ar_outputs, block_size,
+                                                                 max_new_tokens):
+    config = DecodeConfig(decoder="jacobi", block_size=block_size, max_new_tokens=max_new_tokens,
+                          record_trajectory=True)
+    for prompt, result, expected in zip(prompts, generate(model, prompts, config, []), ar_outputs):
+        blocks = result.trajectory
+        assert [b.block_index for b in blocks] == list(range(len(blocks)))
+        assert sum((b.fixed_point for b in blocks), []) == expected[:max_new_tokens] == result.token_ids
+        for b in blocks:
+            assert b.prefix_len == len(prompt) + b.block_index * block_size
+            assert all(len(state) == len(b.fixed_point) for state in b.states)
+            assert b.states[-1] == b.fixed_point and b.states[0][0] == b.fixed_point[0]

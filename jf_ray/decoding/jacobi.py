@@ -36,8 +36,8 @@ class JacobiPolicy:
         length = self.draft_length(req)
         if self.tail is None:
             self.tail = req.context_sample(self.n - 1)
-            if self.record:
-                self.block_states[self.block_index] = [[req.head] + self.tail[: length - 1]]
+            if self.record:  # the whole n-token initial draft, even where the token cap shortens the forward
+                self.block_states[self.block_index] = [[req.head] + self.tail]
         return Segment([req.head] + self.tail[: length - 1], req.next_position)
 
     @property
@@ -58,7 +58,8 @@ class JacobiPolicy:
         if verdict.accepted < length:
             self.tail = predictions[verdict.accepted : length - 1]
             if self.record:
-                state = req.generated[self.block_start :] + self.tail
+                # Where the token cap shortened the draft, the last prediction still falls inside the block.
+                state = (req.generated[self.block_start :] + predictions[verdict.accepted :])[: self.n]
                 self.block_states[self.block_index].append(state)
         else:  # the whole block is verified; the new head opens the next block
             self.block_start += self.n
@@ -67,11 +68,10 @@ class JacobiPolicy:
     def trajectory(self, req: RequestState) -> list[BlockTrajectory]:
         """Every block's recorded states, cut to the block's final length, the fixed point appended last."""
         blocks = []
-        for index, states in sorted(self.block_states.items()):
-            start = index * self.n
-            fixed = req.generated[start : start + self.n]
-            if not fixed:
-                continue
+        for start in range(0, len(req.generated), self.n):
+            index, fixed = start // self.n, req.generated[start : start + self.n]
+            # A block holding only the head that ended the request was never drafted: its draft is the head.
+            states = self.block_states.get(index, [list(fixed)])
             kept = [s[: len(fixed)] for s in states] + [list(fixed)]
             blocks.append(BlockTrajectory(index, len(req.prompt_ids) + start, kept, list(fixed)))
         return blocks
