@@ -179,7 +179,7 @@ def test_inconsistent_trajectory_is_rejected(backend, prompts):
     config = DecodeConfig(decoder="jacobi", block_size=4, max_new_tokens=9, record_trajectory=True, seed=0)
     [result] = generate(backend.model, ids, config, backend.eos_token_ids(), batch_size=1)
     kwargs = dict(block_size=4, model_id="m", round_index=1, eos_ids=[], max_tokens=8)
-    assert len(trajectory_rows("p", ids[0], result, **kwargs)) == 2
+    assert len(trajectory_rows("p", ids[0], result, **kwargs)) == 2  # 9 tokens cut to 8: two blocks
     result.trajectory[1].states[-1] = [t + 1 for t in result.trajectory[1].states[-1]]
     with pytest.raises(TrajectoryError, match="last state is not the fixed point"):
         trajectory_rows("p", ids[0], result, **kwargs)
@@ -187,8 +187,8 @@ def test_inconsistent_trajectory_is_rejected(backend, prompts):
     result.token_ids[3] += 1
     with pytest.raises(TrajectoryError, match="do not concatenate"):
         trajectory_rows("p", ids[0], result, **kwargs)
-    result.token_ids.append(0)  # two tokens past the last recorded block: not a lone next-block head
-    with pytest.raises(TrajectoryError, match="covers 8 of 10 response tokens"):
+    result.token_ids.append(0)  # a token no block accounts for
+    with pytest.raises(TrajectoryError, match="covers 9 of 10 response tokens"):
         trajectory_rows("p", ids[0], result, **kwargs)
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import pyarrow as pa
 
-from jf_ray.decoding.types import BlockTrajectory, DecodeResult, DecodeStats
+from jf_ray.decoding.types import DecodeResult, DecodeStats
 from jf_ray.trajectories.backends import GenerationBackend
 from jf_ray.trajectories.prompts import Prompt
 from jf_ray.trajectories.schema import rows_to_table
@@ -63,9 +63,9 @@ def trajectory_rows(
     """
     if result.trajectory is None:
         raise TrajectoryError(f"{prompt_id}: backend returned no trajectory")
+    check_coverage(result)
     tokens = list(result.token_ids[:max_tokens] if max_tokens is not None else result.token_ids)
-    blocks = complete_trajectory(result, len(prompt_ids), block_size)
-    blocks = [b for b in blocks if b.prefix_len - len(prompt_ids) < len(tokens)]
+    blocks = [b for b in result.trajectory if b.prefix_len - len(prompt_ids) < len(tokens)]
     prefix = list(prompt_ids)
     rows = []
     for index, block in enumerate(blocks):
@@ -91,21 +91,10 @@ def trajectory_rows(
     return rows
 
 
-def complete_trajectory(result: DecodeResult, prompt_len: int, block_size: int) -> list[BlockTrajectory]:
-    """The decoder's blocks plus, when the response ends on a lone head token, that token's own block.
-
-    The forward that completes a block also yields the next block's verified head. When the token cap or
-    an EOS head ends the response right there, that head never gets a forward of its own and the decoder
-    records no block for it; its block is the one-token draft ``[head]``, already its own fixed point.
-    """
-    blocks = list(result.trajectory or [])
-    covered = sum(len(b.fixed_point) for b in blocks)
-    rest = list(result.token_ids[covered:])
-    if not rest:
-        return blocks
-    if len(rest) != 1 or (blocks and len(blocks[-1].fixed_point) != block_size):
+def check_coverage(result: DecodeResult) -> None:
+    covered = sum(len(b.fixed_point) for b in result.trajectory or [])
+    if covered != len(result.token_ids):
         raise TrajectoryError(f"trajectory covers {covered} of {len(result.token_ids)} response tokens")
-    return blocks + [BlockTrajectory(len(blocks), prompt_len + covered, [rest], rest)]
 
 
 def _check_block(prompt_id: str, index: int, block, prefix: list[int], block_size: int) -> None:
@@ -135,15 +124,14 @@ def record_trajectories(
 ) -> RecordedBatch:
     """Decode ``prompts`` with the backend and return their rows as one table, plus decode stats.
 
-    Each response runs to EOS or to ``max_new_tokens`` rounded up to a whole block. The backend is asked for
-    one token more: the forward that completes the last block yields it anyway (the next block's head), and
-    asking for it keeps every recorded block's drafts full-length; it is dropped here.
+    Each response runs to EOS or to ``max_new_tokens`` rounded up to a whole block, as in the official
+    recorder, so that every block but an EOS-ended last one holds n tokens.
     """
     prompt_ids = backend.encode_prompts([p.text for p in prompts])
     eos_ids = backend.eos_token_ids()
     cap = whole_block_cap(max_new_tokens, block_size)
     start = time.perf_counter()
-    results = backend.jacobi_trajectories(prompt_ids, block_size, cap + 1, batch_size, seed, progress)
+    results = backend.jacobi_trajectories(prompt_ids, block_size, cap, batch_size, seed, progress)
     generate_s = time.perf_counter() - start
     if len(results) != len(prompts):
         raise TrajectoryError(f"backend returned {len(results)} results for {len(prompts)} prompts")
@@ -155,6 +143,5 @@ def record_trajectories(
             eos_ids=eos_ids, max_tokens=cap,
         )
         rows.extend(prompt_rows)
-        kept = sum(len(r["fixed_point"]) for r in prompt_rows)  # the dropped extra head is not collected
-        stats = stats.merge(replace(result.stats, tokens=kept))
+        stats = stats.merge(result.stats)
     return RecordedBatch(table=rows_to_table(rows), stats=stats, generate_s=generate_s)
