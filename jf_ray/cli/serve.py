@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     from jf_ray.modeling import local_model_path
     from jf_ray.raycluster import init_ray
-    from jf_ray.serving.app import build_app
+    from jf_ray.serving.deployment import build_app
 
     config = load_config(args)
     if "://" not in config.model or config.model.startswith("file://"):
