@@ -1,7 +1,7 @@
 """The decoding engine: continuous batching of requests, each with its own draft policy.
 
 Each :meth:`DecodingEngine.step` admits waiting requests (one prefill forward for them), then runs one
-forward over every running request: each request's policy lays out its segments (a draft, recycled
+decoding forward over every running request, old and new: each request's policy lays out its segments (a draft, recycled
 candidates, pseudo blocks), the engine batches them with a 4D mask over the ragged cache, and each policy
 verifies its part of the logits and commits tokens. Requests join and leave between forwards. The engine
 is synchronous and not thread-safe: one thread drives it (the server runs it in a background thread).
@@ -106,16 +106,18 @@ class DecodingEngine:
     # -- stepping ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        aborted = [self._output(req) for req in self.running if req.finished]
+        outputs = [self._output(req) for req in self.running if req.finished]  # aborted since the last step
         self._drop_finished()
         admitted = self._admit()
         if admitted:
-            self._prefill(admitted)  # running requests wait one forward while new ones are prefilled
-        elif self.running:
+            self._prefill(admitted)
+            outputs += [self._output(req) for req in admitted if req.finished]  # ended on their first token
+            self._drop_finished()
+        if self.running:  # new and old requests decode together right away: arrivals never stall the batch
             self._decode()
-        outputs = [self._output(req) for req in self.running if len(req.generated) > req.emitted or req.finished]
+        outputs += [self._output(req) for req in self.running if len(req.generated) > req.emitted or req.finished]
         self._drop_finished()
-        return aborted + outputs
+        return outputs
 
     def _admit(self) -> list[RequestState]:
         admitted = []
