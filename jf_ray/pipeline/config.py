@@ -24,6 +24,10 @@ class BaseModelConfig(StageConfig):
 
 class WorkloadConfig(StageConfig):
     tasks: list[Task] = Field(["math", "code"], min_length=1, description="workloads to train and evaluate on")
+    prompts: Optional[str] = Field(
+        None, description='JSONL URI of your own collection prompts ({"prompt", "id"?}); replaces the tasks\' train'
+        " splits for collection (evaluation stays on the tasks' held-out splits)",
+    )
     train_prompts: dict[str, int] = Field(
         {"math": 512, "code": 256}, description="prompts per task for trajectory collection (train split)"
     )

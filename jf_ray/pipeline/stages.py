@@ -77,8 +77,10 @@ def data_stage(cfg: PipelineConfig) -> dict:
         share = cfg.workloads.anchor_examples // len(cfg.workloads.tasks)
         if share:
             anchors += load_examples(task, "train", share, seed=cfg.seed + 1)
-    prompts_uri = join_uri(data_dir, "collect_prompts.jsonl")
-    write_bytes_atomic(prompts_uri, ("\n".join(lines) + "\n").encode())
+    prompts_uri = cfg.workloads.prompts
+    if prompts_uri is None:
+        prompts_uri = join_uri(data_dir, "collect_prompts.jsonl")
+        write_bytes_atomic(prompts_uri, ("\n".join(lines) + "\n").encode())
     outputs = {"collect_prompts": prompts_uri, "num_prompts": len(lines), "eval": evals, "anchor": None}
     if anchors:
         outputs["anchor"] = join_uri(data_dir, "anchor.jsonl")
