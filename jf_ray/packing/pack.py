@@ -75,26 +75,6 @@ class PackStats:
     truncated: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> responses skipped
 
-    def merge(self, other: "PackStats") -> "PackStats":
-        return PackStats(
-            responses=self.responses + other.responses,
-            packed=self.packed + other.packed,
-            blocks=self.blocks + other.blocks,
-            tokens=self.tokens + other.tokens,
-            truncated=self.truncated + other.truncated,
-            skipped=self.skipped + other.skipped,
-        )
-
-    def to_dict(self) -> dict:
-        return {
-            "responses": self.responses,
-            "packed": self.packed,
-            "blocks": self.blocks,
-            "tokens": self.tokens,
-            "truncated": self.truncated,
-            "skipped": dict(self.skipped),
-        }
-
 
 def response_rng(seed: int, prompt_id: str) -> random.Random:
     """A stream per response, independent of which worker packs it or in which order."""
