@@ -247,37 +247,6 @@ def test_fsdp_on_two_ranks_matches_a_single_process_and_saves_full_weights(tmp_p
     assert json.loads((tmp_path / "trainer_state.json").read_text())["step"] == 3
 
 
-def test_rounds_chain_block_sizes_models_and_locations(tmp_path):
-    from jf_ray.config import ConfigError
-    from jf_ray.training.rounds import RoundsConfig, round_configs
-
-    config = RoundsConfig(model="base", prompts="p.jsonl", out=f"file://{tmp_path}", train={"lr": 1e-6},
-                          collect={"workers": 2})  # fmt: skip
-    collect1, pack1, train1 = round_configs(config, 1, "base")
-    collect2, pack2, train2 = round_configs(config, 2, "file:///ckpt-of-round-1")
-    assert (collect1.block_size, collect2.block_size) == (16, 32)
-    assert (collect1.round, collect2.round, collect2.workers) == (1, 2, 2)
-    assert collect2.model == train2.model == "file:///ckpt-of-round-1"  # round 2 collects with and trains it
-    assert pack1.trajectories == collect1.out and train1.data == pack1.out
-    assert len({collect1.out, collect2.out, pack1.out, pack2.out, train1.out, train2.out}) == 6
-    assert train2.lr == 1e-6 and pack2.window == 16
-    with pytest.raises(ConfigError, match="learning_rate"):
-        round_configs(config.model_copy(update={"train": {"learning_rate": 1}}), 1, "base")
-
-
-def test_finished_rounds_are_skipped_and_chained(tmp_path):
-    from jf_ray.storage import join_uri, write_json_atomic
-    from jf_ray.training.rounds import RoundsConfig, round_configs, run_rounds
-
-    config = RoundsConfig(model="base", prompts="p.jsonl", out=f"file://{tmp_path}")
-    for index, checkpoint in ((1, "file:///r1"), (2, "file:///r2")):
-        train_config = round_configs(config, index, "any")[2]
-        write_json_atomic(join_uri(train_config.out, train_config.run_name, "summary.json"), {"checkpoint": checkpoint})
-    result = run_rounds(config)
-    assert result["checkpoint"] == "file:///r2"
-    assert [r["skipped"] for r in result["rounds"]] == [True, True]
-
-
 def test_anchor_records_from_text_and_prompt_answer_pairs(micro_checkpoint, tmp_path):
     from jf_ray.errors import UserInputError
     from jf_ray.modeling import encode_prompt, load_tokenizer
