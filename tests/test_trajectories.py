@@ -20,12 +20,12 @@ from jf_ray.trajectories import (
     TrajectoryError,
     TransformersBackend,
     make_backend,
-    noise_ratio,
     read_prompts,
     record_trajectories,
     text_prompt_id,
     trajectory_rows,
 )
+from jf_ray.packing.schedules import noise_ratio
 from jf_ray.trajectories.recorder import whole_block_cap
 
 PROMPT_TEXTS = [

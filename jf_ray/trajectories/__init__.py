@@ -8,7 +8,7 @@ from jf_ray.trajectories.backends import BackendSpec, GenerationBackend, Transfo
 from jf_ray.trajectories.collect import collect, verify_exactly_once
 from jf_ray.trajectories.config import CollectConfig
 from jf_ray.trajectories.prompts import Prompt, read_prompts, text_prompt_id
-from jf_ray.trajectories.recorder import TrajectoryError, noise_ratio, record_trajectories, trajectory_rows
+from jf_ray.trajectories.recorder import TrajectoryError, record_trajectories, trajectory_rows
 from jf_ray.trajectories.schema import TRAJECTORY_COLUMNS, TRAJECTORY_SCHEMA
 
 __all__ = [
@@ -22,7 +22,6 @@ __all__ = [
     "TransformersBackend",
     "collect",
     "make_backend",
-    "noise_ratio",
     "read_prompts",
     "record_trajectories",
     "text_prompt_id",

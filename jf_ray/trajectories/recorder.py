@@ -27,13 +27,6 @@ class TrajectoryError(RuntimeError):
     """A backend returned a trajectory that contradicts its own output (a decoder bug, never user input)."""
 
 
-def noise_ratio(state: Sequence[int], fixed_point: Sequence[int]) -> float:
-    """(n - first index where ``state`` differs from ``fixed_point``) / n; 0 for the fixed point itself."""
-    n = len(fixed_point)
-    first = next((t for t in range(n) if state[t] != fixed_point[t]), n)
-    return (n - first) / n if n else 0.0
-
-
 @dataclass
 class RecordedBatch:
     table: pa.Table
