@@ -69,6 +69,8 @@ def build_base(
     >>> path = build_base("/tmp/jf-micro", preset="micro")           # doctest: +SKIP
     >>> AutoModelForCausalLM.from_pretrained(path)                   # doctest: +SKIP
     """
+    import torch
+
     from jf_ray.storage.uri import local_path
 
     out = Path(local_path(str(out_dir)))
@@ -81,16 +83,19 @@ def build_base(
     if out.exists() and info is None and any(out.iterdir()):
         raise UserInputError(f"{out} exists and is not a base-model build; choose an empty or new directory")
     out.parent.mkdir(parents=True, exist_ok=True)
+    threads_before = torch.get_num_threads()  # the thread count is process-wide: give it back afterwards
+    torch.set_num_threads(num_threads or default_num_threads())
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        _build_into(tmp, preset, resolved, seed, key, show_progress, num_threads)
+        _build_into(tmp, preset, resolved, seed, key, show_progress)
         _swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        torch.set_num_threads(threads_before)
     return out
 
 
-def _build_into(tmp: Path, name: str, preset: BasePreset, seed: int, key: str, show_progress, num_threads):
+def _build_into(tmp: Path, name: str, preset: BasePreset, seed: int, key: str, show_progress: bool) -> None:
     import torch
 
     from jf_ray.basemodel.corpus import build_rows, tokenizer_texts
@@ -99,7 +104,6 @@ def _build_into(tmp: Path, name: str, preset: BasePreset, seed: int, key: str, s
     from jf_ray.modeling import num_parameters
 
     start = time.perf_counter()
-    torch.set_num_threads(num_threads or default_num_threads())
     seed_everything(seed)
     tokenizer = train_tokenizer(tokenizer_texts(preset, seed), preset.vocab_size)
     rows = build_rows(tokenizer, preset, seed)

@@ -133,7 +133,7 @@ def print_row(r) -> None:
 def _prompts(uri):
     if uri is None:
         return DEFAULT_PROMPTS
-    from jf_ray.trajectories.prompts import read_prompts
+    from jf_ray.prompts import read_prompts
 
     return [p.text for p in read_prompts(uri)]
 

@@ -24,7 +24,7 @@ import torch
 from jf_ray.storage import join_uri, write_bytes_atomic
 from jf_ray.trajectories.backends import BackendSpec, make_backend
 from jf_ray.trajectories.config import CollectConfig
-from jf_ray.trajectories.prompts import read_prompts
+from jf_ray.prompts import read_prompts
 from jf_ray.trajectories.worker import RecordSettings, ShardTask, ShardWorker
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from jf_ray.errors import UserInputError
 from jf_ray.storage import DatasetError, DatasetWriter, exists, join_uri, read_dataset, read_json
 from jf_ray.storage import write_json_atomic
 from jf_ray.trajectories.config import CollectConfig
-from jf_ray.trajectories.prompts import Prompt, read_prompts, shard_prompts
+from jf_ray.prompts import Prompt, read_prompts, shard_prompts
 from jf_ray.trajectories.schema import TRAJECTORY_SCHEMA
 from jf_ray.trajectories.worker import RecordSettings, ShardTask
 

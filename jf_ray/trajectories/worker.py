@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from jf_ray.storage import DatasetWriter
 from jf_ray.trajectories.backends import BackendSpec, GenerationBackend, make_backend
-from jf_ray.trajectories.prompts import Prompt
+from jf_ray.prompts import Prompt
 from jf_ray.trajectories.recorder import record_trajectories
 from jf_ray.trajectories.schema import TRAJECTORY_SCHEMA
 

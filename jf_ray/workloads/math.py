@@ -22,7 +22,13 @@ from typing import Callable
 from jf_ray.workloads.common import Example, Split, check_split
 
 HELDOUT_PERCENT = 10
-MAX_VALUE = 300
+# Difficulty knobs, sized so that a ~1M-parameter model learns the arithmetic within minutes of CPU:
+# values stay below MAX_VALUE, added/removed amounts at most MAX_AMOUNT, products and divisors single-digit.
+MAX_VALUE = 99
+MAX_START = 40
+MAX_AMOUNT = 30
+MAX_FACTOR = 9
+MAX_DIVISOR = 5
 MIN_EVENTS, MAX_EVENTS = 2, 3
 
 NAMES = (
@@ -63,7 +69,7 @@ def draw_problem(rng: random.Random) -> Example:
     """One random problem: a start quantity, 2-3 events, a question; the solution computes line by line."""
     name, friend = rng.sample(NAMES, 2)
     item = rng.choice(ITEMS)
-    value = rng.randint(2, 60)
+    value = rng.randint(2, MAX_START)
     story = [f"{name} has {value} {item}."]
     solution = [f"{name} starts with {value} {item}."]
     num_events = rng.randint(MIN_EVENTS, MAX_EVENTS)
@@ -77,22 +83,22 @@ def draw_problem(rng: random.Random) -> Example:
 
 # Each event appends its sentence to ``story`` and its computation(s) to ``solution``; returns the new value.
 def _find_more(rng, value, name, friend, item, story, solution) -> int:
-    k = rng.randint(2, min(99, MAX_VALUE - value))
+    k = rng.randint(2, min(MAX_AMOUNT, MAX_VALUE - value))
     story.append(f"Then {name} finds {k} more {item}.")
     solution.append(f"After finding {k} more: {value} + {k} = {value + k}.")
     return value + k
 
 
 def _give_away(rng, value, name, friend, item, story, solution) -> int:
-    k = rng.randint(1, min(99, value - 1))
+    k = rng.randint(1, min(MAX_AMOUNT, value - 1))
     story.append(f"Then {name} gives {k} {item} to {friend}.")
     solution.append(f"After giving {k} away: {value} - {k} = {value - k}.")
     return value - k
 
 
 def _buy_boxes(rng, value, name, friend, item, story, solution) -> int:
-    boxes = rng.randint(2, min(9, (MAX_VALUE - value) // 2))
-    per_box = rng.randint(2, min(12, (MAX_VALUE - value) // boxes))
+    boxes = rng.randint(2, MAX_FACTOR)
+    per_box = rng.randint(2, min(MAX_FACTOR, (MAX_VALUE - value) // boxes))
     container = rng.choice(CONTAINERS)
     bought = boxes * per_box
     story.append(f"Then {name} buys {boxes} {container} with {per_box} {item} in each.")
@@ -101,32 +107,29 @@ def _buy_boxes(rng, value, name, friend, item, story, solution) -> int:
     return value + bought
 
 
-def _multiply(rng, value, name, friend, item, story, solution) -> int:
-    factor = rng.randint(2, min(4, MAX_VALUE // value))
-    word = {2: "doubles", 3: "triples", 4: "quadruples"}[factor]
-    story.append(f"Then {name} {word} the number of {item}.")
-    solution.append(f"After that: {value} * {factor} = {value * factor}.")
-    return value * factor
+def _double(rng, value, name, friend, item, story, solution) -> int:
+    story.append(f"Then {name} doubles the number of {item}.")
+    solution.append(f"After doubling: {value} * 2 = {value * 2}.")
+    return value * 2
 
 
 def _share(rng, value, name, friend, item, story, solution) -> int:
-    parts = rng.choice([k for k in range(2, 10) if value % k == 0])
+    parts = rng.choice([k for k in range(2, MAX_DIVISOR + 1) if value % k == 0])
     story.append(f"Then {name} splits the {item} into {parts} equal piles and keeps only one pile.")
     solution.append(f"One pile has {value} / {parts} = {value // parts}.")
     return value // parts
 
 
 def _possible_events(value: int) -> list[Callable[..., int]]:
-    events: list[Callable[..., int]] = []
-    if value <= MAX_VALUE - 2:
+    room = MAX_VALUE - value
+    events: list[Callable[..., int]] = [_give_away] if value >= 2 else []
+    if room >= 2:
         events.append(_find_more)
-    if value >= 2:
-        events.append(_give_away)
-    if MAX_VALUE - value >= 4:
+    if room >= MAX_FACTOR * 2:
         events.append(_buy_boxes)
     if 2 * value <= MAX_VALUE:
-        events.append(_multiply)
-    if value >= 4 and any(value % k == 0 for k in range(2, 10)):
+        events.append(_double)
+    if value >= 4 and any(value % k == 0 for k in range(2, MAX_DIVISOR + 1)):
         events.append(_share)
     return events
 
