@@ -1,4 +1,5 @@
-"""Prompt input of bench, collection and serving benchmarks: a JSONL object at a URI, one ``{"prompt": str, "id"?: str|int}`` per line.
+"""Prompt input of bench, collection and serving benchmarks: a JSONL object at a URI, one
+``{"prompt": str, "id"?: str|int}`` per line.
 
 Prompt ids are stable across runs: the given ``id``, or a hash of the prompt text. Resume and the
 "every prompt exactly once" guarantee are defined over these ids.
