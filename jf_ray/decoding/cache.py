@@ -40,8 +40,9 @@ class RaggedKVCache:
         pad = torch.zeros((self.num_rows, num_new), dtype=torch.bool, device=self.valid.device)
         self.valid = torch.cat([self.valid, pad], dim=1)
 
-    def commit(self, row: int, slots: torch.Tensor | list[int]) -> None:
-        self.valid[row, slots] = True
+    def commit(self, row: int, first_slot: int, count: int) -> None:
+        """Mark ``count`` consecutive slots from ``first_slot`` as holding committed tokens of ``row``."""
+        self.valid[row, first_slot : first_slot + count] = True
 
     def crop_tail(self) -> None:
         """Drop trailing slots that are invalid in every row (e.g. the rejected end of every draft)."""

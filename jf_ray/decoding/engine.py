@@ -132,7 +132,7 @@ class DecodingEngine:
             req.started_at = time.perf_counter()
         logits = self._forward(query, fresh)
         for b, req in enumerate(admitted):
-            fresh.commit(b, list(range(len(req.prompt_ids))))
+            fresh.commit(b, 0, len(req.prompt_ids))
             req.log_forward()
             req.stats.prefill_tokens = len(req.prompt_ids)
             req.extend([req.first_token(logits[b, len(req.prompt_ids) - 1])])
@@ -148,14 +148,15 @@ class DecodingEngine:
         predictions = logits.argmax(dim=-1).tolist()
         for b, req in enumerate(self.running):
             req.offsets = query.offsets[b]
+            row_predictions, row_logits = predictions[b], logits[b]
             req.outputs = [
-                SegmentOutput(predictions[b][o : o + len(s.tokens)], logits[b, o : o + len(s.tokens)])
+                SegmentOutput(row_predictions[o : o + len(s.tokens)], row_logits, o)
                 for s, o in zip(req.segments, req.offsets)
             ]
             req.log_forward()
             req.policy.update(req)
             offset, count = req.kv_commit
-            self.cache.commit(b, list(range(slots_before + offset, slots_before + offset + count)))
+            self.cache.commit(b, slots_before + offset, count)
             req.outputs = []
         self.cache.maybe_compact()
 

@@ -34,34 +34,46 @@ class BatchQuery:
 def build_query(
     segments: list[list[Segment]], valid: torch.Tensor, dtype: torch.dtype, pad_token_id: int = 0
 ) -> BatchQuery:
-    """Lay out ``segments[row]`` for every row of the cache whose validity matrix is ``valid`` [B, slots]."""
+    """Lay out ``segments[row]`` for every row of the cache whose validity matrix is ``valid`` [B, slots].
+
+    Padding queries may see anything (their outputs are ignored and their K/V never committed), and no real
+    query sees a padding one (padding comes last, under the causal rule), which keeps the common case of one
+    segment per row to a few whole-batch tensor operations.
+    """
     rows, slots = valid.shape
+    device = valid.device
     lengths = [sum(len(s.tokens) for s in row) for row in segments]
     width = max(lengths)
-    device = valid.device
-    ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
-    positions = torch.zeros((rows, width), dtype=torch.long)
-    allowed = torch.zeros((rows, width, slots + width), dtype=torch.bool, device=device)
-    allowed[:, :, slots:] = torch.eye(width, dtype=torch.bool, device=device)  # every query sees itself
-    causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
-    offsets: list[list[int]] = []
-    for b, row in enumerate(segments):
-        starts, cursor = [], 0
+    ids, positions, offsets = [], [], []
+    for row, length in zip(segments, lengths):
+        row_ids, row_positions, starts = [], [], []
         for seg in row:
-            starts.append(cursor)
-            end = cursor + len(seg.tokens)
-            ids[b, cursor:end] = torch.tensor(seg.tokens, dtype=torch.long)
-            positions[b, cursor:end] = torch.arange(seg.start_position, seg.start_position + len(seg.tokens))
-            allowed[b, cursor:end, :slots] = valid[b]
-            allowed[b, cursor:end, slots + cursor : slots + end] = causal[: end - cursor, : end - cursor]
-            for other in seg.sees:
-                o_start, o_len = starts[other], len(row[other].tokens)
-                allowed[b, cursor:end, slots + o_start : slots + o_start + o_len] = True
-            cursor = end
+            starts.append(len(row_ids))
+            row_ids += seg.tokens
+            row_positions += range(seg.start_position, seg.start_position + len(seg.tokens))
+        pad = width - length
+        ids.append(row_ids + [pad_token_id] * pad)
+        positions.append(row_positions + [0] * pad)
         offsets.append(starts)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return BatchQuery(ids.to(device), positions.to(device), mask[:, None], offsets)
+    causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
+    allowed = torch.cat([valid[:, None, :].expand(rows, width, slots), causal.expand(rows, width, width)], dim=2)
+    for b, row in enumerate(segments):
+        if len(row) > 1:
+            _segment_visibility(allowed[b, :, slots:], row, offsets[b], causal)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return BatchQuery(as_tensor(ids), as_tensor(positions), mask[:, None], offsets)
+
+
+def _segment_visibility(allowed: torch.Tensor, row: list[Segment], starts: list[int], causal: torch.Tensor) -> None:
+    """Within one row's query part [q, q]: causal inside each segment, full view of the segments it ``sees``."""
+    end = starts[-1] + len(row[-1].tokens)
+    allowed[:end, :end] = False
+    for seg, start in zip(row, starts):
+        stop = start + len(seg.tokens)
+        allowed[start:stop, start:stop] = causal[: stop - start, : stop - start]
+        for other in seg.sees:
+            allowed[start:stop, starts[other] : starts[other] + len(row[other].tokens)] = True
 
 
 def prefill_query(prompts: list[list[int]], dtype: torch.dtype, device, pad_token_id: int = 0) -> BatchQuery:

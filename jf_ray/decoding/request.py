@@ -21,7 +21,13 @@ from jf_ray.decoding.types import DecodeConfig, DecodeStats, FinishReason
 @dataclass
 class SegmentOutput:
     predictions: list[int]  # argmax at each offset of the segment
-    logits: torch.Tensor  # [len, V], a view into the forward's logits
+    row_logits: torch.Tensor  # [q, V]: the request's row of the forward's logits
+    start: int  # where the segment starts in the row
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """[len, V]: only sampling needs the full distributions, greedy decoding reads ``predictions``."""
+        return self.row_logits[self.start : self.start + len(self.predictions)]
 
 
 @dataclass
