@@ -141,6 +141,10 @@ class DecodingEngine:
 
     def _decode(self) -> None:
         for req in self.running:  # every running request is unfinished here (see step)
+            # The verification budget (pool_size candidates) is shared by the batch: extra candidate rows buy
+            # tokens per forward when the hardware has idle parallelism, and only cost time once the batch
+            # already fills it.
+            req.verify_budget = req.config.pool_size // len(self.running)
             req.segments = req.policy.plan(req)
         query = build_query([r.segments for r in self.running], self.cache.valid, self.dtype, self.pad_token_id)
         slots_before = self.cache.num_slots

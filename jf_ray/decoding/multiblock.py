@@ -67,8 +67,8 @@ class MultiBlockPolicy:
     def plan(self, req: RequestState) -> list[Segment]:
         main = self.ra.main_segment(req)
         segments = [main]
-        if req.config.greedy and self.pool_size:
-            for cand in self._candidates(req, main.tokens):
+        if req.config.greedy and req.verify_budget:
+            for cand in self._candidates(req, main.tokens, req.verify_budget):
                 segments.append(Segment(cand, main.start_position))
         self.num_candidates = len(segments) - 1
         block_end = len(req.prompt_ids) + self.ra.block_start + self.n
@@ -77,16 +77,16 @@ class MultiBlockPolicy:
             segments.append(Segment(content, block_end + k * self.n, sees=before))
         return segments
 
-    def _candidates(self, req: RequestState, draft: list[int]) -> list[list[int]]:
-        """Context continuation first (when enabled), then pool entries; at most ``pool_size``, all distinct."""
+    def _candidates(self, req: RequestState, draft: list[int], limit: int) -> list[list[int]]:
+        """Context continuation first (when enabled), then pool entries; at most ``limit``, all distinct."""
         found = []
         if req.config.recycle_context:
             copied = lookup_continuation(req.prompt_ids + req.generated, req.config.lookup_max_ngram, len(draft) - 1)
             candidate = [draft[0]] + copied + draft[1 + len(copied) :]
             if copied and candidate != draft:
                 found.append(candidate)
-        for candidate in self.pool.candidates(draft, self.pool_size):
-            if len(found) < self.pool_size and candidate not in found:
+        for candidate in self.pool.candidates(draft, limit):
+            if len(found) < limit and candidate not in found:
                 found.append(candidate)
         return found
 

@@ -48,6 +48,7 @@ class RequestState:
     outputs: list[SegmentOutput] = field(default_factory=list)
     kv_commit: Optional[tuple[int, int]] = None  # (query offset, count) to mark valid after this step
     emitted: int = 0  # tokens already reported to the caller
+    verify_budget: int = 0  # recycled candidates this request may verify in the next forward (set by the engine)
 
     def __post_init__(self) -> None:
         seed = self.config.seed
