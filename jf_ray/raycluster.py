@@ -18,17 +18,26 @@ LOCAL_CLUSTER_ENV = {
 
 
 def set_local_cluster_env() -> None:
+    """Apply LOCAL_CLUSTER_ENV. Ray reads these when it is *imported*: call before the first ``import ray``."""
     for key, value in LOCAL_CLUSTER_ENV.items():
         os.environ.setdefault(key, value)
 
 
+def prepare_local_ray(explicit_address: str | None = None) -> None:
+    """At an entry point, before anything imports ray: local-cluster settings unless a cluster is named."""
+    if not (explicit_address or os.environ.get("RAY_ADDRESS")):
+        set_local_cluster_env()
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     """Join ``address`` (or ``RAY_ADDRESS``, e.g. under ``ray job submit``) or start a local cluster."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        set_local_cluster_env()  # read when ray is imported: entry points call this earlier still
     import ray
 
     if ray.is_initialized():
         return ray.get_runtime_context()
-    address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         # "local" always starts a fresh cluster; ray.init() would silently join any `ray start` cluster here.
         address = "local"

@@ -27,8 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     from jf_ray.errors import UserInputError
     from jf_ray.pipeline import PipelineConfig, run_pipeline
 
+    from jf_ray.raycluster import prepare_local_ray
+
     try:
         cfg = PipelineConfig.load(args.config, args.overrides)
+        prepare_local_ray(cfg.ray_address)  # before ray is first imported
         result = run_pipeline(cfg, rerun=args.rerun)
     except (ConfigError, UserInputError) as exc:
         print(f"progressive: error: {exc}", file=sys.stderr)

@@ -6,6 +6,12 @@ import socket
 
 import pytest
 
+from jf_ray.raycluster import set_local_cluster_env
+
+# Ray reads its address settings when it is imported, and test modules import it at collection time: every
+# cluster the tests start stays on 127.0.0.1.
+set_local_cluster_env()
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
