@@ -103,7 +103,7 @@ def test_a_stage_killed_midway_is_redone_on_resume(tiny_base, tmp_path, ray_sess
     assert json.loads((run_dir / "report.json").read_text())["rounds"][2]["eval"]["math"]["mr"]["tpf"] >= 1.0
 
 
-def test_ray_job_submit_runs_the_smoke_job(tiny_base, tmp_path):
+def test_ray_job_submit_runs_the_smoke_job(tiny_base, tmp_path, ray_session):
     """`ray start --head` on 127.0.0.1, then `ray job submit -- python jobs/progressive.py ...`."""
     from jf_ray.raycluster import LOCAL_CLUSTER_ENV
 
@@ -143,9 +143,12 @@ def _start_head(ray_bin: str, env: dict, temp: Path, attempts: int = 3) -> subpr
     `ray stop`, which stops every Ray on the machine); retried because GCS start-up can time out under load."""
     for _ in range(attempts):
         port, dashboard = _free_port(), _free_port()
+        # Every port explicit: the defaults (e.g. the agent's 52365) clash with the test session's own cluster.
+        ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                          "runtime-env-agent-port", "metrics-export-port")]
         head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}",
                                  f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
-                                 f"--temp-dir={temp}"], env=env, start_new_session=True,
+                                 f"--temp-dir={temp}", *ports], env=env, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         head.dashboard_port = dashboard
         if _answers(f"http://127.0.0.1:{dashboard}/api/version", head):
