@@ -31,7 +31,7 @@ NUM_SAMPLES = 3  # decoded examples kept in a report, for a human to eyeball
 _FENCE_RE = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.DOTALL)
 
 
-DEFAULT_MAX_NEW_TOKENS = {"math": 160, "code": 384}  # a full math solution; the longest stdlib bodies kept
+DEFAULT_MAX_NEW_TOKENS = {"math": 256, "code": 384}  # longest math solutions (~200 tokens), stdlib bodies
 
 
 class EvalConfig(StageConfig):

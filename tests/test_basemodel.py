@@ -11,6 +11,7 @@ import torch
 
 from jf_ray.basemodel import BUILD_INFO, build_base, content_hash, read_build_info, resolve_preset
 from jf_ray.basemodel.corpus import IGNORE_INDEX, build_rows
+from jf_ray.basemodel.pretrain import sequence_mask
 from jf_ray.basemodel.tokenizer import IM_END, encode_chat_examples, train_tokenizer
 from jf_ray.cli.main import main
 from jf_ray.errors import UserInputError
@@ -83,6 +84,24 @@ def test_corpus_masks_prompts_and_uses_train_split_only(micro_checkpoint):
     # Every chat turn's prompt (from <|im_start|>user on) carries no loss; its answer does.
     assert (rows.labels[rows.input_ids == im_start] == IGNORE_INDEX).all()
     assert (rows.labels != IGNORE_INDEX).sum() > 0
+    # Each chat turn starts at position 0, so training sees every turn as inference will.
+    starts = rows.position_ids == 0
+    assert (rows.input_ids[starts] == im_start).all() and starts.sum() > len(rows)
+
+
+def test_packed_rows_attend_only_within_their_sequence():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128)
+    model = Qwen2ForCausalLM(config).eval()
+    first, second = torch.randint(0, 64, (1, 7)), torch.randint(0, 64, (1, 5))
+    positions = torch.tensor([list(range(7)) + list(range(5))])
+    packed = model(input_ids=torch.cat([first, second], 1), position_ids=positions,
+                   attention_mask=sequence_mask(positions)).logits
+    torch.testing.assert_close(packed[:, :7], model(input_ids=first).logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packed[:, 7:], model(input_ids=second).logits, atol=1e-5, rtol=1e-4)
 
 
 def test_build_reuses_cache_and_rebuilds_on_change(micro_checkpoint, tmp_path):

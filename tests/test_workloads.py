@@ -18,9 +18,10 @@ from jf_ray.workloads.code import (
     split_files,
     stdlib_files,
 )
-from jf_ray.workloads.math import final_answer, generate_math, is_correct, problem_split
+from jf_ray.workloads.math import column, final_answer, generate_math, is_correct, problem_split
 
-_STEP_RE = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+_EQUATION_RE = re.compile(r"((?:\d+ [-+*/] )+\d+) = (\d+)")
+_COLUMN_RE = re.compile(r"(\d+) ([-+]) (\d+): [^\n]*; so (\d+)")
 
 
 # ---------------------------------------------------------------- math
@@ -41,15 +42,38 @@ def test_math_splits_never_share_a_problem():
 
 def test_math_solutions_compute_exactly():
     for example in generate_math(300, "train", seed=7):
-        steps = _STEP_RE.findall(example.answer)
-        assert 2 <= len(steps), example.answer
-        for a, op, b, c in steps:
-            a, b, c = int(a), int(b), int(c)
-            expected = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
-            assert c == expected and (op != "/" or a % b == 0), example.answer
-        assert final_answer(example.answer) == int(steps[-1][3])
-        numbers = re.findall(r"\d+", example.prompt)
-        assert all(int(n) >= 1 for n in numbers)
+        equations = list(_EQUATION_RE.finditer(example.answer))
+        columns = list(_COLUMN_RE.finditer(example.answer))
+        assert len(equations) >= 2, example.answer  # at least two events, each with a computation
+        for match in equations:
+            assert _evaluate(match[1]) == int(match[2]), example.answer
+        for match in columns:
+            assert _evaluate(f"{match[1]} {match[2]} {match[3]}") == int(match[4]), example.answer
+        # The final answer is the result of the last computation.
+        last = max(equations + columns, key=lambda m: m.end())
+        assert final_answer(example.answer) == int(last[len(last.groups())])
+
+
+def test_column_arithmetic_covers_every_pair():
+    for a in range(100):
+        for b in range(100):
+            if a + b <= 99:
+                assert column(a, "+", b).endswith(f"so {a + b}")
+            if b <= a:
+                assert column(a, "-", b).endswith(f"so {a - b}")
+    assert column(45, "+", 17) == "45 + 17: 5 + 7 = 12, carry 1; 4 + 1 + 1 = 6; so 62"
+    assert column(42, "-", 7) == "42 - 7: 12 - 7 = 5, borrow 1; 4 - 0 - 1 = 3; so 35"
+
+
+def _evaluate(expression: str) -> int:
+    """Left-to-right value of ``a op b op c`` with integer division that must be exact."""
+    tokens = expression.split()
+    value = int(tokens[0])
+    for op, operand in zip(tokens[1::2], map(int, tokens[2::2])):
+        if op == "/":
+            assert value % operand == 0
+        value = {"+": value + operand, "-": value - operand, "*": value * operand, "/": value // max(operand, 1)}[op]
+    return value
 
 
 def test_math_checker_accepts_right_and_rejects_wrong_answers():

@@ -33,6 +33,9 @@ class BasePreset(StageConfig):
     lr: float = Field(..., gt=0, description="peak AdamW learning rate (linear warm-up, cosine decay to 10%)")
     warmup_steps: int = Field(..., ge=0, description="linear warm-up steps")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    bf16_autocast: bool = Field(
+        False, description="matmuls in bfloat16 (fp32 weights): about 25% faster on CPUs with AVX512-BF16/AMX"
+    )
     math_examples: int = Field(..., ge=0, description="math train problems, as chat turns")
     code_examples: int = Field(..., ge=0, description="code train functions (signature+docstring -> body), as chat turns")
     raw_code_chars: int = Field(..., ge=0, description="characters of raw train-split stdlib source (plain LM rows)")
@@ -51,18 +54,22 @@ class BasePreset(StageConfig):
 PRESETS: dict[str, dict] = {
     "micro": dict(
         vocab_size=384, tokenizer_chars=50_000, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-        intermediate_size=64, max_position_embeddings=1024, seq_len=128, batch_size=8, steps=20, lr=3e-3,
+        intermediate_size=64, max_position_embeddings=1024, seq_len=384, batch_size=8, steps=20, lr=3e-3,
         warmup_steps=4, math_examples=100, code_examples=10, raw_code_chars=10_000,
     ),
     "tiny": dict(
-        vocab_size=1024, tokenizer_chars=1_000_000, hidden_size=96, num_layers=3, num_heads=4, num_kv_heads=2,
-        intermediate_size=256, seq_len=256, batch_size=16, steps=200, lr=3e-3, warmup_steps=20,
-        math_examples=4000, code_examples=300, raw_code_chars=300_000,
+        vocab_size=768, tokenizer_chars=400_000, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+        intermediate_size=192, seq_len=256, batch_size=8, steps=120, lr=3e-3, warmup_steps=12,
+        math_examples=3000, code_examples=100, raw_code_chars=100_000,
     ),
+    # Tuned on the math workload: ~1M parameters and ~4.6M training tokens reach the accuracy target. The
+    # hard part is copying each event's numbers from the prompt; it appears late (about 10% held-out
+    # accuracy after 850 steps, 95% after 1000). Code gets a small share (raw rows + chat turns) so that the
+    # model also writes Python, not to score on it.
     "small": dict(
-        vocab_size=2048, tokenizer_chars=3_000_000, hidden_size=192, num_layers=4, num_heads=4, num_kv_heads=2,
-        intermediate_size=512, seq_len=256, batch_size=16, steps=1200, lr=2e-3, warmup_steps=60,
-        math_examples=40_000, code_examples=2000, raw_code_chars=2_000_000,
+        vocab_size=2048, tokenizer_chars=3_000_000, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+        intermediate_size=384, seq_len=384, batch_size=12, steps=1000, lr=3e-3, warmup_steps=50,
+        bf16_autocast=True, math_examples=30_000, code_examples=500, raw_code_chars=400_000,
     ),
 }
 

@@ -78,7 +78,7 @@ def pretrain(model, rows: TokenRows, preset: BasePreset, seed: int, show_progres
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, preset)
-        loss = _train_step(model, optimizer, rows, order[step])
+        loss = _train_step(model, optimizer, rows, order[step], preset.bf16_autocast)
         losses.append(loss)
         tokens_per_s = (step + 1) * preset.batch_size * preset.seq_len / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
@@ -96,9 +96,22 @@ def pretrain(model, rows: TokenRows, preset: BasePreset, seed: int, show_progres
     return summary
 
 
-def _train_step(model, optimizer, rows: TokenRows, index: torch.Tensor) -> float:
-    input_ids, labels = rows.input_ids[index], rows.labels[index]
-    loss = model(input_ids=input_ids, labels=labels).loss
+def sequence_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive [B, 1, L, L] mask: causal, and a token sees only its own sequence of the packed row."""
+    sequence = torch.cumsum(position_ids == 0, dim=1)
+    same = sequence[:, :, None] == sequence[:, None, :]
+    length = position_ids.shape[1]
+    allowed = same & torch.ones(length, length, dtype=torch.bool).tril()
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def _train_step(model, optimizer, rows: TokenRows, index: torch.Tensor, bf16: bool = False) -> float:
+    input_ids, labels, positions = rows.input_ids[index], rows.labels[index], rows.position_ids[index]
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(input_ids=input_ids, labels=labels, position_ids=positions,
+                     attention_mask=sequence_mask(positions, dtype)).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()

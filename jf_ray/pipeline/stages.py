@@ -118,19 +118,26 @@ def pack_stage(cfg: PipelineConfig, k: int, outputs: dict) -> dict:
 
 def train_stage(cfg: PipelineConfig, k: int, outputs: dict) -> dict:
     from jf_ray.training import train
+
+    return train(train_config(cfg, k, outputs))
+
+
+def train_config(cfg: PipelineConfig, k: int, outputs: dict):
+    """Round ``k``'s TrainConfig: the round's steps/lr, the job's train settings, ``train.extra`` on top."""
     from jf_ray.training.config import TrainConfig
 
     settings, rnd = cfg.train, cfg.rounds[k - 1]
     anchor = outputs["data"]["anchor"] if settings.anchor_ratio > 0 else None
-    config = TrainConfig.from_dict({
+    extra = dict(settings.extra)
+    loss = {"ar_weight": settings.ar_weight, **extra.pop("loss", {})}  # extra.loss refines, not replaces
+    return TrainConfig.from_dict({
         "model": model_of(outputs, k - 1), "data": outputs[f"round{k}.pack"]["out"],
         "out": join_uri(cfg.run_dir, f"round{k}"), "run_name": "train", "workers": settings.workers,
         "cpus_per_worker": settings.cpus_per_worker, "use_gpu": settings.use_gpu, "strategy": settings.strategy,
         "steps": rnd.steps, "lr": rnd.lr, "micro_batch_size": settings.micro_batch_size,
         "grad_accum": settings.grad_accum, "anchor": anchor, "anchor_ratio": settings.anchor_ratio if anchor else 0.0,
-        "loss": {"ar_weight": settings.ar_weight}, "seed": cfg.seed, **settings.extra,
+        "loss": loss, "seed": cfg.seed, **extra,
     })
-    return train(config)
 
 
 def _eval_resources(cfg: PipelineConfig) -> dict:

@@ -71,7 +71,10 @@ class TrainConfig(StageConfig):
     anchor_max_tokens: int = Field(512, ge=2, description="anchor sequences are cut to this many tokens")
     shuffle: bool = Field(True, description="shuffle the packed data every epoch (seeded)")
     seed: int = Field(0, description="seed of shuffling and initialisation")
-    log_every: int = Field(1, ge=1, description="report metrics every this many steps")
+    log_every: int = Field(1, ge=1, description="log metrics (log file, logger) every this many steps")
+    report_every: int = Field(
+        25, ge=1, description="report metrics to Ray Train every this many steps (each report syncs all workers)"
+    )
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every this many steps (0 = only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
 

@@ -151,12 +151,14 @@ OnStep = Callable[[LoopState, dict], None]
 def run_loop(model, batches_for_step: StepBatches, optimizer, scheduler, config: TrainConfig, total_steps: int,
              state: LoopState, device, on_step: OnStep) -> LoopState:  # fmt: skip
     """Train from ``state.step`` to ``total_steps``; ``on_step`` gets every step's metrics (it logs,
-    reports and checkpoints). Tokens/s counts packed tokens of all workers over the step's wall time."""
+    reports and checkpoints). Tokens/s counts packed tokens of all workers over the wall time since the
+    previous step ended, so that reporting and checkpointing costs show in it."""
+    mark = time.perf_counter()
     while state.step < total_steps:
-        started = time.perf_counter()
         metrics = train_step(model, batches_for_step(state.step), optimizer, scheduler, config, device)
         metrics = reduce_across_workers(metrics, device)
-        elapsed = time.perf_counter() - started
+        now = time.perf_counter()
+        elapsed, mark = now - mark, now
         state.step += 1
         state.tokens += metrics["tokens"]
         metrics.update(step=state.step, tokens_total=state.tokens, step_s=elapsed,

@@ -6,9 +6,9 @@
   uploads them under ``<out>/<run_name>/checkpoint-<step>`` (``file://`` or ``s3://``) and keeps the last
   ``keep_checkpoints``. Re-running with the same ``out`` and ``run_name`` resumes from the latest one:
   Ray Train V2 restores its checkpoint list from storage and ``get_checkpoint()`` hands it to the workers.
-* Metrics: every ``log_every`` steps to the Ray Train reporter and to ``<out>/<run_name>/metrics.jsonl``
-  (rewritten atomically at checkpoints and at the end). Ray Train V2 keeps in ``Result.metrics`` only
-  metrics reported with a checkpoint, so the last step is always reported with one.
+* Metrics: every ``log_every`` steps to ``<out>/<run_name>/metrics.jsonl`` (rewritten atomically at
+  checkpoints and at the end), every ``report_every`` steps to the Ray Train reporter. Ray Train V2 keeps in
+  ``Result.metrics`` only metrics reported with a checkpoint, so the last step is always reported with one.
 """
 
 from __future__ import annotations
@@ -238,18 +238,18 @@ class Reporter:
         last = state.step == self.total_steps
         every = self.config.checkpoint_every
         checkpoint_now = last or (every > 0 and state.step % every == 0)
-        if not (checkpoint_now or state.step % self.config.log_every == 0):
-            return
         metrics = {key: round(value, 6) if isinstance(value, float) else value for key, value in metrics.items()}
         metrics["total_steps"] = self.total_steps
-        if self.rank == 0:
+        if self.rank == 0 and (checkpoint_now or state.step % self.config.log_every == 0):
             self.lines.append(json.dumps(metrics, sort_keys=True))
             logger.info("step %d/%d loss %.4f (pc %.4f ar %.4f) %.0f tok/s", state.step, self.total_steps,
                         metrics["loss"], metrics["loss_consistency"], metrics["loss_ar"], metrics["tokens_per_s"])  # fmt: skip
-        if not checkpoint_now:
+        if checkpoint_now:
+            self._report_with_checkpoint(state, metrics)
+        elif state.step % self.config.report_every == 0:
+            # Each report is a barrier across workers through the controller (about a second on CPU), so
+            # reporting every step would dominate small-model steps; the log file still gets every step.
             ray.train.report(metrics)
-            return
-        self._report_with_checkpoint(state, metrics)
 
     def _report_with_checkpoint(self, state, metrics: dict) -> None:
         import ray.train

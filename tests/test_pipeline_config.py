@@ -1,0 +1,43 @@
+"""The shipped job configs validate, and round settings reach the training config as documented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jf_ray.pipeline import PipelineConfig
+from jf_ray.pipeline.stages import train_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_validate(path):
+    cfg = PipelineConfig.load(path)
+    assert cfg.rounds and all(a.block_size <= b.block_size for a, b in zip(cfg.rounds, cfg.rounds[1:]))
+
+
+def test_default_config_is_the_embedded_small_base_with_two_growing_rounds():
+    cfg = PipelineConfig.load(CONFIGS[[p.stem for p in CONFIGS].index("default")])
+    assert cfg.base.model is None and cfg.base.preset == "small"
+    assert [r.block_size for r in cfg.rounds] == [16, 32]
+
+
+def test_round_settings_and_extra_loss_fields_merge_into_the_train_config():
+    cfg = PipelineConfig.from_dict({
+        "run_dir": "/tmp/run",
+        "rounds": [{"block_size": 16, "steps": 7, "lr": 1e-3}, {"block_size": 32, "steps": 3, "lr": 5e-4}],
+        "train": {"ar_weight": 10.0, "extra": {"precision": "bf16", "loss": {"positions": "all"}}},
+    })
+    outputs = {
+        "base": {"model": "/models/base"},
+        "data": {"anchor": "/tmp/run/data/anchor.jsonl"},
+        "round1.train": {"checkpoint": "/tmp/run/round1/ckpt"},
+        "round2.pack": {"out": "/tmp/run/round2/packed"},
+    }
+    config = train_config(cfg, 2, outputs)
+    assert config.model == "/tmp/run/round1/ckpt" and config.data == "/tmp/run/round2/packed"
+    assert (config.steps, config.lr, config.precision) == (3, 5e-4, "bf16")
+    # extra.loss refines the loss settings; it does not drop the job-level ar_weight.
+    assert config.loss.ar_weight == 10.0 and config.loss.positions == "all"
