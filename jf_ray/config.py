@@ -6,17 +6,40 @@ file or on the command line is an error naming the key, not a silently ignored s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Annotated, Any, Iterable, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 C = TypeVar("C", bound="StageConfig")
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the offending key."""
+
+
+def _absolute_location(value: str) -> str:
+    """A bare relative path becomes absolute against the directory the config was loaded in; URIs are kept.
+
+    Ray Train workers, actors and Serve replicas run in other working directories, so a relative path handed
+    to them would point somewhere else (or nowhere).
+    """
+    if value and "://" not in value:
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
+def _absolute_if_existing_path(value: str) -> str:
+    """Like :func:`_absolute_location` for model references, which may also be hub names (``org/name``)."""
+    if value and "://" not in value and os.path.exists(os.path.expanduser(value)):
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
+Location = Annotated[str, AfterValidator(_absolute_location)]  # storage URI or local path
+ModelLocation = Annotated[str, AfterValidator(_absolute_if_existing_path)]  # checkpoint URI, path or hub name
 
 
 class StageConfig(BaseModel):

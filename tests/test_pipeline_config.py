@@ -41,3 +41,19 @@ def test_round_settings_and_extra_loss_fields_merge_into_the_train_config():
     assert (config.steps, config.lr, config.precision) == (3, 5e-4, "bf16")
     # extra.loss refines the loss settings; it does not drop the job-level ar_weight.
     assert config.loss.ar_weight == 10.0 and config.loss.positions == "all"
+
+
+def test_relative_paths_become_absolute_because_ray_workers_run_elsewhere(tmp_path, monkeypatch):
+    from jf_ray.trajectories.config import CollectConfig
+    from jf_ray.training.config import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    assert PipelineConfig.from_dict({}).run_dir == str(tmp_path / "runs" / "default")
+    train = TrainConfig(model="ckpt", data="run/packed", out="s3://bucket/run", anchor="data/anchor.jsonl")
+    assert (train.model, train.data, train.out) == (str(tmp_path / "ckpt"), str(tmp_path / "run/packed"), "s3://bucket/run")
+    assert train.anchor == str(tmp_path / "data/anchor.jsonl")
+    # A model that is not a local path is a hub name and stays as given.
+    collect = CollectConfig(model="Qwen/Qwen2.5-Coder-7B-Instruct", prompts="p.jsonl", out="file:///abs/out")
+    assert collect.model == "Qwen/Qwen2.5-Coder-7B-Instruct" and collect.out == "file:///abs/out"
+    assert collect.prompts == str(tmp_path / "p.jsonl")

@@ -6,14 +6,14 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from jf_ray.config import StageConfig
+from jf_ray.config import Location, StageConfig
 
 
 class PackConfig(StageConfig):
     """Trajectories (schema jf_ray.trajectories) -> packed training sequences (schema jf_ray.packed)."""
 
-    trajectories: str = Field(..., description="URI of the trajectory dataset written by `jf-ray collect`")
-    out: str = Field(..., description="URI of the packed dataset to write")
+    trajectories: Location = Field(..., description="URI of the trajectory dataset written by `jf-ray collect`")
+    out: Location = Field(..., description="URI of the packed dataset to write")
     window: int = Field(16, ge=1, description="noise-schedule window W in blocks (ratios linspace(0, 1, W))")
     strategy: Literal["progressive", "random", "reverse"] = Field(
         "progressive", description="target ratio per block: cyclic ramp (method), random or reverse (ablations)"

@@ -6,25 +6,25 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator
 
-from jf_ray.config import StageConfig
+from jf_ray.config import Location, ModelLocation, StageConfig
 from jf_ray.decoding.types import DECODER_NAMES
 
 Task = Literal["math", "code"]
 
 
 class BaseModelConfig(StageConfig):
-    model: Optional[str] = Field(
+    model: Optional[ModelLocation] = Field(
         None, description="existing HF checkpoint (dir, file://, s3://, hub name); null = build the embedded base"
     )
     preset: str = Field("small", description="embedded base preset when building: micro | tiny | small")
-    build_dir: Optional[str] = Field(
+    build_dir: Optional[Location] = Field(
         None, description="local dir to build the base in (default: <run_dir>/base for local runs, else a cache)"
     )
 
 
 class WorkloadConfig(StageConfig):
     tasks: list[Task] = Field(["math", "code"], min_length=1, description="workloads to train and evaluate on")
-    prompts: Optional[str] = Field(
+    prompts: Optional[Location] = Field(
         None, description='JSONL URI of your own collection prompts ({"prompt", "id"?}); replaces the tasks\' train'
         " splits for collection (evaluation stays on the tasks' held-out splits)",
     )
@@ -87,7 +87,10 @@ class EvalSettings(StageConfig):
 class PipelineConfig(StageConfig):
     """The whole progressive distillation: base -> rounds of collect/pack/train/evaluate -> benchmark."""
 
-    run_dir: str = Field("runs/default", description="URI of the run (file:// path or s3://); outputs + markers")
+    run_dir: Location = Field(
+        "runs/default", validate_default=True,
+        description="URI of the run (file:// path or s3://; a relative path is taken from the current directory)",
+    )
     seed: int = Field(0, description="seed of data drawing, collection and training")
     ray_address: Optional[str] = Field(None, description="cluster to join (default: RAY_ADDRESS or local)")
     base: BaseModelConfig = Field(default_factory=BaseModelConfig)

@@ -10,7 +10,7 @@ from typing import Optional
 
 from pydantic import Field, model_validator
 
-from jf_ray.config import StageConfig
+from jf_ray.config import ModelLocation, StageConfig
 from jf_ray.decoding.types import DecodeConfig
 
 
@@ -38,7 +38,7 @@ class AutoscalingSettings(StageConfig):
 class ServeConfig(StageConfig):
     """Everything one OpenAI-compatible Jacobi decoding service needs."""
 
-    model: str = Field(..., description="checkpoint: local dir, file:// or s3:// URI (HF format)")
+    model: ModelLocation = Field(..., description="checkpoint: local dir, file:// or s3:// URI (HF format)")
     model_name: Optional[str] = Field(
         None, description="name clients pass as `model` (default: last path component of `model`)"
     )

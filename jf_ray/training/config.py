@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from jf_ray.config import StageConfig
+from jf_ray.config import Location, ModelLocation, StageConfig
 
 
 class LossConfig(StageConfig):
@@ -34,9 +34,9 @@ class MaskConfig(StageConfig):
 class TrainConfig(StageConfig):
     """Jacobi Forcing post-training of a causal LM on packed sequences, on a Ray TorchTrainer."""
 
-    model: str = Field(..., description="model to start from: local dir, file:// or s3:// checkpoint, hub name")
-    data: str = Field(..., description="URI of the packed dataset (schema jf_ray.packed)")
-    out: str = Field(..., description="URI of the run: checkpoints (HF format), metrics log, summary")
+    model: ModelLocation = Field(..., description="model to start from: local dir, file:// or s3:// checkpoint, hub name")
+    data: Location = Field(..., description="URI of the packed dataset (schema jf_ray.packed)")
+    out: Location = Field(..., description="URI of the run: checkpoints (HF format), metrics log, summary")
     run_name: str = Field("train", description="Ray Train run name under `out`; same name + out = resume")
     workers: int = Field(1, ge=1, description="data-parallel training workers")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs per worker (torch threads are set to this)")
@@ -64,7 +64,7 @@ class TrainConfig(StageConfig):
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     loss: LossConfig = Field(default_factory=LossConfig, description="objective")
     mask: MaskConfig = Field(default_factory=MaskConfig, description="attention mask over packed sequences")
-    anchor: Optional[str] = Field(
+    anchor: Optional[Location] = Field(
         None, description="JSONL URI of anchor sequences ({text} or {prompt, answer}) trained with AR loss"
     )
     anchor_ratio: float = Field(0.0, ge=0.0, description="anchor sequences per packed sequence in each micro-batch")

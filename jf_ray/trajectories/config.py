@@ -6,16 +6,16 @@ from typing import Optional
 
 from pydantic import Field
 
-from jf_ray.config import StageConfig
+from jf_ray.config import Location, ModelLocation, StageConfig
 from jf_ray.trajectories.backends import BackendSpec
 
 
 class CollectConfig(StageConfig):
     """Collect greedy Jacobi trajectories of ``model`` on ``prompts`` into a Parquet dataset at ``out``."""
 
-    model: str = Field(..., description="checkpoint: local dir, file:// or s3:// URI, or hub name")
-    prompts: str = Field(..., description='URI of a JSONL file, one {"prompt": str, "id"?: str|int} per line')
-    out: str = Field(..., description="URI of the output dataset (file://, s3:// or a local path)")
+    model: ModelLocation = Field(..., description="checkpoint: local dir, file:// or s3:// URI, or hub name")
+    prompts: Location = Field(..., description='URI of a JSONL file, one {"prompt": str, "id"?: str|int} per line')
+    out: Location = Field(..., description="URI of the output dataset (file://, s3:// or a local path)")
     block_size: int = Field(16, ge=1, description="Jacobi block size n")
     max_new_tokens: int = Field(256, ge=1, description="cap on generated tokens per prompt")
     workers: int = Field(1, ge=1, description="number of Ray actors (one per GPU on GPU clusters)")
