@@ -20,20 +20,22 @@ logger = logging.getLogger(__name__)
 
 
 def build_stages(cfg: PipelineConfig) -> list[Stage]:
+    # Weights are the stages' relative durations in the default job on 2 CPU cores (base build ~8 min,
+    # training ~4, collection ~1, the benchmark ~1 per model); the ETA scales them by the observed pace.
     stages = [
-        Stage("base", lambda out: base_stage(cfg), weight=4.0 if cfg.base.model is None else 0.1),
-        Stage("data", lambda out: data_stage(cfg), weight=0.2),
-        Stage("round0.eval", lambda out: eval_stage(cfg, out["base"]["model"], out), weight=1.0),
+        Stage("base", lambda out: base_stage(cfg), weight=6.0 if cfg.base.model is None else 0.05),
+        Stage("data", lambda out: data_stage(cfg), weight=0.05),
+        Stage("round0.eval", lambda out: eval_stage(cfg, out["base"]["model"], out), weight=0.2),
     ]
     for k, rnd in enumerate(cfg.rounds, start=1):
         stages += [
-            Stage(f"round{k}.collect", lambda out, k=k: collect_stage(cfg, k, out), weight=1.5),
-            Stage(f"round{k}.pack", lambda out, k=k: pack_stage(cfg, k, out), weight=0.3),
+            Stage(f"round{k}.collect", lambda out, k=k: collect_stage(cfg, k, out), weight=0.8),
+            Stage(f"round{k}.pack", lambda out, k=k: pack_stage(cfg, k, out), weight=0.1),
             Stage(f"round{k}.train", lambda out, k=k: train_stage(cfg, k, out), weight=3.0),
-            Stage(f"round{k}.eval", lambda out, k=k: eval_stage(cfg, model_of(out, k), out), weight=1.0),
+            Stage(f"round{k}.eval", lambda out, k=k: eval_stage(cfg, model_of(out, k), out), weight=0.2),
         ]
-    stages.append(Stage("bench", lambda out: bench_stage(cfg, out), weight=2.0 * (len(cfg.rounds) + 1)))
-    stages.append(Stage("report", lambda out: report_stage(cfg, out), weight=0.1))
+    stages.append(Stage("bench", lambda out: bench_stage(cfg, out), weight=0.8 * (len(cfg.rounds) + 1)))
+    stages.append(Stage("report", lambda out: report_stage(cfg, out), weight=0.05))
     return stages
 
 
