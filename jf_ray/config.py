@@ -33,9 +33,7 @@ def _absolute_location(value: str) -> str:
 
 def _absolute_if_existing_path(value: str) -> str:
     """Like :func:`_absolute_location` for model references, which may also be hub names (``org/name``)."""
-    if value and "://" not in value and os.path.exists(os.path.expanduser(value)):
-        return os.path.abspath(os.path.expanduser(value))
-    return value
+    return _absolute_location(value) if os.path.exists(os.path.expanduser(value)) else value
 
 
 Location = Annotated[str, AfterValidator(_absolute_location)]  # storage URI or local path

@@ -31,9 +31,8 @@ def prepare_local_ray(explicit_address: str | None = None) -> None:
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     """Join ``address`` (or ``RAY_ADDRESS``, e.g. under ``ray job submit``) or start a local cluster."""
+    prepare_local_ray(address)  # read when ray is imported: entry points call this earlier still
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        set_local_cluster_env()  # read when ray is imported: entry points call this earlier still
     import ray
 
     if ray.is_initialized():

@@ -11,6 +11,7 @@ import torch
 
 from jf_ray.basemodel.corpus import TokenRows
 from jf_ray.basemodel.presets import BasePreset
+from jf_ray.training.masks import additive_mask
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +102,7 @@ def sequence_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.float32
     sequence = torch.cumsum(position_ids == 0, dim=1)
     same = sequence[:, :, None] == sequence[:, None, :]
     length = position_ids.shape[1]
-    allowed = same & torch.ones(length, length, dtype=torch.bool).tril()
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
+    return additive_mask(same & torch.ones(length, length, dtype=torch.bool).tril(), dtype)
 
 
 def _train_step(model, optimizer, rows: TokenRows, index: torch.Tensor, bf16: bool = False) -> float:

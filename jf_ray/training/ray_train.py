@@ -238,15 +238,19 @@ class Reporter:
         last = state.step == self.total_steps
         every = self.config.checkpoint_every
         checkpoint_now = last or (every > 0 and state.step % every == 0)
+        log_now = checkpoint_now or state.step % self.config.log_every == 0
+        report_now = checkpoint_now or state.step % self.config.report_every == 0
+        if not (log_now or report_now):
+            return
         metrics = {key: round(value, 6) if isinstance(value, float) else value for key, value in metrics.items()}
         metrics["total_steps"] = self.total_steps
-        if self.rank == 0 and (checkpoint_now or state.step % self.config.log_every == 0):
+        if self.rank == 0 and log_now:
             self.lines.append(json.dumps(metrics, sort_keys=True))
             logger.info("step %d/%d loss %.4f (pc %.4f ar %.4f) %.0f tok/s", state.step, self.total_steps,
                         metrics["loss"], metrics["loss_consistency"], metrics["loss_ar"], metrics["tokens_per_s"])  # fmt: skip
         if checkpoint_now:
             self._report_with_checkpoint(state, metrics)
-        elif state.step % self.config.report_every == 0:
+        elif report_now:
             # Each report is a barrier across workers through the controller (about a second on CPU), so
             # reporting every step would dominate small-model steps; the log file still gets every step.
             ray.train.report(metrics)
