@@ -90,3 +90,26 @@ def test_cli_eval_bad_input_exits_2(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--model", str(tmp_path), "--task", "poetry"])
     assert exc.value.code == 2
+
+
+def test_cli_bench_reports_every_decoder_exact_vs_ar_with_repeats(micro_checkpoint, tmp_path, monkeypatch):
+    import jf_ray.bench as bench
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Ann has 3 pens.", "def add(a, b):"]))
+    calls = []
+    real_run_decoder = bench.run_decoder
+    monkeypatch.setattr(bench, "run_decoder", lambda *a, **k: calls.append(a[2].decoder) or real_run_decoder(*a, **k))
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--model", str(micro_checkpoint), "--prompts", str(prompts), "--decoders", "jacobi,mr",
+                 "--block-size", "4", "--max-new-tokens", "12", "--repeats", "2", "--threads", "1",
+                 "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["repeats"] == 2 and set(report["results"]) == {"jacobi", "mr"}
+    assert calls[1:] == ["ar", "jacobi", "mr", "ar", "jacobi", "mr"]  # after the untimed warm-up, interleaved
+    for row in report["results"].values():
+        assert row["exact_match_vs_ar"] == 1.0 and row["tpf"] >= 1.0 and row["speedup_vs_ar"] > 0
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--model", str(micro_checkpoint), "--prompts", str(prompts), "--repeats", "0"])
+    assert exc.value.code == 2

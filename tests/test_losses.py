@@ -105,3 +105,6 @@ def test_total_combines_the_parts_with_their_weights():
     anchor_loss, _ = next_token_loss(logits, b.anchor_labels)
     torch.testing.assert_close(parts.total, parts.consistency + 10.0 * ar + 0.5 * anchor_loss)
     assert parts.ar_targets == 10 and parts.anchor_targets == 3
+    weighted = jacobi_forcing_loss(logits, b, ar_weight=1.0, anchor_weight=1.0, consistency_weight=0.0)
+    torch.testing.assert_close(weighted.total, ar + anchor_loss)
+

@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     parser.add_argument("--num-prompts", type=positive_int, default=None, help="use the first N prompts")
     parser.add_argument("--no-chat-template", action="store_true", help="feed prompts as raw text")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="timed runs per decoder, interleaved; the median wall time is reported")
     parser.add_argument("--json", dest="json_out", default=None, help="write the report here (path or URI)")
     parser.set_defaults(func=run)
 
@@ -47,11 +49,12 @@ def run(args: argparse.Namespace) -> int:
         return bar.update
 
     results = bench_decoders(model, prompts, args.decoders, config, eos_token_ids(model, tokenizer),
-                             args.batch_size, progress_factory)
+                             args.batch_size, progress_factory, args.repeats)
     report = {
         "model": args.model,
         "config": {**config.model_dump(exclude={"decoder", "record_trajectory"}), "batch_size": args.batch_size,
-                   "num_prompts": len(prompts), "dtype": str(model.dtype), "device": str(model.device)},
+                   "num_prompts": len(prompts), "repeats": args.repeats, "dtype": str(model.dtype),
+                   "device": str(model.device)},
         "results": results,
     }
     print_table(results)

@@ -13,6 +13,9 @@ class LossConfig(StageConfig):
     """What the Jacobi Forcing objective looks like; see :mod:`jf_ray.training.losses` for the formulas."""
 
     ar_weight: float = Field(1.0, ge=0.0, description="w in L = L_pc + w * L_AR (1 = default, 10 = alternative)")
+    consistency_weight: float = Field(
+        1.0, ge=0.0, description="weight of L_pc (1 = the method; 0 = AR-only fine-tuning, the control run)"
+    )
     temperature: float = Field(1.0, gt=0.0, description="distillation temperature tau of the consistency loss")
     reduction: Literal["token", "block"] = Field(
         "token", description="consistency normalisation: token = mean over pairs; block = paper Eq. 8"

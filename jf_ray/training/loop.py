@@ -107,6 +107,7 @@ def train_step(model, micro_batches: list[PackedBatch], optimizer, scheduler, co
                 anchor_weight=config.loss.anchor_weight,
                 temperature=config.loss.temperature,
                 reduction=config.loss.reduction,
+                consistency_weight=config.loss.consistency_weight,
             )
             (parts.total / len(micro_batches)).backward()
         for name, value in parts.to_metrics().items():

@@ -1,6 +1,6 @@
 """Jacobi Forcing losses on the logits of one packed forward (jacobi_forcing.md section 5).
 
-``total = consistency + ar_weight * ar + anchor_weight * anchor``
+``total = consistency_weight * consistency + ar_weight * ar + anchor_weight * anchor``
 
 * consistency (progressive consistency loss): for every (noisy, clean) pair of positions chosen by the
   collate, ``KL(teacher || student) * tau^2`` with ``teacher = softmax(clean logits / tau)`` detached (the
@@ -102,11 +102,12 @@ def jacobi_forcing_loss(
     anchor_weight: float = 1.0,
     temperature: float = 1.0,
     reduction: Reduction = "token",
+    consistency_weight: float = 1.0,
 ) -> LossParts:
     consistency = consistency_loss(logits, batch, temperature, reduction)
     ar, ar_targets = next_token_loss(logits, batch.ar_labels)
     anchor, anchor_targets = next_token_loss(logits, batch.anchor_labels)
-    total = consistency + ar_weight * ar + anchor_weight * anchor
+    total = consistency_weight * consistency + ar_weight * ar + anchor_weight * anchor
     return LossParts(
         total=total,
         consistency=consistency,
