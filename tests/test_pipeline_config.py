@@ -57,3 +57,25 @@ def test_relative_paths_become_absolute_because_ray_workers_run_elsewhere(tmp_pa
     collect = CollectConfig(model="Qwen/Qwen2.5-Coder-7B-Instruct", prompts="p.jsonl", out="file:///abs/out")
     assert collect.model == "Qwen/Qwen2.5-Coder-7B-Instruct" and collect.out == "file:///abs/out"
     assert collect.prompts == str(tmp_path / "p.jsonl")
+
+
+def test_anchor_examples_as_a_total_or_per_task(tmp_path):
+    import json
+
+    from jf_ray.pipeline.stages import data_stage
+    from jf_ray.storage import read_bytes
+
+    even = PipelineConfig.from_dict({"workloads": {"anchor_examples": 10}})
+    assert even.workloads.anchors_per_task() == {"math": 5, "code": 5}
+    cfg = PipelineConfig.from_dict({
+        "run_dir": str(tmp_path / "run"),
+        "workloads": {"train_prompts": {"math": 2, "code": 2}, "eval_prompts": {"math": 1, "code": 1},
+                      "anchor_examples": {"math": 6}},
+    })
+    assert cfg.workloads.anchors_per_task() == {"math": 6, "code": 0}
+    anchors = [json.loads(line) for line in read_bytes(data_stage(cfg)["anchor"]).decode().splitlines()]
+    assert len(anchors) == 6 and all("How many" in a["prompt"] for a in anchors)
+    with pytest.raises(ValueError, match="anchor_examples"):
+        PipelineConfig.from_dict({"workloads": {"anchor_examples": {"poetry": 3}}})
+    with pytest.raises(ValueError, match="anchor_examples"):
+        PipelineConfig.from_dict({"workloads": {"anchor_examples": -1}})

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, NonNegativeInt, field_validator
 
 from jf_ray.config import Location, ModelLocation, StageConfig
 from jf_ray.decoding.types import DECODER_NAMES
@@ -32,9 +32,15 @@ class WorkloadConfig(StageConfig):
         {"math": 512, "code": 256}, description="prompts per task for trajectory collection (train split)"
     )
     eval_prompts: dict[str, int] = Field({"math": 64, "code": 32}, description="held-out prompts per task")
-    anchor_examples: int = Field(
-        2000, ge=0, description="train-split prompt+answer pairs mixed in with AR loss (keeps the LM intact)"
+    anchor_examples: Union[NonNegativeInt, dict[Task, NonNegativeInt]] = Field(
+        2000, description="train-split prompt+answer pairs mixed in with AR loss (keeps the LM intact): a total "
+        "split evenly over the tasks, or a count per task",
     )
+
+    def anchors_per_task(self) -> dict[str, int]:
+        if isinstance(self.anchor_examples, dict):
+            return {task: self.anchor_examples.get(task, 0) for task in self.tasks}
+        return {task: self.anchor_examples // len(self.tasks) for task in self.tasks}
 
 
 class RoundConfig(StageConfig):
@@ -74,6 +80,7 @@ class EvalSettings(StageConfig):
     max_new_tokens: int = Field(256, ge=1, description="cap per answer")
     batch_size: int = Field(1, ge=1, description="requests decoded together while timing")
     threads: Optional[int] = Field(None, ge=1, description="torch threads while evaluating (default: all)")
+    repeats: int = Field(1, ge=1, description="final benchmark: timed runs per decoder, interleaved; median kept")
 
     @field_validator("decoders")
     @classmethod

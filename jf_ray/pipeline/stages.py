@@ -70,15 +70,15 @@ def data_stage(cfg: PipelineConfig) -> dict:
 
     data_dir = join_uri(cfg.run_dir, "data")
     lines, evals, anchors = [], {}, []
+    anchor_counts = cfg.workloads.anchors_per_task()
     for task in cfg.workloads.tasks:
         train = load_examples(task, "train", cfg.workloads.train_prompts.get(task, 0) or 1, seed=cfg.seed)
         lines += [json.dumps({"id": f"{task}-{i:05d}", "prompt": ex.prompt}) for i, ex in enumerate(train)]
         evals[task] = join_uri(data_dir, f"eval_{task}.jsonl")
         write_examples(evals[task], load_examples(task, "heldout", cfg.workloads.eval_prompts.get(task, 1),
                                                   seed=cfg.seed))
-        share = cfg.workloads.anchor_examples // len(cfg.workloads.tasks)
-        if share:
-            anchors += load_examples(task, "train", share, seed=cfg.seed + 1)
+        if anchor_counts[task]:
+            anchors += load_examples(task, "train", anchor_counts[task], seed=cfg.seed + 1)
     prompts_uri = cfg.workloads.prompts
     if prompts_uri is None:
         prompts_uri = join_uri(data_dir, "collect_prompts.jsonl")
@@ -181,7 +181,7 @@ def bench_stage(cfg: PipelineConfig, outputs: dict) -> dict:
             per_task[task] = evaluate_remote(
                 _eval_resources(cfg), model_uri=model, task=task, examples_uri=examples, decoders=ev.decoders,
                 block_size=ev.block_size, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
-                seed=cfg.seed, threads=ev.threads,
+                seed=cfg.seed, threads=ev.threads, repeats=ev.repeats,
             )
         block_size = None if k == 0 else cfg.rounds[k - 1].block_size
         rounds.append({"round": k, "block_size": block_size, "model": model, "eval": per_task})
