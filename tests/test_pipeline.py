@@ -61,6 +61,9 @@ def test_smoke_report_holds_every_row(finished_run):
     assert len(report["training"]) == 2 and all(c["steps"] for c in report["training"])
     markdown = (run_dir / "report.md").read_text()
     assert "| round 2 (n=16) | mr |" in markdown
+    quality = [rnd["math"] for rnd in report["round_eval"]]
+    assert [q["n"] for q in quality] == [3, 3, 3] and all(0.0 <= q["accuracy"] <= 1.0 for q in quality)
+    assert "| base | math | 3 |" in markdown
     for plot in ("tpf.png", "speedup_vs_ar.png", "training.png"):
         assert (run_dir / plot).read_bytes()[:4] == b"\x89PNG"
 

@@ -69,12 +69,16 @@ def test_anchor_examples_as_a_total_or_per_task(tmp_path):
     assert even.workloads.anchors_per_task() == {"math": 5, "code": 5}
     cfg = PipelineConfig.from_dict({
         "run_dir": str(tmp_path / "run"),
-        "workloads": {"train_prompts": {"math": 2, "code": 2}, "eval_prompts": {"math": 1, "code": 1},
+        "workloads": {"train_prompts": {"math": 2, "code": 0}, "eval_prompts": {"math": 1, "code": 1},
                       "anchor_examples": {"math": 6}},
     })
     assert cfg.workloads.anchors_per_task() == {"math": 6, "code": 0}
-    anchors = [json.loads(line) for line in read_bytes(data_stage(cfg)["anchor"]).decode().splitlines()]
+    outputs = data_stage(cfg)
+    anchors = [json.loads(line) for line in read_bytes(outputs["anchor"]).decode().splitlines()]
     assert len(anchors) == 6 and all("How many" in a["prompt"] for a in anchors)
+    assert outputs["num_prompts"] == 2 and set(outputs["eval"]) == {"math", "code"}  # code: evaluated only
+    with pytest.raises(ValueError, match="no collection prompt"):
+        PipelineConfig.from_dict({"workloads": {"train_prompts": {"math": 0, "code": 0}}})
     with pytest.raises(ValueError, match="anchor_examples"):
         PipelineConfig.from_dict({"workloads": {"anchor_examples": {"poetry": 3}}})
     with pytest.raises(ValueError, match="anchor_examples"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import Field, NonNegativeInt, field_validator
+from pydantic import Field, NonNegativeInt, field_validator, model_validator
 
 from jf_ray.config import Location, ModelLocation, StageConfig
 from jf_ray.decoding.types import DECODER_NAMES
@@ -28,14 +28,27 @@ class WorkloadConfig(StageConfig):
         None, description='JSONL URI of your own collection prompts ({"prompt", "id"?}); replaces the tasks\' train'
         " splits for collection (evaluation stays on the tasks' held-out splits)",
     )
-    train_prompts: dict[str, int] = Field(
+    train_prompts: dict[Task, NonNegativeInt] = Field(
         {"math": 512, "code": 256}, description="prompts per task for trajectory collection (train split)"
     )
-    eval_prompts: dict[str, int] = Field({"math": 64, "code": 32}, description="held-out prompts per task")
+    eval_prompts: dict[str, int] = Field(
+        {"math": 64, "code": 32}, description="held-out prompts per task of the timed benchmark (batch 1, all decoders)"
+    )
+    quality_prompts: dict[Task, NonNegativeInt] = Field(
+        {"math": 200, "code": 32}, description="held-out examples per task of the per-round quality evaluation "
+        "(accuracy, loss, parse rate; greedy, batched): a 2-point accuracy change needs a few hundred problems; "
+        "0 = use the benchmark prompts",
+    )
     anchor_examples: Union[NonNegativeInt, dict[Task, NonNegativeInt]] = Field(
         2000, description="train-split prompt+answer pairs mixed in with AR loss (keeps the LM intact): a total "
         "split evenly over the tasks, or a count per task",
     )
+
+    @model_validator(mode="after")
+    def _something_to_collect(self) -> "WorkloadConfig":
+        if self.prompts is None and not any(self.train_prompts.get(task, 0) > 0 for task in self.tasks):
+            raise ValueError(f"train_prompts gives no collection prompt for the tasks {self.tasks}")
+        return self
 
     def anchors_per_task(self) -> dict[str, int]:
         if isinstance(self.anchor_examples, dict):
@@ -75,7 +88,10 @@ class TrainSettings(StageConfig):
 
 class EvalSettings(StageConfig):
     decoders: list[str] = Field(list(DECODER_NAMES), description="decoders of the final benchmark")
-    round_decoder: str = Field("mr", description="decoder of the per-round evaluation")
+    round_decoder: str = Field(
+        "ar", description="decoder of the per-round quality evaluation (greedy decoders give the same outputs; "
+        "batched AR is the quickest)",
+    )
     block_size: int = Field(32, ge=1, description="inference block size n")
     max_new_tokens: int = Field(256, ge=1, description="cap per answer")
     batch_size: int = Field(1, ge=1, description="requests decoded together while timing")

@@ -24,9 +24,9 @@ logger = logging.getLogger(__name__)
 def score_outputs(task: str, texts: list[str], examples) -> dict:
     if task == "math":
         correct = sum(is_correct(text, ex.answer) for text, ex in zip(texts, examples))
-        return {"accuracy": round(correct / len(examples), 4)}
+        return {"n": len(examples), "accuracy": round(correct / len(examples), 4)}
     parsed = sum(body_parses(ex.prompt, extract_code(text)) for text, ex in zip(texts, examples))
-    return {"parse_rate": round(parsed / len(examples), 4)}
+    return {"n": len(examples), "parse_rate": round(parsed / len(examples), 4)}
 
 
 def evaluate_task(model_uri: str, task: str, examples_uri: str, decoders: list[str], block_size: int,

@@ -77,6 +77,7 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
                     f"{row['repetition']:.2f} |"
                 )
         lines.append("")
+    lines += quality_lines(report["round_eval"], report["rounds"])
     lines += ["## Training", "", "| round | steps | final loss | consistency | AR | tokens/s | wall s |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for curve in report["training"]:
@@ -86,6 +87,20 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
                          f"{_fmt(curve['tokens_per_s'])} | {_fmt(curve.get('wall_s'))} |")
     lines += ["", "## Plots", ""] + [f"![{name}]({name}.png)" for name in plots] + [""]
     return "\n".join(lines)
+
+
+def quality_lines(round_eval: list[dict | None], rounds: list[dict]) -> list[str]:
+    """Per-round quality on the (larger) quality sets: the figures accuracy changes are judged on."""
+    if not any(round_eval):
+        return []
+    lines = ["## Quality (held-out quality sets, greedy)", "",
+             "| round (n) | task | examples | accuracy | loss | parse rate |", "| --- | --- | --- | --- | --- | --- |"]
+    for rnd, evals in zip(rounds, round_eval):
+        label = "base" if rnd["round"] == 0 else f"round {rnd['round']} (n={rnd['block_size']})"
+        for task, row in (evals or {}).items():
+            lines.append(f"| {label} | {task} | {_fmt(row.get('n'))} | {_fmt(row.get('accuracy'))} | "
+                         f"{_fmt(row.get('loss'))} | {_fmt(row.get('parse_rate'))} |")
+    return lines + [""]
 
 
 def _fmt(value) -> str:

@@ -69,21 +69,27 @@ def data_stage(cfg: PipelineConfig) -> dict:
     from jf_ray.workloads import load_examples, write_examples
 
     data_dir = join_uri(cfg.run_dir, "data")
-    lines, evals, anchors = [], {}, []
+    lines, evals, quality, anchors = [], {}, {}, []
     anchor_counts = cfg.workloads.anchors_per_task()
     for task in cfg.workloads.tasks:
-        train = load_examples(task, "train", cfg.workloads.train_prompts.get(task, 0) or 1, seed=cfg.seed)
+        count = cfg.workloads.train_prompts.get(task, 0)  # 0: evaluated on, not trained on
+        train = load_examples(task, "train", count, seed=cfg.seed) if count else []
         lines += [json.dumps({"id": f"{task}-{i:05d}", "prompt": ex.prompt}) for i, ex in enumerate(train)]
         evals[task] = join_uri(data_dir, f"eval_{task}.jsonl")
         write_examples(evals[task], load_examples(task, "heldout", cfg.workloads.eval_prompts.get(task, 1),
                                                   seed=cfg.seed))
+        if cfg.workloads.quality_prompts.get(task, 0):
+            quality[task] = join_uri(data_dir, f"quality_{task}.jsonl")
+            write_examples(quality[task], load_examples(task, "heldout", cfg.workloads.quality_prompts[task],
+                                                        seed=cfg.seed + 2))
         if anchor_counts[task]:
             anchors += load_examples(task, "train", anchor_counts[task], seed=cfg.seed + 1)
     prompts_uri = cfg.workloads.prompts
     if prompts_uri is None:
         prompts_uri = join_uri(data_dir, "collect_prompts.jsonl")
         write_bytes_atomic(prompts_uri, ("\n".join(lines) + "\n").encode())
-    outputs = {"collect_prompts": prompts_uri, "num_prompts": len(lines), "eval": evals, "anchor": None}
+    outputs = {"collect_prompts": prompts_uri, "num_prompts": len(lines), "eval": evals, "quality": quality,
+               "anchor": None}
     if anchors:
         outputs["anchor"] = join_uri(data_dir, "anchor.jsonl")
         write_examples(outputs["anchor"], anchors)
@@ -149,18 +155,19 @@ def _eval_resources(cfg: PipelineConfig) -> dict:
 
 
 def eval_stage(cfg: PipelineConfig, model: str, outputs: dict) -> dict:
-    """Quality of one model with the per-round decoder, on every task."""
+    """Quality of one model on every task's quality set (the benchmark prompts where there is none)."""
     from jf_ray.pipeline.evaluate import evaluate_remote
     from jf_ray.raycluster import init_ray
 
     init_ray(cfg.ray_address)
     ev = cfg.evaluation
     results = {}
-    for task, examples in outputs["data"]["eval"].items():
+    for task, bench_examples in outputs["data"]["eval"].items():
         report = evaluate_remote(
-            _eval_resources(cfg), model_uri=model, task=task, examples_uri=examples,
+            _eval_resources(cfg), model_uri=model, task=task,
+            examples_uri=outputs["data"].get("quality", {}).get(task, bench_examples),
             decoders=[ev.round_decoder], block_size=ev.block_size, max_new_tokens=ev.max_new_tokens,
-            batch_size=max(ev.batch_size, 8), seed=cfg.seed, threads=ev.threads,
+            batch_size=max(ev.batch_size, 16), seed=cfg.seed, threads=ev.threads,
         )
         results[task] = report[ev.round_decoder]
     return {"model": model, "eval": results}
