@@ -67,7 +67,7 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
                   f"| round (n) | decoder | TPF | tokens/s | speed-up vs AR | {metric} | exact vs AR | repetition |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for rnd in report["rounds"]:
-            label = "base" if rnd["round"] == 0 else f"round {rnd['round']} (n={rnd['block_size']})"
+            label = round_label(rnd)
             for decoder, row in rnd["eval"][task].items():
                 if decoder == "samples":
                     continue
@@ -96,11 +96,15 @@ def quality_lines(round_eval: list[dict | None], rounds: list[dict]) -> list[str
     lines = ["## Quality (held-out quality sets, greedy)", "",
              "| round (n) | task | examples | accuracy | loss | parse rate |", "| --- | --- | --- | --- | --- | --- |"]
     for rnd, evals in zip(rounds, round_eval):
-        label = "base" if rnd["round"] == 0 else f"round {rnd['round']} (n={rnd['block_size']})"
+        label = round_label(rnd)
         for task, row in (evals or {}).items():
             lines.append(f"| {label} | {task} | {_fmt(row.get('n'))} | {_fmt(row.get('accuracy'))} | "
                          f"{_fmt(row.get('loss'))} | {_fmt(row.get('parse_rate'))} |")
     return lines + [""]
+
+
+def round_label(rnd: dict) -> str:
+    return "base" if rnd["round"] == 0 else f"round {rnd['round']} (n={rnd['block_size']})"
 
 
 def _fmt(value) -> str:
@@ -124,7 +128,7 @@ def write_plots(run_dir: str, rounds: list[dict], training: list[dict]) -> dict[
             width = 0.8 / len(rounds)
             for i, rnd in enumerate(rounds):
                 values = [rnd["eval"][task][d][field] or 0 for d in decoders]
-                label = "base" if rnd["round"] == 0 else f"round {rnd['round']} (n={rnd['block_size']})"
+                label = round_label(rnd)
                 ax.bar([x + i * width for x in range(len(decoders))], values, width, label=label)
             ax.set_xticks([x + 0.4 - width / 2 for x in range(len(decoders))], decoders)
             ax.set_title(f"{task}: {title}")

@@ -75,13 +75,10 @@ def data_stage(cfg: PipelineConfig) -> dict:
         count = cfg.workloads.train_prompts.get(task, 0)  # 0: evaluated on, not trained on
         train = load_examples(task, "train", count, seed=cfg.seed) if count else []
         lines += [json.dumps({"id": f"{task}-{i:05d}", "prompt": ex.prompt}) for i, ex in enumerate(train)]
-        evals[task] = join_uri(data_dir, f"eval_{task}.jsonl")
-        write_examples(evals[task], load_examples(task, "heldout", cfg.workloads.eval_prompts.get(task, 1),
-                                                  seed=cfg.seed))
+        evals[task] = _write_heldout(data_dir, "eval", task, cfg.workloads.eval_prompts.get(task, 1), cfg.seed)
         if cfg.workloads.quality_prompts.get(task, 0):
-            quality[task] = join_uri(data_dir, f"quality_{task}.jsonl")
-            write_examples(quality[task], load_examples(task, "heldout", cfg.workloads.quality_prompts[task],
-                                                        seed=cfg.seed + 2))
+            quality[task] = _write_heldout(data_dir, "quality", task, cfg.workloads.quality_prompts[task],
+                                           cfg.seed + 2)
         if anchor_counts[task]:
             anchors += load_examples(task, "train", anchor_counts[task], seed=cfg.seed + 1)
     prompts_uri = cfg.workloads.prompts
@@ -152,6 +149,15 @@ def _eval_resources(cfg: PipelineConfig) -> dict:
     gpus = cfg.collect.num_gpus_per_worker
     cpus = cfg.evaluation.threads or os.cpu_count() or 1
     return {"num_gpus": gpus, "num_cpus": 1 if gpus else min(cpus, 2 * cfg.train.cpus_per_worker)}
+
+
+def _write_heldout(data_dir: str, name: str, task: str, n: int, seed: int) -> str:
+    """``n`` held-out examples of ``task`` as ``<data_dir>/<name>_<task>.jsonl``; returns the URI."""
+    from jf_ray.workloads import load_examples, write_examples
+
+    uri = join_uri(data_dir, f"{name}_{task}.jsonl")
+    write_examples(uri, load_examples(task, "heldout", n, seed=seed))
+    return uri
 
 
 def eval_stage(cfg: PipelineConfig, model: str, outputs: dict) -> dict:
