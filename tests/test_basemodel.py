@@ -40,7 +40,8 @@ def test_tokenizer_round_trips_text(small_tokenizer, text):
 
 
 def test_tokenizer_splits_numbers_into_digits(small_tokenizer):
-    tokens = small_tokenizer.convert_ids_to_tokens(small_tokenizer("x = 2026 + 19", add_special_tokens=False)["input_ids"])
+    ids = small_tokenizer("x = 2026 + 19", add_special_tokens=False)["input_ids"]
+    tokens = small_tokenizer.convert_ids_to_tokens(ids)
     assert [t for t in tokens if any(c.isdigit() for c in t)] == ["2", "0", "2", "6", "1", "9"]
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from jf_ray.pipeline import PipelineConfig
+from jf_ray.pipeline.config import WorkloadConfig
 from jf_ray.pipeline.stages import train_config
 
 CONFIGS = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
@@ -51,7 +52,8 @@ def test_relative_paths_become_absolute_because_ray_workers_run_elsewhere(tmp_pa
     (tmp_path / "ckpt").mkdir()
     assert PipelineConfig.from_dict({}).run_dir == str(tmp_path / "runs" / "default")
     train = TrainConfig(model="ckpt", data="run/packed", out="s3://bucket/run", anchor="data/anchor.jsonl")
-    assert (train.model, train.data, train.out) == (str(tmp_path / "ckpt"), str(tmp_path / "run/packed"), "s3://bucket/run")
+    expected = (str(tmp_path / "ckpt"), str(tmp_path / "run/packed"), "s3://bucket/run")
+    assert (train.model, train.data, train.out) == expected
     assert train.anchor == str(tmp_path / "data/anchor.jsonl")
     # A model that is not a local path is a hub name and stays as given.
     collect = CollectConfig(model="Qwen/Qwen2.5-Coder-7B-Instruct", prompts="p.jsonl", out="file:///abs/out")
@@ -83,3 +85,13 @@ def test_anchor_examples_as_a_total_or_per_task(tmp_path):
         PipelineConfig.from_dict({"workloads": {"anchor_examples": {"poetry": 3}}})
     with pytest.raises(ValueError, match="anchor_examples"):
         PipelineConfig.from_dict({"workloads": {"anchor_examples": -1}})
+
+
+def test_benchmark_prompts_are_typed_per_task_with_defaults():
+    cfg = PipelineConfig.from_dict({"workloads": {"eval_prompts": {"math": 3}}})
+    assert cfg.workloads.benchmark_prompts("math") == 3
+    assert cfg.workloads.benchmark_prompts("code") == WorkloadConfig().eval_prompts["code"]
+    with pytest.raises(ValueError, match="eval_prompts"):
+        PipelineConfig.from_dict({"workloads": {"eval_prompts": {"poetry": 3}}})
+    with pytest.raises(ValueError, match="eval_prompts"):
+        PipelineConfig.from_dict({"workloads": {"eval_prompts": {"math": 0}}})

@@ -37,7 +37,9 @@ class BasePreset(StageConfig):
         False, description="matmuls in bfloat16 (fp32 weights): about 25% faster on CPUs with AVX512-BF16/AMX"
     )
     math_examples: int = Field(..., ge=0, description="math train problems, as chat turns")
-    code_examples: int = Field(..., ge=0, description="code train functions (signature+docstring -> body), as chat turns")
+    code_examples: int = Field(
+        ..., ge=0, description="code train functions (signature+docstring -> body), as chat turns"
+    )
     raw_code_chars: int = Field(..., ge=0, description="characters of raw train-split stdlib source (plain LM rows)")
 
     def check(self) -> "BasePreset":

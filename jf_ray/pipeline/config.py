@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import Field, NonNegativeInt, field_validator, model_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from jf_ray.config import Location, ModelLocation, StageConfig
 from jf_ray.decoding.types import DECODER_NAMES
@@ -31,8 +31,9 @@ class WorkloadConfig(StageConfig):
     train_prompts: dict[Task, NonNegativeInt] = Field(
         {"math": 512, "code": 256}, description="prompts per task for trajectory collection (train split)"
     )
-    eval_prompts: dict[str, int] = Field(
-        {"math": 64, "code": 32}, description="held-out prompts per task of the timed benchmark (batch 1, all decoders)"
+    eval_prompts: dict[Task, PositiveInt] = Field(
+        {"math": 64, "code": 32}, description="held-out prompts per task of the timed benchmark (batch 1, all "
+        "decoders); a task left out gets the default count",
     )
     quality_prompts: dict[Task, NonNegativeInt] = Field(
         {"math": 200, "code": 32}, description="held-out examples per task of the per-round quality evaluation "
@@ -49,6 +50,11 @@ class WorkloadConfig(StageConfig):
         if self.prompts is None and not any(self.train_prompts.get(task, 0) > 0 for task in self.tasks):
             raise ValueError(f"train_prompts gives no collection prompt for the tasks {self.tasks}")
         return self
+
+    def benchmark_prompts(self, task: str) -> int:
+        """Held-out prompts of ``task`` in the timed benchmark (the field's default where the config names none)."""
+        default = type(self).model_fields["eval_prompts"].default
+        return self.eval_prompts.get(task, default[task])
 
     def anchors_per_task(self) -> dict[str, int]:
         if isinstance(self.anchor_examples, dict):

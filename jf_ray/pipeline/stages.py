@@ -75,7 +75,7 @@ def data_stage(cfg: PipelineConfig) -> dict:
         count = cfg.workloads.train_prompts.get(task, 0)  # 0: evaluated on, not trained on
         train = load_examples(task, "train", count, seed=cfg.seed) if count else []
         lines += [json.dumps({"id": f"{task}-{i:05d}", "prompt": ex.prompt}) for i, ex in enumerate(train)]
-        evals[task] = _write_heldout(data_dir, "eval", task, cfg.workloads.eval_prompts.get(task, 1), cfg.seed)
+        evals[task] = _write_heldout(data_dir, "eval", task, cfg.workloads.benchmark_prompts(task), cfg.seed)
         if cfg.workloads.quality_prompts.get(task, 0):
             quality[task] = _write_heldout(data_dir, "quality", task, cfg.workloads.quality_prompts[task],
                                            cfg.seed + 2)

@@ -37,7 +37,9 @@ class MaskConfig(StageConfig):
 class TrainConfig(StageConfig):
     """Jacobi Forcing post-training of a causal LM on packed sequences, on a Ray TorchTrainer."""
 
-    model: ModelLocation = Field(..., description="model to start from: local dir, file:// or s3:// checkpoint, hub name")
+    model: ModelLocation = Field(
+        ..., description="model to start from: local dir, file:// or s3:// checkpoint, hub name"
+    )
     data: Location = Field(..., description="URI of the packed dataset (schema jf_ray.packed)")
     out: Location = Field(..., description="URI of the run: checkpoints (HF format), metrics log, summary")
     run_name: str = Field("train", description="Ray Train run name under `out`; same name + out = resume")

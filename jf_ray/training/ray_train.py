@@ -247,7 +247,8 @@ class Reporter:
         if self.rank == 0 and log_now:
             self.lines.append(json.dumps(metrics, sort_keys=True))
             logger.info("step %d/%d loss %.4f (pc %.4f ar %.4f) %.0f tok/s", state.step, self.total_steps,
-                        metrics["loss"], metrics["loss_consistency"], metrics["loss_ar"], metrics["tokens_per_s"])  # fmt: skip
+                        metrics["loss"], metrics["loss_consistency"], metrics["loss_ar"],
+                        metrics["tokens_per_s"])
         if checkpoint_now:
             self._report_with_checkpoint(state, metrics)
         elif report_now:
