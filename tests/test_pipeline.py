@@ -61,6 +61,7 @@ def test_smoke_report_holds_every_row(finished_run):
     assert len(report["training"]) == 2 and all(c["steps"] for c in report["training"])
     markdown = (run_dir / "report.md").read_text()
     assert "| round 2 (n=16) | mr |" in markdown
+    assert "Benchmark: greedy, n=16, pool_size 2, batch 2" in markdown
     quality = [rnd["math"] for rnd in report["round_eval"]]
     assert [q["n"] for q in quality] == [3, 3, 3] and all(0.0 <= q["accuracy"] <= 1.0 for q in quality)
     assert "| base | math | 3 |" in markdown

@@ -95,3 +95,14 @@ def test_benchmark_prompts_are_typed_per_task_with_defaults():
         PipelineConfig.from_dict({"workloads": {"eval_prompts": {"poetry": 3}}})
     with pytest.raises(ValueError, match="eval_prompts"):
         PipelineConfig.from_dict({"workloads": {"eval_prompts": {"math": 0}}})
+
+
+def test_benchmark_decode_settings_are_checked_at_load():
+    cfg = PipelineConfig.from_dict({"evaluation": {"decode": {"num_blocks": 1, "pool_size": 1}}})
+    assert cfg.evaluation.decode == {"num_blocks": 1, "pool_size": 1}
+    with pytest.raises(ValueError, match="pool_sise"):
+        PipelineConfig.from_dict({"evaluation": {"decode": {"pool_sise": 1}}})
+    with pytest.raises(ValueError, match="num_blocks"):
+        PipelineConfig.from_dict({"evaluation": {"decode": {"num_blocks": 0}}})
+    with pytest.raises(ValueError, match="block_size"):
+        PipelineConfig.from_dict({"evaluation": {"decode": {"block_size": 8}}})

@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from jf_ray.config import Location, ModelLocation, StageConfig
-from jf_ray.decoding.types import DECODER_NAMES
+from jf_ray.decoding.types import DECODER_NAMES, DecodeConfig
 
 Task = Literal["math", "code"]
 
@@ -103,6 +103,19 @@ class EvalSettings(StageConfig):
     batch_size: int = Field(1, ge=1, description="requests decoded together while timing")
     threads: Optional[int] = Field(None, ge=1, description="torch threads while evaluating (default: all)")
     repeats: int = Field(1, ge=1, description="final benchmark: timed runs per decoder, interleaved; median kept")
+    decode: dict = Field(
+        {}, description="other DecodeConfig fields of the benchmark (e.g. num_blocks, pool_size): on a CPU every "
+        "extra query token costs time, on a GPU it is nearly free",
+    )
+
+    @field_validator("decode")
+    @classmethod
+    def _decode_fields(cls, value: dict) -> dict:
+        owned = {"decoder", "block_size", "max_new_tokens", "seed", "record_trajectory"} & set(value)
+        if owned:
+            raise ValueError(f"decode may not set {sorted(owned)}: they have their own settings")
+        DecodeConfig(**value)  # unknown fields and bad values fail here, at load time
+        return value
 
     @field_validator("decoders")
     @classmethod

@@ -31,7 +31,7 @@ def score_outputs(task: str, texts: list[str], examples) -> dict:
 
 def evaluate_task(model_uri: str, task: str, examples_uri: str, decoders: list[str], block_size: int,
                   max_new_tokens: int, batch_size: int, seed: int = 0, threads: Optional[int] = None,
-                  repeats: int = 1) -> dict:
+                  repeats: int = 1, decode: Optional[dict] = None) -> dict:
     """{decoder: bench fields + accuracy (math) or loss and parse_rate (code)} for ``model_uri``."""
     from jf_ray.modeling import encode_prompt, eos_token_ids, load_model, load_tokenizer, set_torch_threads
 
@@ -39,7 +39,7 @@ def evaluate_task(model_uri: str, task: str, examples_uri: str, decoders: list[s
     tokenizer, model = load_tokenizer(model_uri), load_model(model_uri)
     examples = read_examples(examples_uri)
     prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
-    config = DecodeConfig(block_size=block_size, max_new_tokens=max_new_tokens, seed=seed)
+    config = DecodeConfig(block_size=block_size, max_new_tokens=max_new_tokens, seed=seed, **(decode or {}))
     runs = run_decoders(model, prompts, decoders, config, eos_token_ids(model, tokenizer), batch_size, repeats=repeats)
     extra = {"loss": answer_loss(model, tokenizer, examples)["loss"]} if task == "code" else {}
     report = {}

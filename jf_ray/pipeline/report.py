@@ -36,6 +36,15 @@ def write_report(cfg: PipelineConfig, outputs: dict) -> dict:
     return {**files, "plots": plots}
 
 
+def bench_settings(config: dict) -> str:
+    """One line saying how the benchmark decoded: speed-ups depend on it as much as on the model."""
+    ev = config["evaluation"]
+    extra = "".join(f", {key} {value}" for key, value in sorted(ev["decode"].items()))
+    threads = ev["threads"] or "all"
+    return (f"Benchmark: greedy, n={ev['block_size']}{extra}, batch {ev['batch_size']}, up to {ev['max_new_tokens']} "
+            f"new tokens, {threads} threads, median of {ev['repeats']} interleaved timed runs per decoder.")
+
+
 def training_curve(train_output: dict | None) -> dict:
     if not train_output or not exists(train_output.get("metrics_log", "")):
         return {"steps": [], "loss": [], "loss_consistency": [], "loss_ar": [], "tokens_per_s": None}
@@ -59,7 +68,7 @@ def _collect_summary(collect_output: dict | None) -> dict | None:
 
 
 def render_markdown(report: dict, plots: dict[str, str]) -> str:
-    lines = ["# Jacobi Forcing run report", "", f"Run: `{report['run_dir']}`", ""]
+    lines = ["# Jacobi Forcing run report", "", f"Run: `{report['run_dir']}`", "", bench_settings(report["config"]), ""]
     tasks = list(report["rounds"][0]["eval"])
     for task in tasks:
         metric = "accuracy" if task == "math" else "loss"

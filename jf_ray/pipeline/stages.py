@@ -194,7 +194,7 @@ def bench_stage(cfg: PipelineConfig, outputs: dict) -> dict:
             per_task[task] = evaluate_remote(
                 _eval_resources(cfg), model_uri=model, task=task, examples_uri=examples, decoders=ev.decoders,
                 block_size=ev.block_size, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
-                seed=cfg.seed, threads=ev.threads, repeats=ev.repeats,
+                seed=cfg.seed, threads=ev.threads, repeats=ev.repeats, decode=ev.decode,
             )
         block_size = None if k == 0 else cfg.rounds[k - 1].block_size
         rounds.append({"round": k, "block_size": block_size, "model": model, "eval": per_task})
