@@ -119,7 +119,9 @@ def round_label(rnd: dict) -> str:
 def _fmt(value) -> str:
     if value is None:
         return "-"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):  # four significant decimals for losses and rates, none for speeds and seconds
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
 
 
 def write_plots(run_dir: str, rounds: list[dict], training: list[dict]) -> dict[str, str]:
