@@ -10,6 +10,7 @@ from jf_ray.config import Location, ModelLocation, StageConfig
 from jf_ray.decoding.types import DECODER_NAMES, DecodeConfig
 
 Task = Literal["math", "code"]
+BENCHMARK_PROMPTS: dict[str, int] = {"math": 64, "code": 32}  # per task, where the config names none
 
 
 class BaseModelConfig(StageConfig):
@@ -32,7 +33,7 @@ class WorkloadConfig(StageConfig):
         {"math": 512, "code": 256}, description="prompts per task for trajectory collection (train split)"
     )
     eval_prompts: dict[Task, PositiveInt] = Field(
-        {"math": 64, "code": 32}, description="held-out prompts per task of the timed benchmark (batch 1, all "
+        BENCHMARK_PROMPTS, description="held-out prompts per task of the timed benchmark (batch 1, all "
         "decoders); a task left out gets the default count",
     )
     quality_prompts: dict[Task, NonNegativeInt] = Field(
@@ -53,8 +54,7 @@ class WorkloadConfig(StageConfig):
 
     def benchmark_prompts(self, task: str) -> int:
         """Held-out prompts of ``task`` in the timed benchmark (the field's default where the config names none)."""
-        default = type(self).model_fields["eval_prompts"].default
-        return self.eval_prompts.get(task, default[task])
+        return self.eval_prompts.get(task, BENCHMARK_PROMPTS[task])
 
     def anchors_per_task(self) -> dict[str, int]:
         if isinstance(self.anchor_examples, dict):
