@@ -7,6 +7,7 @@ import torch
 from tiny_models import cycle_qwen2, random_llama, random_qwen2
 
 from jf_ray.decoding import DecodeConfig, DecodingEngine, generate
+from jf_ray.decoding.engine import decode_attention
 
 PROMPT_LENGTHS = (1, 5, 17, 40)
 
@@ -209,3 +210,14 @@ def test_trajectories_cover_every_token_with_full_length_states(model, prompts, 
             assert b.prefix_len == len(prompt) + b.block_index * block_size
             assert all(len(state) == len(b.fixed_point) for state in b.states)
             assert b.states[-1] == b.fixed_point and b.states[0][0] == b.fixed_point[0]
+
+
+def test_decoding_forwards_on_cuda_leave_out_cudnn_attention():
+    """cuDNN attention builds a plan per new key length (every decoding forward has one): see the engine."""
+    cudnn_before = torch.backends.cuda.cudnn_sdp_enabled()
+    with decode_attention(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn_before
+    with decode_attention(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn_before
