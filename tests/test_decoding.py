@@ -7,7 +7,7 @@ import torch
 from tiny_models import cycle_qwen2, random_llama, random_qwen2
 
 from jf_ray.decoding import DecodeConfig, DecodingEngine, generate
-from jf_ray.decoding.engine import decode_attention
+from jf_ray.modeling import attention_backends
 
 PROMPT_LENGTHS = (1, 5, 17, 40)
 
@@ -212,12 +212,12 @@ def test_trajectories_cover_every_token_with_full_length_states(model, prompts, 
             assert b.states[-1] == b.fixed_point and b.states[0][0] == b.fixed_point[0]
 
 
-def test_decoding_forwards_on_cuda_leave_out_cudnn_attention():
-    """cuDNN attention builds a plan per new key length (every decoding forward has one): see the engine."""
+def test_forwards_on_cuda_leave_out_cudnn_attention():
+    """cuDNN attention builds a plan per new key length (every decoding forward has one): see modeling."""
     cudnn_before = torch.backends.cuda.cudnn_sdp_enabled()
-    with decode_attention(torch.device("cuda")):
+    with attention_backends(torch.device("cuda")):
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn_before
-    with decode_attention(torch.device("cpu")):
+    with attention_backends(torch.device("cpu")):
         assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn_before

@@ -12,12 +12,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from jf_ray.decoding.cache import RaggedKVCache
 from jf_ray.decoding.jacobi import JacobiPolicy
@@ -27,19 +25,9 @@ from jf_ray.decoding.query import build_query, prefill_query
 from jf_ray.decoding.request import RequestState, SegmentOutput
 from jf_ray.decoding.types import DecodeConfig, DecodeResult, DecodeStats, FinishReason
 from jf_ray.errors import UserInputError
+from jf_ray.modeling import attention_backends
 
 logger = logging.getLogger(__name__)
-
-# cuDNN's fused attention (torch's first choice for half precision on recent GPUs) builds an execution plan
-# for every new query/key shape, and a decoder's key length changes every forward: on an H100 it made bf16
-# decoding of the same prompts 3-10x slower on their first pass than on a second one. The memory-efficient
-# kernel takes the same 4D masks with no per-shape cost.
-_DECODE_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def decode_attention(device: torch.device):
-    """The attention backends of decoding forwards: every SDPA kernel except cuDNN's on CUDA."""
-    return sdpa_kernel(_DECODE_ATTENTION_BACKENDS) if device.type == "cuda" else nullcontext()
 
 
 @dataclass
@@ -180,7 +168,7 @@ class DecodingEngine:
     def _forward(self, query, cache: RaggedKVCache) -> torch.Tensor:
         self.last_batch_size = query.input_ids.shape[0]
         start = time.perf_counter()
-        with decode_attention(self.device):
+        with attention_backends(self.device):  # no cuDNN attention on CUDA: see modeling
             out = self.model(
                 input_ids=query.input_ids,
                 position_ids=query.position_ids,

@@ -24,6 +24,7 @@ from jf_ray.training.batches import PackedBatch
 from jf_ray.training.config import TrainConfig
 from jf_ray.training.losses import jacobi_forcing_loss
 from jf_ray.training.masks import additive_mask, allowed_keys, flex_block_mask
+from jf_ray.modeling import attention_backends
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +41,13 @@ def packed_forward(model, batch: PackedBatch, kind: str = "nc", window: int = 16
         else:
             dtype = next(model.parameters()).dtype
         attention_mask = additive_mask(allowed_keys(batch.segment, batch.block, batch.seq, kind, window), dtype)
-    output = model(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        attention_mask=attention_mask,
-        use_cache=False,
-    )
+    with attention_backends(batch.input_ids.device):  # no cuDNN attention on CUDA: see modeling
+        output = model(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+        )
     return output.logits
 
 
