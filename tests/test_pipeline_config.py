@@ -106,3 +106,14 @@ def test_benchmark_decode_settings_are_checked_at_load():
         PipelineConfig.from_dict({"evaluation": {"decode": {"num_blocks": 0}}})
     with pytest.raises(ValueError, match="block_size"):
         PipelineConfig.from_dict({"evaluation": {"decode": {"block_size": 8}}})
+
+
+def test_report_names_how_timed_runs_were_kept_and_rounds_numbers_by_size():
+    from jf_ray.pipeline.report import _fmt, bench_settings
+
+    evaluation = PipelineConfig.model_validate({"evaluation": {"repeats": 1}}).model_dump()["evaluation"]
+    lines = {r: bench_settings({"evaluation": {**evaluation, "repeats": r}}) for r in (1, 2, 3)}
+    assert lines[1].endswith("one timed run per decoder.")
+    assert lines[2].endswith("the faster of 2 interleaved timed runs per decoder.")
+    assert lines[3].endswith("the median of 3 interleaved timed runs per decoder.")
+    assert [_fmt(v) for v in (0.96512, 46.04, 452.6, None, 7)] == ["0.9651", "46.0", "453", "-", "7"]

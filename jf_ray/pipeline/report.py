@@ -42,7 +42,15 @@ def bench_settings(config: dict) -> str:
     extra = "".join(f", {key} {value}" for key, value in sorted(ev["decode"].items()))
     threads = ev["threads"] or "all"
     return (f"Benchmark: greedy, n={ev['block_size']}{extra}, batch {ev['batch_size']}, up to {ev['max_new_tokens']} "
-            f"new tokens, {threads} threads, median of {ev['repeats']} interleaved timed runs per decoder.")
+            f"new tokens, {threads} threads, {_timing(ev['repeats'])}.")
+
+
+def _timing(repeats: int) -> str:
+    """How the timed run of a decoder was chosen (the bench keeps the lower median: the faster of two)."""
+    if repeats == 1:
+        return "one timed run per decoder"
+    kept = "the faster" if repeats == 2 else "the median"
+    return f"{kept} of {repeats} interleaved timed runs per decoder"
 
 
 def training_curve(train_output: dict | None) -> dict:
@@ -119,8 +127,8 @@ def round_label(rnd: dict) -> str:
 def _fmt(value) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float):  # four significant decimals for losses and rates, none for speeds and seconds
-        return f"{value:.4f}" if abs(value) < 100 else f"{value:.0f}"
+    if isinstance(value, float):  # four decimals for losses and rates, fewer as numbers (speeds, seconds) grow
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}" if abs(value) >= 10 else f"{value:.4f}"
     return str(value)
 
 
