@@ -102,7 +102,9 @@ class EvalSettings(StageConfig):
     max_new_tokens: int = Field(256, ge=1, description="cap per answer")
     batch_size: int = Field(1, ge=1, description="requests decoded together while timing")
     threads: Optional[int] = Field(None, ge=1, description="torch threads while evaluating (default: all)")
-    repeats: int = Field(1, ge=1, description="final benchmark: timed runs per decoder, interleaved; the (lower) median kept")
+    repeats: int = Field(
+        1, ge=1, description="final benchmark: timed runs per decoder, interleaved; the (lower) median is kept"
+    )
     decode: dict = Field(
         {}, description="other DecodeConfig fields of the benchmark (e.g. num_blocks, pool_size): on a CPU every "
         "extra query token costs time, on a GPU it is nearly free",
