@@ -106,8 +106,8 @@ class EvalSettings(StageConfig):
         1, ge=1, description="final benchmark: timed runs per decoder, interleaved; the (lower) median is kept"
     )
     decode: dict = Field(
-        {}, description="other DecodeConfig fields of the benchmark (e.g. num_blocks, pool_size): on a CPU every "
-        "extra query token costs time, on a GPU it is nearly free",
+        {}, description="other DecodeConfig fields of the benchmark and the per-round evaluation (e.g. num_blocks, "
+        "pool_size): on a CPU every extra query token costs time, on a GPU it is nearly free",
     )
 
     @field_validator("decode")
