@@ -30,8 +30,8 @@ def ar_outputs(model, prompts):
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """Reference greedy AR without any of our code: a plain loop of full forwards."""
-    ids = torch.tensor([prompt])
+    """Reference greedy AR without any of our code: a plain loop of full forwards (on the model's device)."""
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
     with torch.no_grad():
         for _ in range(max_new_tokens):
             nxt = model(ids).logits[0, -1].argmax()

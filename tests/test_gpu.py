@@ -14,13 +14,21 @@ import random
 
 import pytest
 import torch
+from test_decoding import hf_greedy
+from test_serving import _free_port
 from tiny_models import random_qwen2
 
 from jf_ray.decoding import DecodeConfig, generate
 from jf_ray.training.batches import TrainSequence, collate
 from jf_ray.training.config import TrainConfig
-from jf_ray.training.loop import LoopState, autocast_context, build_optimizer, build_scheduler, packed_forward
-from jf_ray.training.loop import run_loop
+from jf_ray.training.loop import (
+    LoopState,
+    autocast_context,
+    build_optimizer,
+    build_scheduler,
+    packed_forward,
+    run_loop,
+)
 from jf_ray.training.losses import jacobi_forcing_loss
 
 pytestmark = [
@@ -41,20 +49,11 @@ def prompts():
     return [torch.randint(0, 200, (n,), generator=gen).tolist() for n in (1, 5, 17, 40)]
 
 
-def plain_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy AR without any of our code: full forwards, no cache."""
-    ids = torch.tensor([prompt], device="cuda")
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            ids = torch.cat([ids, model(ids).logits[0, -1].argmax().view(1, 1)], dim=1)
-    return ids[0, len(prompt) :].tolist()
-
-
 @pytest.mark.parametrize("decoder", ["jacobi", "mr", "lookup"])
 @pytest.mark.parametrize("block_size", [7, 16, 64])
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_greedy_decoders_equal_ar_on_cuda(cuda_model, prompts, decoder, block_size, batch_size):
-    expected = [plain_greedy(cuda_model, p, 60) for p in prompts]
+    expected = [hf_greedy(cuda_model, p, 60) for p in prompts]
     ar = generate(cuda_model, prompts, DecodeConfig(decoder="ar", max_new_tokens=60), [], batch_size=batch_size)
     assert [r.token_ids for r in ar] == expected
     config = DecodeConfig(decoder=decoder, block_size=block_size, max_new_tokens=60, pool_size=4)
@@ -108,8 +107,6 @@ def test_packed_loss_under_bf16_autocast_and_flex_attention_match_fp32_sdpa():
 def test_fsdp2_over_nccl_trains_like_a_plain_model_and_saves_full_weights(tmp_path):
     """One rank over NCCL: FSDP2 (fp32 params) must train exactly like the unwrapped model on the GPU, and
     its checkpoint must hold full, loadable weights."""
-    import socket
-
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
@@ -127,10 +124,7 @@ def test_fsdp2_over_nccl_trains_like_a_plain_model_and_saves_full_weights(tmp_pa
                          lambda s, m: None)  # fmt: skip
         return optimizer, scheduler, state
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         sharded = shard_model(random_qwen2(seed=0, vocab_size=VOCAB).cuda().train(), bf16=False)
         optimizer, scheduler, state = train(sharded)
@@ -167,7 +161,7 @@ def test_ray_train_on_a_gpu_worker_lowers_the_loss_in_bf16(strategy, micro_check
     assert [entry["step"] for entry in log] == list(range(1, 9))
     trained = load_model(summary["checkpoint"], dtype="fp32", device="cuda")
     assert next(trained.parameters()).dtype == torch.float32, "fp32 master weights are saved, not bf16"
-    sequences = [s for s in load_packed_sequences(config.data)]
+    sequences = load_packed_sequences(config.data)
     before = dataset_loss(load_model(config.model, dtype="fp32", device="cpu"), sequences)
     after = dataset_loss(trained.cpu(), sequences)
     assert after["total"] < 0.95 * before["total"]
@@ -176,7 +170,7 @@ def test_ray_train_on_a_gpu_worker_lowers_the_loss_in_bf16(strategy, micro_check
 def test_serve_app_on_a_gpu_replica_answers_greedy_like_ar(ray_session, tmp_path):
     from openai import OpenAI
     from ray import serve
-    from test_serving import PROMPT, _free_port, build_tiny_checkpoint
+    from test_serving import PROMPT, build_tiny_checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from jf_ray.serving.config import ServeConfig
@@ -185,7 +179,7 @@ def test_serve_app_on_a_gpu_replica_answers_greedy_like_ar(ray_session, tmp_path
     checkpoint = build_tiny_checkpoint(str(tmp_path / "ckpt"))
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).cuda().eval()
-    expected = tokenizer.decode(plain_greedy(model, tokenizer(PROMPT)["input_ids"], 48), skip_special_tokens=True,
+    expected = tokenizer.decode(hf_greedy(model, tokenizer(PROMPT)["input_ids"], 48), skip_special_tokens=True,
                                 clean_up_tokenization_spaces=False)  # fmt: skip
     config = ServeConfig(model=checkpoint, model_name="tiny", dtype="fp32", device="cuda", num_gpus=1,
                          port=_free_port(), decode={"decoder": "mr", "block_size": 16})  # fmt: skip
