@@ -30,8 +30,8 @@ def test_dtypes_resolve_by_device_and_unknown_ones_are_named():
 
 
 def test_model_references_resolve_to_checkpoints_or_clear_errors(tmp_path):
-    checkpoint = tmp_path / "ckpt"
-    random_qwen2(seed=3).save_pretrained(checkpoint)
+    checkpoint, reference = tmp_path / "ckpt", random_qwen2(seed=3)
+    reference.save_pretrained(checkpoint)
     assert local_model_path(f"file://{checkpoint}") == str(checkpoint)
     assert local_model_path("Qwen/Qwen2.5-Coder-7B-Instruct") == "Qwen/Qwen2.5-Coder-7B-Instruct"  # a hub name
     with pytest.raises(UserInputError, match="no config.json"):
@@ -42,4 +42,4 @@ def test_model_references_resolve_to_checkpoints_or_clear_errors(tmp_path):
     assert not loaded.training and loaded.dtype == torch.float32
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, random_qwen2(seed=3)(ids).logits)
+        torch.testing.assert_close(loaded(ids).logits, reference(ids).logits)
