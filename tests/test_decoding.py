@@ -43,7 +43,7 @@ def test_ar_matches_plain_forward_loop(model, prompts, ar_outputs):
         assert out == hf_greedy(model, prompt, 70)
 
 
-@pytest.mark.parametrize("decoder", ["jacobi", "mr", "lookup"])
+@pytest.mark.parametrize("decoder", ["jacobi", "rolling", "mr", "lookup"])
 @pytest.mark.parametrize("block_size", [1, 2, 7, 16, 64])
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_greedy_decoders_equal_ar(model, prompts, ar_outputs, decoder, block_size, batch_size):
@@ -57,7 +57,7 @@ def test_greedy_decoders_equal_ar(model, prompts, ar_outputs, decoder, block_siz
         assert min(r.stats.accepted_hist) >= 1
 
 
-@pytest.mark.parametrize("decoder", ["ar", "jacobi", "mr", "lookup"])
+@pytest.mark.parametrize("decoder", ["ar", "jacobi", "rolling", "mr", "lookup"])
 @pytest.mark.parametrize("eos_at", [0, 3, 7, 30])
 def test_eos_anywhere_in_a_block_ends_the_request(model, prompts, ar_outputs, decoder, eos_at):
     """Make the token AR emits at ``eos_at`` the EOS id: every decoder must stop right after it."""
@@ -70,7 +70,7 @@ def test_eos_anywhere_in_a_block_ends_the_request(model, prompts, ar_outputs, de
     assert result.finish_reason == "stop"
 
 
-@pytest.mark.parametrize("decoder", ["jacobi", "mr", "lookup"])
+@pytest.mark.parametrize("decoder", ["jacobi", "rolling", "mr", "lookup"])
 def test_cache_holds_exactly_the_committed_tokens_after_every_step(model, prompts, decoder):
     engine = DecodingEngine(model, [], max_batch_size=4)
     config = DecodeConfig(decoder=decoder, block_size=7, max_new_tokens=50)
@@ -145,7 +145,7 @@ def test_llama_family_and_eager_attention():
     prompts = [torch.randint(0, 200, (n,), generator=gen).tolist() for n in (4, 11)]
     for model in (random_llama(seed=1), random_qwen2(seed=2, attn="eager")):
         ar = generate(model, prompts, DecodeConfig(decoder="ar", max_new_tokens=40), [])
-        for decoder in ("jacobi", "mr"):
+        for decoder in ("jacobi", "rolling", "mr"):
             out = generate(model, prompts, DecodeConfig(decoder=decoder, block_size=8, max_new_tokens=40), [], 2)
             assert [r.token_ids for r in out] == [r.token_ids for r in ar]
 
@@ -220,3 +220,29 @@ def test_trajectories_cover_every_token_with_full_length_states(model, prompts, 
             assert b.prefix_len == len(prompt) + b.block_index * block_size
             assert all(len(state) == len(b.fixed_point) for state in b.states)
             assert b.states[-1] == b.fixed_point and b.states[0][0] == b.fixed_point[0]
+
+
+def test_rolling_jacobi_keeps_n_tokens_in_flight(model, prompts, ar_outputs):
+    """Block Jacobi's draft shrinks towards the end of its block; the rolling window never does (until the cap)."""
+    widths: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        for decoder in ("jacobi", "rolling"):
+            widths.clear()
+            (result,) = generate(model, [prompts[1]], DecodeConfig(decoder=decoder, block_size=8, max_new_tokens=70), [])
+            assert result.token_ids == ar_outputs[1]
+            decode_widths = widths[1:]  # after the prefill
+            if decoder == "jacobi":
+                assert min(decode_widths) < 8
+            else:  # the window is cut only where fewer than n tokens remain before the cap
+                assert all(w == 8 for w in decode_widths[:-8]) and set(decode_widths) <= set(range(1, 9))
+    finally:
+        hook.remove()
+
+
+def test_cli_decoder_names_follow_the_decoding_package():
+    from jf_ray.cli.common import DECODERS
+    from jf_ray.decoding import DECODER_NAMES
+
+    assert DECODERS == DECODER_NAMES

@@ -114,7 +114,7 @@ def test_service_greedy_decoders_equal_transformers_ar(service, reference):
 
     prompt_ids = reference.tokenizer(PROMPT)["input_ids"]
     expected = reference.greedy(prompt_ids, 48)
-    for decoder in ("ar", "jacobi", "mr", "lookup"):
+    for decoder in ("ar", "jacobi", "rolling", "mr", "lookup"):
         text, finish, usage = run(run_to_end(service, completion(service, prompt=PROMPT, max_tokens=48,
                                                                  decoder=decoder)))
         assert text == reference.text(expected), decoder

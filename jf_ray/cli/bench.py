@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jf_ray.cli.common import add_decode_options, add_model_options, decoder_list, positive_int
+from jf_ray.cli.common import DECODERS, add_decode_options, add_model_options, decoder_list, positive_int
 
 
 def register(subparsers) -> None:
@@ -16,8 +16,8 @@ def register(subparsers) -> None:
     )
     add_model_options(parser)
     parser.add_argument("--prompts", required=True, help='JSONL file or URI, one {"prompt": ...} per line')
-    parser.add_argument("--decoders", type=decoder_list, default=["ar", "jacobi", "mr", "lookup"],
-                        help="comma-separated: ar,jacobi,mr,lookup")
+    parser.add_argument("--decoders", type=decoder_list, default=list(DECODERS),
+                        help=f"comma-separated, from {','.join(DECODERS)}")
     add_decode_options(parser)
     parser.add_argument("--batch-size", type=positive_int, default=1, help="requests decoded together")
     parser.add_argument("--num-prompts", type=positive_int, default=None, help="use the first N prompts")

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from jf_ray.decoding.cache import RaggedKVCache
-from jf_ray.decoding.jacobi import JacobiPolicy
+from jf_ray.decoding.jacobi import JacobiPolicy, RollingJacobiPolicy
 from jf_ray.decoding.lookup import LookupPolicy
 from jf_ray.decoding.multiblock import MultiBlockPolicy
 from jf_ray.decoding.query import build_query, prefill_query
@@ -45,6 +45,8 @@ def make_policy(config: DecodeConfig):
         return JacobiPolicy(block_size=1)
     if config.decoder == "jacobi":
         return JacobiPolicy(config.block_size, record=config.record_trajectory)
+    if config.decoder == "rolling":
+        return RollingJacobiPolicy(config.block_size)
     if config.decoder == "lookup":
         return LookupPolicy(config.lookup_tokens or max(config.block_size - 1, 1), config.lookup_max_ngram)
     return MultiBlockPolicy(config.block_size, config.num_blocks, config.pool_size, config.spawn_ratio)

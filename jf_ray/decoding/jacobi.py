@@ -5,6 +5,8 @@ committed (its K/V was computed under an exact prefix, so it is kept as is), the
 mismatch are refreshed with the model's own predictions, and the draft shrinks until the block reaches its
 fixed point; that last forward also yields the next block's head. A new block starts from guesses drawn
 uniformly from the context (prompt + output), as the reference implementation does.
+
+:class:`RollingJacobiPolicy` keeps n tokens in flight instead: no block boundaries, no restart.
 """
 
 from __future__ import annotations
@@ -75,3 +77,20 @@ class JacobiPolicy:
             kept = [s[: len(fixed)] for s in states] + [list(fixed)]
             blocks.append(BlockTrajectory(index, len(req.prompt_ids) + start, kept, list(fixed)))
         return blocks
+
+
+class RollingJacobiPolicy(JacobiPolicy):
+    """Jacobi whose draft never shrinks: the n-token window rolls forward with every accepted token.
+
+    Block Jacobi lets the draft shrink to the end of its block and then restarts from context-sampled
+    guesses, so the first forward of every block gains about one token. Here the refreshed guesses move up
+    after each forward and the window is topped up at its end, first with the prediction past the draft's
+    last token (a real guess for that position), then with context samples. Only verified tokens are
+    committed, so greedy output is still exactly greedy AR. Every forward carries n tokens: free on a GPU,
+    a cost per token on a CPU, where a window shorter than the trained block size can be the faster one.
+    """
+
+    def advance(self, req: RequestState, verdict: Verdict, predictions: list[int]) -> None:
+        refreshed = predictions[verdict.accepted :]  # guesses for the positions after the new head
+        self.block_start = len(req.generated) - 1  # the window starts at the head
+        self.tail = refreshed + req.context_sample(self.n - 1 - len(refreshed))

@@ -16,15 +16,18 @@ from pydantic import Field, field_validator, model_validator
 
 from jf_ray.config import StageConfig
 
-DecoderName = Literal["ar", "jacobi", "mr", "lookup"]
-DECODER_NAMES: tuple[str, ...] = ("ar", "jacobi", "mr", "lookup")
+DecoderName = Literal["ar", "jacobi", "rolling", "mr", "lookup"]
+DECODER_NAMES: tuple[str, ...] = ("ar", "jacobi", "rolling", "mr", "lookup")
 FinishReason = Literal["stop", "length", "abort"]
 
 
 class DecodeConfig(StageConfig):
     """How to decode. Greedy when ``temperature == 0``; every greedy decoder reproduces greedy AR exactly."""
 
-    decoder: DecoderName = Field("jacobi", description="ar | jacobi | mr (multi-block + recycling) | lookup")
+    decoder: DecoderName = Field(
+        "jacobi", description="ar | jacobi | rolling (Jacobi, n tokens always in flight) | mr (multi-block + "
+        "recycling) | lookup",
+    )
     block_size: int = Field(64, ge=1, description="Jacobi block size n (tokens refined in parallel)")
     max_new_tokens: int = Field(256, ge=1, description="cap on generated tokens per request")
     num_blocks: int = Field(2, ge=1, description="mr: K, blocks in flight (1 real-active + K-1 pseudo-active)")
