@@ -2,7 +2,10 @@
 
 Every decoder is timed the same way: from the first prefill to the last token of the last prompt, batched
 ``batch_size`` at a time (tokenisation excluded, prefill included). Greedy AR always runs first: it is the
-reference for ``exact_match_vs_ar`` and ``speedup_vs_ar``. ``repetition`` is the share of generated tokens
+reference for ``exact_match_vs_ar`` and ``speedup_vs_ar``. With repeats, runs are interleaved and the speed-up is
+the median over repeats of each run's tokens/s over that of the AR run just before it: adjacent runs share
+the machine's state, which on a small shared machine drifts by tens of percent within a minute
+(``speedup_vs_ar_range`` gives the lowest and highest of those paired ratios). ``repetition`` is the share of generated tokens
 that complete a 4-gram already present earlier in prompt + output, so that TPF gained by copying loops can
 be told apart from real parallel decoding.
 """
@@ -10,9 +13,10 @@ be told apart from real parallel decoding.
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import psutil
@@ -28,6 +32,7 @@ class DecoderRun:
     wall_s: float
     forward_s: float
     peak_rss_mb: float
+    repeat_wall_s: list[float] = field(default_factory=list)  # every timed repeat, in the order run
 
 
 def repetition(prompt: list[int], output: list[int], n: int = 4) -> tuple[int, int]:
@@ -110,10 +115,21 @@ def summarize(run: DecoderRun, prompts: list[list[int]], reference: Optional[Dec
     }
     if reference is not None:
         same = sum(a.token_ids == b.token_ids for a, b in zip(run.results, reference.results))
-        ar_tps = sum(r.stats.tokens for r in reference.results) / reference.wall_s
         summary["exact_match_vs_ar"] = round(same / len(prompts), 4)
-        summary["speedup_vs_ar"] = round(tokens_per_s / ar_tps, 4) if ar_tps else None
+        ratios = paired_speedups(run, reference)
+        summary["speedup_vs_ar"] = round(statistics.median(ratios), 4) if ratios else None
+        summary["speedup_vs_ar_range"] = [round(min(ratios), 4), round(max(ratios), 4)] if ratios else None
     return summary
+
+
+def paired_speedups(run: DecoderRun, reference: DecoderRun) -> list[float]:
+    """Per repeat: tokens/s of ``run`` over that of the ``reference`` run timed just before it (same outputs
+    every repeat, so the ratio of wall times). A single run falls back to its own wall time."""
+    tokens = sum(r.stats.tokens for r in run.results)
+    ref_tokens = sum(r.stats.tokens for r in reference.results)
+    walls, ref_walls = run.repeat_wall_s or [run.wall_s], reference.repeat_wall_s or [reference.wall_s]
+    return [(tokens / wall) / (ref_tokens / ref_wall) for wall, ref_wall in zip(walls, ref_walls)
+            if wall > 0 and ref_wall > 0 and ref_tokens]
 
 
 def run_decoders(
@@ -124,8 +140,9 @@ def run_decoders(
     """Run AR (the reference), then each decoder, back to back under the same conditions.
 
     With ``repeats > 1`` the whole sequence runs that many times, interleaved (ar, jacobi, ..., ar, jacobi,
-    ...), and each decoder keeps its run of median wall time: a background burst on a small machine then
-    hits every decoder alike instead of one of them. Outputs are the same in every repeat (greedy).
+    ...), and each decoder keeps its run of median wall time, with every repeat's wall time beside it: a
+    background burst on a small machine then hits every decoder alike instead of one of them. Outputs are the
+    same in every repeat (greedy).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -143,7 +160,11 @@ def run_decoders(
             timed[name].append(run_decoder(model, prompts, config, eos_ids, batch_size, progress))
             logger.info("%s (repeat %d/%d): %d tokens in %.2fs", name, repeat + 1, repeats,
                         sum(len(r.token_ids) for r in timed[name][-1].results), timed[name][-1].wall_s)
-    return {name: sorted(runs, key=lambda run: run.wall_s)[(len(runs) - 1) // 2] for name, runs in timed.items()}
+    chosen = {}
+    for name, runs in timed.items():
+        chosen[name] = sorted(runs, key=lambda run: run.wall_s)[(len(runs) - 1) // 2]
+        chosen[name].repeat_wall_s = [run.wall_s for run in runs]
+    return chosen
 
 
 def bench_decoders(

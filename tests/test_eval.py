@@ -111,6 +111,27 @@ def test_cli_bench_reports_every_decoder_exact_vs_ar_with_repeats(micro_checkpoi
     assert calls == ["ar", "jacobi", "mr"] + ["ar", "jacobi", "mr", "ar", "jacobi", "mr"]
     for row in report["results"].values():
         assert row["exact_match_vs_ar"] == 1.0 and row["tpf"] >= 1.0 and row["speedup_vs_ar"] > 0
+        low, high = row["speedup_vs_ar_range"]
+        assert 0 < low <= row["speedup_vs_ar"] <= high
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--model", str(micro_checkpoint), "--prompts", str(prompts), "--repeats", "0"])
     assert exc.value.code == 2
+
+
+def test_speedup_pairs_each_run_with_the_ar_run_before_it():
+    """A slow phase of the machine hits the AR run and the decoder run beside it alike: their ratio holds."""
+    from jf_ray.bench import DecoderRun, summarize
+    from jf_ray.decoding import DecodeResult, DecodeStats
+
+    def run(tokens: list[int], walls: list[float]) -> DecoderRun:
+        result = DecodeResult(tokens, "length", DecodeStats(tokens=len(tokens), forwards=len(tokens)))
+        return DecoderRun([result], sorted(walls)[(len(walls) - 1) // 2], 0.0, 0.0, repeat_wall_s=walls)
+
+    ar = run([1, 2, 3, 4], [2.0, 6.0, 6.0])  # the machine slowed down threefold after the first repeat
+    fast = run([1, 2, 3, 4], [1.0, 1.5, 3.0])  # ... and was briefly quick again during its second run
+    row = summarize(fast, [[0]], ar)
+    # pairs 2/1, 6/1.5, 6/3: median 2 (the ratio of the median runs, 6/1.5, would say 4)
+    assert row["speedup_vs_ar"] == 2.0 and row["speedup_vs_ar_range"] == [2.0, 4.0]
+    assert row["exact_match_vs_ar"] == 1.0
+    single = summarize(run([1, 2, 3, 4], [4.0]), [[0]], run([1, 2, 3, 4], [2.0]))
+    assert single["speedup_vs_ar"] == 0.5 and single["speedup_vs_ar_range"] == [0.5, 0.5]

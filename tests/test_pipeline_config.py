@@ -114,6 +114,7 @@ def test_report_names_how_timed_runs_were_kept_and_rounds_numbers_by_size():
     evaluation = PipelineConfig.model_validate({"evaluation": {"repeats": 1}}).model_dump()["evaluation"]
     lines = {r: bench_settings({"evaluation": {**evaluation, "repeats": r}}) for r in (1, 2, 3)}
     assert lines[1].endswith("one timed run per decoder.")
-    assert lines[2].endswith("the faster of 2 interleaved timed runs per decoder.")
-    assert lines[3].endswith("the median of 3 interleaved timed runs per decoder.")
+    paired = "; speed-up: the median of each run's ratio to the AR run before it (lowest-highest in brackets)."
+    assert lines[2].endswith("the faster of 2 interleaved timed runs per decoder" + paired)
+    assert lines[3].endswith("the median of 3 interleaved timed runs per decoder" + paired)
     assert [_fmt(v) for v in (0.96512, 46.04, 452.6, None, 7)] == ["0.9651", "46.0", "453", "-", "7"]

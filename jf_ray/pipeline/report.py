@@ -12,8 +12,6 @@ from jf_ray.storage import exists, join_uri, read_bytes, write_bytes_atomic, wri
 
 logger = logging.getLogger(__name__)
 
-BENCH_FIELDS = ("tokens", "forwards", "tpf", "tokens_per_s", "wall_s", "exact_match_vs_ar", "speedup_vs_ar",
-                "repetition")
 QUALITY_FIELDS = ("accuracy", "loss", "parse_rate")
 
 
@@ -50,7 +48,14 @@ def _timing(repeats: int) -> str:
     if repeats == 1:
         return "one timed run per decoder"
     kept = "the faster" if repeats == 2 else "the median"
-    return f"{kept} of {repeats} interleaved timed runs per decoder"
+    return (f"{kept} of {repeats} interleaved timed runs per decoder; speed-up: the median of each run's ratio to "
+            "the AR run before it (lowest-highest in brackets)")
+
+
+def _speedup(row: dict) -> str:
+    low, high = row.get("speedup_vs_ar_range") or (None, None)
+    spread = f" ({low:.2f}-{high:.2f})" if low is not None and high - low >= 0.005 else ""
+    return f"{row['speedup_vs_ar']:.2f}x{spread}"
 
 
 def training_curve(train_output: dict | None) -> dict:
@@ -90,7 +95,7 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
                     continue
                 lines.append(
                     f"| {label} | {decoder} | {row['tpf']:.2f} | {row['tokens_per_s']:.1f} | "
-                    f"{row['speedup_vs_ar']:.2f}x | {_fmt(row.get(metric))} | {row['exact_match_vs_ar']:.2f} | "
+                    f"{_speedup(row)} | {_fmt(row.get(metric))} | {row['exact_match_vs_ar']:.2f} | "
                     f"{row['repetition']:.2f} |"
                 )
         lines.append("")
