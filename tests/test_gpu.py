@@ -49,7 +49,7 @@ def prompts():
     return [torch.randint(0, 200, (n,), generator=gen).tolist() for n in (1, 5, 17, 40)]
 
 
-@pytest.mark.parametrize("decoder", ["jacobi", "mr", "lookup"])
+@pytest.mark.parametrize("decoder", ["jacobi", "rolling", "mr", "lookup"])
 @pytest.mark.parametrize("block_size", [7, 16, 64])
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_greedy_decoders_equal_ar_on_cuda(cuda_model, prompts, decoder, block_size, batch_size):
