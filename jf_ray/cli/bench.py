@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 def print_table(results: dict[str, dict]) -> None:
     columns = ["tokens", "forwards", "tpf", "tokens_per_s", "speedup_vs_ar", "speedup_vs_ar_range",
                "exact_match_vs_ar", "repetition", "overhead_frac", "peak_rss_mb"]
-    header = f"{'decoder':<8}" + "".join(f"{c:>18}" for c in columns)
+    header = f"{'decoder':<8}" + "".join(f"{c:>20}" for c in columns)
     print(header)
     for name, row in results.items():
-        print(f"{name:<8}" + "".join(f"{json.dumps(row.get(c)):>18}" for c in columns))
+        print(f"{name:<8}" + "".join(f"{json.dumps(row.get(c)):>20}" for c in columns))
