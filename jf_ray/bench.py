@@ -2,12 +2,12 @@
 
 Every decoder is timed the same way: from the first prefill to the last token of the last prompt, batched
 ``batch_size`` at a time (tokenisation excluded, prefill included). Greedy AR always runs first: it is the
-reference for ``exact_match_vs_ar`` and ``speedup_vs_ar``. With repeats, runs are interleaved and the speed-up is
-the median over repeats of each run's tokens/s over that of the AR run just before it: adjacent runs share
-the machine's state, which on a small shared machine drifts by tens of percent within a minute
-(``speedup_vs_ar_range`` gives the lowest and highest of those paired ratios). ``repetition`` is the share of generated tokens
-that complete a 4-gram already present earlier in prompt + output, so that TPF gained by copying loops can
-be told apart from real parallel decoding.
+reference for ``exact_match_vs_ar`` and ``speedup_vs_ar``. With repeats, runs are interleaved and the
+speed-up is the median over repeats of each run's tokens/s over that of the AR run just before it: adjacent
+runs share the machine's state, which on a small shared machine drifts by tens of percent within a minute
+(``speedup_vs_ar_range`` gives the lowest and highest of those paired ratios). ``repetition`` is the share of
+generated tokens that complete a 4-gram already present earlier in prompt + output, so that TPF gained by
+copying loops can be told apart from real parallel decoding.
 """
 
 from __future__ import annotations

@@ -86,8 +86,8 @@ class RollingJacobiPolicy(JacobiPolicy):
     guesses, so the first forward of every block gains about one token. Here the refreshed guesses move up
     after each forward and the window is topped up at its end, first with the prediction past the draft's
     last token (a real guess for that position), then with context samples. Only verified tokens are
-    committed, so greedy output is still exactly greedy AR. Every forward carries n tokens: free on a GPU,
-    a cost per token on a CPU, where a window shorter than the trained block size can be the faster one.
+    committed, so greedy output is still exactly greedy AR. Every forward carries n tokens (block Jacobi's
+    carry fewer as its block converges): nearly free on a GPU, a cost per token on a CPU.
     """
 
     def advance(self, req: RequestState, verdict: Verdict, predictions: list[int]) -> None:
