@@ -7,7 +7,8 @@ speed-up is the median over repeats of each run's tokens/s over that of the AR r
 runs share the machine's state, which on a small shared machine drifts by tens of percent within a minute
 (``speedup_vs_ar_range`` gives the lowest and highest of those paired ratios). ``repetition`` is the share of
 generated tokens that complete a 4-gram already present earlier in prompt + output, so that TPF gained by
-copying loops can be told apart from real parallel decoding.
+copying loops can be told apart from real parallel decoding. ``generate`` is a reference outside our engine:
+transformers' own greedy ``model.generate`` with its KV cache, to show that the AR baseline is not slow.
 """
 
 from __future__ import annotations
@@ -20,17 +21,21 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import psutil
+import torch
 
 from jf_ray.decoding import DecodeConfig, DecodeResult, DecodeStats, DecodingEngine
+from jf_ray.modeling import attention_backends
 
 logger = logging.getLogger(__name__)
+
+GENERATE = "generate"  # bench-only decoder name: transformers' greedy generate, the outside reference
 
 
 @dataclass
 class DecoderRun:
     results: list[DecodeResult]
     wall_s: float
-    forward_s: float
+    forward_s: Optional[float]  # time inside the model's forwards; None where it cannot be separated
     peak_rss_mb: float
     repeat_wall_s: list[float] = field(default_factory=list)  # every timed repeat, in the order run
 
@@ -90,6 +95,45 @@ def run_decoder(
     return DecoderRun(ordered, wall, engine.forward_s, rss.peak / 2**20)
 
 
+def run_generate(
+    model, prompts: list[list[int]], config: DecodeConfig, eos_ids: list[int], batch_size: int,
+    progress: Optional[Callable[[int], None]] = None,
+) -> DecoderRun:
+    """Greedy AR by ``model.generate`` in static, left-padded batches (a finished row waits for its batch)."""
+    from transformers import GenerationConfig
+
+    if not config.greedy:
+        raise ValueError("the generate reference decodes greedily only")
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    settings = GenerationConfig(max_new_tokens=config.max_new_tokens, do_sample=False, pad_token_id=pad,
+                                eos_token_id=list(eos_ids) or None)
+    device = next(model.parameters()).device
+    results = []
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        for first in range(0, len(prompts), batch_size):
+            batch = prompts[first : first + batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+            with torch.inference_mode(), attention_backends(device):
+                out = model.generate(ids, attention_mask=mask, generation_config=settings)
+            results += [_until_eos(row, eos_ids) for row in out[:, width:].tolist()]
+            if progress:
+                progress(len(batch))
+        wall = time.perf_counter() - start
+    return DecoderRun(results, wall, None, rss.peak / 2**20)
+
+
+def _until_eos(row: list[int], eos_ids: list[int]) -> DecodeResult:
+    """Generated ids up to and including the first EOS (generate pads rows that finished early)."""
+    stop = next((i for i, token in enumerate(row) if token in eos_ids), None)
+    tokens = row if stop is None else row[: stop + 1]
+    stats = DecodeStats(tokens=len(tokens), forwards=len(tokens))
+    stats.accepted_hist[1] = len(tokens)
+    return DecodeResult(tokens, "length" if stop is None else "stop", stats)
+
+
 def summarize(run: DecoderRun, prompts: list[list[int]], reference: Optional[DecoderRun]) -> dict:
     stats = DecodeStats()
     for r in run.results:
@@ -109,7 +153,7 @@ def summarize(run: DecoderRun, prompts: list[list[int]], reference: Optional[Dec
         "speedup_vs_ar": None,
         "repetition": round(repeated / total, 4) if total else 0.0,
         "peak_rss_mb": round(run.peak_rss_mb, 1),
-        "overhead_frac": round(1.0 - run.forward_s / run.wall_s, 4) if run.wall_s else 0.0,
+        "overhead_frac": round(1.0 - run.forward_s / run.wall_s, 4) if run.wall_s and run.forward_s else None,
         "accepted_hist": {str(k): v for k, v in sorted(stats.accepted_hist.items())},
         "recycled_hits": stats.recycled_hits,
     }
@@ -150,14 +194,13 @@ def run_decoders(
     # First-call costs (allocations, kernel selection; on a GPU many times a forward) are not timed: each
     # decoder first runs briefly on one batch, so every query width and batch shape has been met once.
     for name in order:
-        warmup = base_config.model_copy(update={"decoder": name, "max_new_tokens": min(32, base_config.max_new_tokens)})
-        run_decoder(model, prompts[:batch_size], warmup, eos_ids, batch_size)
+        warmup = _config(base_config, name).model_copy(update={"max_new_tokens": min(32, base_config.max_new_tokens)})
+        _runner(name)(model, prompts[:batch_size], warmup, eos_ids, batch_size)
     timed: dict[str, list[DecoderRun]] = {name: [] for name in order}
     for repeat in range(repeats):
         for name in order:
-            config = base_config.model_copy(update={"decoder": name})
             progress = progress_factory(name, len(prompts)) if progress_factory and repeat == 0 else None
-            timed[name].append(run_decoder(model, prompts, config, eos_ids, batch_size, progress))
+            timed[name].append(_runner(name)(model, prompts, _config(base_config, name), eos_ids, batch_size, progress))
             logger.info("%s (repeat %d/%d): %d tokens in %.2fs", name, repeat + 1, repeats,
                         sum(len(r.token_ids) for r in timed[name][-1].results), timed[name][-1].wall_s)
     chosen = {}
@@ -165,6 +208,14 @@ def run_decoders(
         chosen[name] = sorted(runs, key=lambda run: run.wall_s)[(len(runs) - 1) // 2]
         chosen[name].repeat_wall_s = [run.wall_s for run in runs]
     return chosen
+
+
+def _runner(name: str) -> Callable[..., DecoderRun]:
+    return run_generate if name == GENERATE else run_decoder
+
+
+def _config(base_config: DecodeConfig, name: str) -> DecodeConfig:
+    return base_config if name == GENERATE else base_config.model_copy(update={"decoder": name})
 
 
 def bench_decoders(

@@ -135,3 +135,27 @@ def test_speedup_pairs_each_run_with_the_ar_run_before_it():
     assert row["exact_match_vs_ar"] == 1.0
     single = summarize(run([1, 2, 3, 4], [4.0]), [[0]], run([1, 2, 3, 4], [2.0]))
     assert single["speedup_vs_ar"] == 0.5 and single["speedup_vs_ar_range"] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_bench_generate_reference_is_greedy_ar_by_transformers(micro_checkpoint, tmp_path, batch_size):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Ann has 3 pens.", "def f(x):", "Bo"]))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(micro_checkpoint), "--prompts", str(prompts), "--decoders",
+                 "generate,rolling", "--block-size", "4", "--max-new-tokens", "12", "--repeats", "1",
+                 "--batch-size", str(batch_size), "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert set(rows) == {"generate", "rolling"}
+    assert rows["generate"]["exact_match_vs_ar"] == 1.0 and rows["generate"]["tpf"] == 1.0
+    assert rows["generate"]["overhead_frac"] is None  # generate's forwards are not timed apart
+    assert rows["rolling"]["exact_match_vs_ar"] == 1.0
+
+
+def test_generate_rows_end_at_the_first_eos():
+    from jf_ray.bench import _until_eos
+
+    stopped = _until_eos([5, 7, 2, 0, 0], eos_ids=[2])
+    assert stopped.token_ids == [5, 7, 2] and stopped.finish_reason == "stop" and stopped.stats.tokens == 3
+    capped = _until_eos([5, 7, 9], eos_ids=[2])
+    assert capped.token_ids == [5, 7, 9] and capped.finish_reason == "length"

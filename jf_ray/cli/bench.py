@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 
 from jf_ray.cli.common import DECODERS, add_decode_options, add_model_options, decoder_list, positive_int
+
+
+BENCH_DECODERS = DECODERS + ("generate",)  # = jf_ray.bench.GENERATE, kept light to import
 
 
 def register(subparsers) -> None:
@@ -16,8 +20,9 @@ def register(subparsers) -> None:
     )
     add_model_options(parser)
     parser.add_argument("--prompts", required=True, help='JSONL file or URI, one {"prompt": ...} per line')
-    parser.add_argument("--decoders", type=decoder_list, default=list(DECODERS),
-                        help=f"comma-separated, from {','.join(DECODERS)}")
+    parser.add_argument("--decoders", type=partial(decoder_list, allowed=BENCH_DECODERS), default=list(DECODERS),
+                        help=f"comma-separated, from {','.join(BENCH_DECODERS)} (generate: transformers' greedy "
+                        "model.generate, a reference outside jf-ray's engine)")
     add_decode_options(parser)
     parser.add_argument("--batch-size", type=positive_int, default=1, help="requests decoded together")
     parser.add_argument("--num-prompts", type=positive_int, default=None, help="use the first N prompts")

@@ -17,17 +17,17 @@ def positive_int(text: str) -> int:
     return value
 
 
-def decoder_name(text: str) -> str:
-    if text not in DECODERS:
-        raise argparse.ArgumentTypeError(f"unknown decoder {text!r}; choose from {', '.join(DECODERS)}")
+def decoder_name(text: str, allowed: tuple[str, ...] = DECODERS) -> str:
+    if text not in allowed:
+        raise argparse.ArgumentTypeError(f"unknown decoder {text!r}; choose from {', '.join(allowed)}")
     return text
 
 
-def decoder_list(text: str) -> list[str]:
+def decoder_list(text: str, allowed: tuple[str, ...] = DECODERS) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
         raise argparse.ArgumentTypeError("no decoder given")
-    return [decoder_name(name) for name in names]
+    return [decoder_name(name, allowed) for name in names]
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
