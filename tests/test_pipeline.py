@@ -17,7 +17,7 @@ from jf_ray.pipeline import PipelineConfig, run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
-DECODERS = ["ar", "jacobi", "rolling", "mr", "lookup"]
+DECODERS = ["ar", "jacobi", "rolling", "mr", "lookup", "generate"]
 BENCH_FIELDS = ["tokens", "forwards", "tpf", "tokens_per_s", "wall_s", "exact_match_vs_ar"]
 
 pytestmark = pytest.mark.slow

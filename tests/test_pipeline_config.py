@@ -108,6 +108,13 @@ def test_benchmark_decode_settings_are_checked_at_load():
         PipelineConfig.from_dict({"evaluation": {"decode": {"block_size": 8}}})
 
 
+def test_benchmark_decoders_are_checked_at_load():
+    cfg = PipelineConfig.from_dict({"evaluation": {"decoders": ["ar", "rolling", "generate"]}})
+    assert cfg.evaluation.decoders == ["ar", "rolling", "generate"]
+    with pytest.raises(ValueError, match="generat'"):
+        PipelineConfig.from_dict({"evaluation": {"decoders": ["ar", "generat"]}})
+
+
 def test_report_names_how_timed_runs_were_kept_and_rounds_numbers_by_size():
     from jf_ray.pipeline.report import _fmt, bench_settings
 

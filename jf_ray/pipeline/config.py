@@ -7,6 +7,7 @@ from typing import Literal, Optional, Union
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from jf_ray.config import Location, ModelLocation, StageConfig
+from jf_ray.bench import GENERATE
 from jf_ray.decoding.types import DECODER_NAMES, DecodeConfig
 
 Task = Literal["math", "code"]
@@ -93,7 +94,10 @@ class TrainSettings(StageConfig):
 
 
 class EvalSettings(StageConfig):
-    decoders: list[str] = Field(list(DECODER_NAMES), description="decoders of the final benchmark")
+    decoders: list[str] = Field(
+        list(DECODER_NAMES), description="decoders of the final benchmark; 'generate' adds transformers' greedy "
+        "model.generate as a reference outside jf-ray's engine",
+    )
     round_decoder: str = Field(
         "ar", description="decoder of the per-round quality evaluation (greedy decoders give the same outputs; "
         "batched AR is the quickest)",
@@ -122,9 +126,10 @@ class EvalSettings(StageConfig):
     @field_validator("decoders")
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
-        unknown = [d for d in value if d not in DECODER_NAMES]
+        allowed = [*DECODER_NAMES, GENERATE]
+        unknown = [d for d in value if d not in allowed]
         if unknown:
-            raise ValueError(f"unknown decoders {unknown}; choose from {list(DECODER_NAMES)}")
+            raise ValueError(f"unknown decoders {unknown}; choose from {allowed}")
         return value
 
 

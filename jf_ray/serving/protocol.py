@@ -72,7 +72,7 @@ class _Request(BaseModel):
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported; must be 0")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported; must be 0")
     user: Optional[str] = Field(None, description="end-user id (logged only)")
-    decoder: Optional[DecoderName] = Field(None, description="extension: ar | jacobi | mr | lookup")
+    decoder: Optional[DecoderName] = Field(None, description="extension: ar | jacobi | rolling | mr | lookup")
 
     @field_validator("logprobs")
     @classmethod
