@@ -179,23 +179,23 @@ def paired_speedups(run: DecoderRun, reference: DecoderRun) -> list[float]:
 def run_decoders(
     model, prompts: list[list[int]], decoders: list[str], base_config: DecodeConfig, eos_ids: list[int],
     batch_size: int = 1, progress_factory: Optional[Callable[[str, int], Callable[[int], None]]] = None,
-    repeats: int = 1,
+    repeats: int = 1, warmup: bool = True,
 ) -> dict[str, DecoderRun]:
     """Run AR (the reference), then each decoder, back to back under the same conditions.
 
     With ``repeats > 1`` the whole sequence runs that many times, interleaved (ar, jacobi, ..., ar, jacobi,
     ...), and each decoder keeps its run of median wall time, with every repeat's wall time beside it: a
     background burst on a small machine then hits every decoder alike instead of one of them. Outputs are the
-    same in every repeat (greedy).
+    same in every repeat (greedy). ``warmup=False`` skips the untimed first runs where only outputs matter.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     order = ["ar"] + [d for d in decoders if d != "ar"]
     # First-call costs (allocations, kernel selection; on a GPU many times a forward) are not timed: each
     # decoder first runs briefly on one batch, so every query width and batch shape has been met once.
-    for name in order:
-        warmup = _config(base_config, name).model_copy(update={"max_new_tokens": min(32, base_config.max_new_tokens)})
-        _runner(name)(model, prompts[:batch_size], warmup, eos_ids, batch_size)
+    for name in order if warmup else []:
+        short = _config(base_config, name).model_copy(update={"max_new_tokens": min(32, base_config.max_new_tokens)})
+        _runner(name)(model, prompts[:batch_size], short, eos_ids, batch_size)
     timed: dict[str, list[DecoderRun]] = {name: [] for name in order}
     for repeat in range(repeats):
         for name in order:

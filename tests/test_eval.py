@@ -159,3 +159,18 @@ def test_generate_rows_end_at_the_first_eos():
     assert stopped.token_ids == [5, 7, 2] and stopped.finish_reason == "stop" and stopped.stats.tokens == 3
     capped = _until_eos([5, 7, 9], eos_ids=[2])
     assert capped.token_ids == [5, 7, 9] and capped.finish_reason == "length"
+
+
+def test_run_decoders_without_warmup_runs_each_decoder_once_per_repeat(micro_checkpoint, monkeypatch):
+    import jf_ray.bench as bench
+
+    calls = []
+    real_run_decoder = bench.run_decoder
+    monkeypatch.setattr(bench, "run_decoder", lambda *a, **k: calls.append(a[2].decoder) or real_run_decoder(*a, **k))
+    model = load_model(str(micro_checkpoint))
+    config = DecodeConfig(block_size=4, max_new_tokens=6)
+    runs = bench.run_decoders(model, [[5, 6, 7], [8, 9]], ["ar", "rolling"], config, [], warmup=False)
+    assert calls == ["ar", "rolling"] and runs["rolling"].results[0].token_ids == runs["ar"].results[0].token_ids
+    calls.clear()
+    bench.run_decoders(model, [[5, 6, 7]], ["rolling"], config, [], repeats=2)
+    assert calls == ["ar", "rolling"] * 3  # one untimed warm-up each, then two interleaved repeats

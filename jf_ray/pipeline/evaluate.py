@@ -31,8 +31,10 @@ def score_outputs(task: str, texts: list[str], examples) -> dict:
 
 def evaluate_task(model_uri: str, task: str, examples_uri: str, decoders: list[str], block_size: int,
                   max_new_tokens: int, batch_size: int, seed: int = 0, threads: Optional[int] = None,
-                  repeats: int = 1, decode: Optional[dict] = None) -> dict:
-    """{decoder: bench fields + accuracy (math) or loss and parse_rate (code)} for ``model_uri``."""
+                  repeats: int = 1, decode: Optional[dict] = None, warmup: bool = True) -> dict:
+    """{decoder: bench fields + accuracy (math) or loss and parse_rate (code)} for ``model_uri``.
+
+    ``warmup=False`` where only the outputs count (the per-round quality evaluation), not the timing."""
     from jf_ray.modeling import encode_prompt, eos_token_ids, load_model, load_tokenizer, set_torch_threads
 
     set_torch_threads(threads)
@@ -40,7 +42,8 @@ def evaluate_task(model_uri: str, task: str, examples_uri: str, decoders: list[s
     examples = read_examples(examples_uri)
     prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
     config = DecodeConfig(block_size=block_size, max_new_tokens=max_new_tokens, seed=seed, **(decode or {}))
-    runs = run_decoders(model, prompts, decoders, config, eos_token_ids(model, tokenizer), batch_size, repeats=repeats)
+    runs = run_decoders(model, prompts, decoders, config, eos_token_ids(model, tokenizer), batch_size,
+                        repeats=repeats, warmup=warmup)
     extra = {"loss": answer_loss(model, tokenizer, examples)["loss"]} if task == "code" else {}
     report = {}
     for name in decoders:

@@ -173,7 +173,7 @@ def eval_stage(cfg: PipelineConfig, model: str, outputs: dict) -> dict:
             _eval_resources(cfg), model_uri=model, task=task,
             examples_uri=outputs["data"].get("quality", {}).get(task, bench_examples),
             decoders=[ev.round_decoder], block_size=ev.block_size, max_new_tokens=ev.max_new_tokens,
-            batch_size=max(ev.batch_size, 16), seed=cfg.seed, threads=ev.threads, decode=ev.decode,
+            batch_size=max(ev.batch_size, 16), seed=cfg.seed, threads=ev.threads, decode=ev.decode, warmup=False,
         )
         results[task] = report[ev.round_decoder]
     return {"model": model, "eval": results}
