@@ -143,6 +143,9 @@ def summarize(run: DecoderRun, prompts: list[list[int]], reference: Optional[Dec
         rep, n = repetition(prompt, r.token_ids)
         repeated, total = repeated + rep, total + n
     tokens_per_s = stats.tokens / run.wall_s if run.wall_s else 0.0
+    overhead = None  # unknown where the forwards were not timed apart (the generate reference)
+    if run.forward_s is not None:
+        overhead = round(1.0 - run.forward_s / run.wall_s, 4) if run.wall_s else 0.0
     summary = {
         "tokens": stats.tokens,
         "forwards": stats.forwards,
@@ -153,7 +156,7 @@ def summarize(run: DecoderRun, prompts: list[list[int]], reference: Optional[Dec
         "speedup_vs_ar": None,
         "repetition": round(repeated / total, 4) if total else 0.0,
         "peak_rss_mb": round(run.peak_rss_mb, 1),
-        "overhead_frac": round(1.0 - run.forward_s / run.wall_s, 4) if run.wall_s and run.forward_s else None,
+        "overhead_frac": overhead,
         "accepted_hist": {str(k): v for k, v in sorted(stats.accepted_hist.items())},
         "recycled_hits": stats.recycled_hits,
     }
@@ -193,9 +196,10 @@ def run_decoders(
     order = ["ar"] + [d for d in decoders if d != "ar"]
     # First-call costs (allocations, kernel selection; on a GPU many times a forward) are not timed: each
     # decoder first runs briefly on one batch, so every query width and batch shape has been met once.
-    for name in order if warmup else []:
-        short = _config(base_config, name).model_copy(update={"max_new_tokens": min(32, base_config.max_new_tokens)})
-        _runner(name)(model, prompts[:batch_size], short, eos_ids, batch_size)
+    if warmup:
+        short = base_config.model_copy(update={"max_new_tokens": min(32, base_config.max_new_tokens)})
+        for name in order:
+            _runner(name)(model, prompts[:batch_size], _config(short, name), eos_ids, batch_size)
     timed: dict[str, list[DecoderRun]] = {name: [] for name in order}
     for repeat in range(repeats):
         for name in order:
