@@ -23,12 +23,13 @@ from typing import Callable, Optional
 import psutil
 import torch
 
-from jf_ray.decoding import DecodeConfig, DecodeResult, DecodeStats, DecodingEngine
+from jf_ray.decoding import DECODER_NAMES, DecodeConfig, DecodeResult, DecodeStats, DecodingEngine
 from jf_ray.modeling import attention_backends
 
 logger = logging.getLogger(__name__)
 
 GENERATE = "generate"  # bench-only decoder name: transformers' greedy generate, the outside reference
+BENCH_DECODERS: tuple[str, ...] = (*DECODER_NAMES, GENERATE)
 
 
 @dataclass

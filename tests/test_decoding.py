@@ -242,7 +242,9 @@ def test_rolling_jacobi_keeps_n_tokens_in_flight(model, prompts, ar_outputs):
 
 
 def test_cli_decoder_names_follow_the_decoding_package():
+    from jf_ray.bench import BENCH_DECODERS
+    from jf_ray.cli.bench import BENCH_DECODERS as CLI_BENCH_DECODERS
     from jf_ray.cli.common import DECODERS
     from jf_ray.decoding import DECODER_NAMES
 
-    assert DECODERS == DECODER_NAMES
+    assert DECODERS == DECODER_NAMES and CLI_BENCH_DECODERS == BENCH_DECODERS

@@ -9,7 +9,7 @@ from functools import partial
 from jf_ray.cli.common import DECODERS, add_decode_options, add_model_options, decoder_list, positive_int
 
 
-BENCH_DECODERS = DECODERS + ("generate",)  # = jf_ray.bench.GENERATE, kept light to import
+BENCH_DECODERS = DECODERS + ("generate",)  # = jf_ray.bench.BENCH_DECODERS, without importing torch
 
 
 def register(subparsers) -> None:

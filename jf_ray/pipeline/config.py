@@ -6,8 +6,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
+from jf_ray.bench import BENCH_DECODERS
 from jf_ray.config import Location, ModelLocation, StageConfig
-from jf_ray.bench import GENERATE
 from jf_ray.decoding.types import DECODER_NAMES, DecodeConfig
 
 Task = Literal["math", "code"]
@@ -126,10 +126,9 @@ class EvalSettings(StageConfig):
     @field_validator("decoders")
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
-        allowed = [*DECODER_NAMES, GENERATE]
-        unknown = [d for d in value if d not in allowed]
+        unknown = [d for d in value if d not in BENCH_DECODERS]
         if unknown:
-            raise ValueError(f"unknown decoders {unknown}; choose from {allowed}")
+            raise ValueError(f"unknown decoders {unknown}; choose from {list(BENCH_DECODERS)}")
         return value
 
 
