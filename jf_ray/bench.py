@@ -17,8 +17,8 @@ import logging
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import psutil
 import torch
@@ -36,7 +36,7 @@ BENCH_DECODERS: tuple[str, ...] = (*DECODER_NAMES, GENERATE)
 class DecoderRun:
     results: list[DecodeResult]
     wall_s: float
-    forward_s: Optional[float]  # time inside the model's forwards; None where it cannot be separated
+    forward_s: float | None  # time inside the model's forwards; None where it cannot be separated
     peak_rss_mb: float
     repeat_wall_s: list[float] = field(default_factory=list)  # every timed repeat, in the order run
 
@@ -59,7 +59,7 @@ class PeakRSS:
         self.interval_s, self.peak, self._stop = interval_s, 0, threading.Event()
         self._process = psutil.Process()
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.peak = self._process.memory_info().rss
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -76,8 +76,12 @@ class PeakRSS:
 
 
 def run_decoder(
-    model, prompts: list[list[int]], config: DecodeConfig, eos_ids: list[int], batch_size: int,
-    progress: Optional[Callable[[int], None]] = None,
+    model,
+    prompts: list[list[int]],
+    config: DecodeConfig,
+    eos_ids: list[int],
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
 ) -> DecoderRun:
     engine = DecodingEngine(model, eos_ids, max_batch_size=batch_size)
     for i, prompt in enumerate(prompts):
@@ -97,8 +101,12 @@ def run_decoder(
 
 
 def run_generate(
-    model, prompts: list[list[int]], config: DecodeConfig, eos_ids: list[int], batch_size: int,
-    progress: Optional[Callable[[int], None]] = None,
+    model,
+    prompts: list[list[int]],
+    config: DecodeConfig,
+    eos_ids: list[int],
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
 ) -> DecoderRun:
     """Greedy AR by ``model.generate`` in static, left-padded batches (a finished row waits for its batch)."""
     from transformers import GenerationConfig
@@ -106,8 +114,12 @@ def run_generate(
     if not config.greedy:
         raise ValueError("the generate reference decodes greedily only")
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    settings = GenerationConfig(max_new_tokens=config.max_new_tokens, do_sample=False, pad_token_id=pad,
-                                eos_token_id=list(eos_ids) or None)
+    settings = GenerationConfig(
+        max_new_tokens=config.max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=list(eos_ids) or None,
+    )
     device = next(model.parameters()).device
     results = []
     with PeakRSS() as rss:
@@ -135,7 +147,7 @@ def _until_eos(row: list[int], eos_ids: list[int]) -> DecodeResult:
     return DecodeResult(tokens, "length" if stop is None else "stop", stats)
 
 
-def summarize(run: DecoderRun, prompts: list[list[int]], reference: Optional[DecoderRun]) -> dict:
+def summarize(run: DecoderRun, prompts: list[list[int]], reference: DecoderRun | None) -> dict:
     stats = DecodeStats()
     for r in run.results:
         stats = stats.merge(r.stats)
@@ -176,14 +188,23 @@ def paired_speedups(run: DecoderRun, reference: DecoderRun) -> list[float]:
     tokens = sum(r.stats.tokens for r in run.results)
     ref_tokens = sum(r.stats.tokens for r in reference.results)
     walls, ref_walls = run.repeat_wall_s or [run.wall_s], reference.repeat_wall_s or [reference.wall_s]
-    return [(tokens / wall) / (ref_tokens / ref_wall) for wall, ref_wall in zip(walls, ref_walls)
-            if wall > 0 and ref_wall > 0 and ref_tokens]
+    return [
+        (tokens / wall) / (ref_tokens / ref_wall)
+        for wall, ref_wall in zip(walls, ref_walls)
+        if wall > 0 and ref_wall > 0 and ref_tokens
+    ]
 
 
 def run_decoders(
-    model, prompts: list[list[int]], decoders: list[str], base_config: DecodeConfig, eos_ids: list[int],
-    batch_size: int = 1, progress_factory: Optional[Callable[[str, int], Callable[[int], None]]] = None,
-    repeats: int = 1, warmup: bool = True,
+    model,
+    prompts: list[list[int]],
+    decoders: list[str],
+    base_config: DecodeConfig,
+    eos_ids: list[int],
+    batch_size: int = 1,
+    progress_factory: Callable[[str, int], Callable[[int], None]] | None = None,
+    repeats: int = 1,
+    warmup: bool = True,
 ) -> dict[str, DecoderRun]:
     """Run AR (the reference), then each decoder, back to back under the same conditions.
 
@@ -206,8 +227,14 @@ def run_decoders(
         for name in order:
             progress = progress_factory(name, len(prompts)) if progress_factory and repeat == 0 else None
             timed[name].append(_runner(name)(model, prompts, _config(base_config, name), eos_ids, batch_size, progress))
-            logger.info("%s (repeat %d/%d): %d tokens in %.2fs", name, repeat + 1, repeats,
-                        sum(len(r.token_ids) for r in timed[name][-1].results), timed[name][-1].wall_s)
+            logger.info(
+                "%s (repeat %d/%d): %d tokens in %.2fs",
+                name,
+                repeat + 1,
+                repeats,
+                sum(len(r.token_ids) for r in timed[name][-1].results),
+                timed[name][-1].wall_s,
+            )
     chosen = {}
     for name, runs in timed.items():
         chosen[name] = sorted(runs, key=lambda run: run.wall_s)[(len(runs) - 1) // 2]
@@ -224,8 +251,13 @@ def _config(base_config: DecodeConfig, name: str) -> DecodeConfig:
 
 
 def bench_decoders(
-    model, prompts: list[list[int]], decoders: list[str], base_config: DecodeConfig, eos_ids: list[int],
-    batch_size: int = 1, progress_factory: Optional[Callable[[str, int], Callable[[int], None]]] = None,
+    model,
+    prompts: list[list[int]],
+    decoders: list[str],
+    base_config: DecodeConfig,
+    eos_ids: list[int],
+    batch_size: int = 1,
+    progress_factory: Callable[[str, int], Callable[[int], None]] | None = None,
     repeats: int = 1,
 ) -> dict[str, dict]:
     """{decoder: bench fields} for the requested decoders (AR always runs, as the reference)."""

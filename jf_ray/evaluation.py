@@ -14,7 +14,8 @@ import logging
 import re
 import time
 from collections import Counter
-from typing import Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -48,9 +49,20 @@ class EvalConfig(StageConfig):
     decode: DecodeConfig = Field(default_factory=lambda: DecodeConfig(decoder="ar"), description="how to decode")
 
 
-def run_eval(model_uri: str, task: str, split: str = "heldout", decoder: str = "ar", n: int = 200,
-             seed: int = 0, block_size: int = 16, max_new_tokens: Optional[int] = None, batch_size: int = 8,
-             dtype: str = "auto", device: str = "auto", **decode_fields) -> dict:
+def run_eval(
+    model_uri: str,
+    task: str,
+    split: str = "heldout",
+    decoder: str = "ar",
+    n: int = 200,
+    seed: int = 0,
+    block_size: int = 16,
+    max_new_tokens: int | None = None,
+    batch_size: int = 8,
+    dtype: str = "auto",
+    device: str = "auto",
+    **decode_fields,
+) -> dict:
     """Load ``model_uri``, draw ``n`` examples of ``task``/``split`` and evaluate; returns the report dict.
 
     ``decode_fields`` are further :class:`DecodeConfig` fields (``num_blocks``, ``temperature``, ...).
@@ -58,14 +70,30 @@ def run_eval(model_uri: str, task: str, split: str = "heldout", decoder: str = "
     >>> report = run_eval("/tmp/jf-small", "math", decoder="jacobi", n=100)   # doctest: +SKIP
     >>> report["accuracy"], report["stats"]["tpf"]                           # doctest: +SKIP
     """
-    decode = dict(decoder=decoder, block_size=block_size, seed=seed, **decode_fields,
-                  max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(task, 256))
-    config = EvalConfig.from_dict(dict(model=model_uri, task=task, split=split, n=n, seed=seed,
-                                       batch_size=batch_size, dtype=dtype, device=device, decode=decode))
+    decode = dict(
+        decoder=decoder,
+        block_size=block_size,
+        seed=seed,
+        **decode_fields,
+        max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(task, 256),
+    )
+    config = EvalConfig.from_dict(
+        dict(
+            model=model_uri,
+            task=task,
+            split=split,
+            n=n,
+            seed=seed,
+            batch_size=batch_size,
+            dtype=dtype,
+            device=device,
+            decode=decode,
+        )
+    )
     return evaluate(config)
 
 
-def evaluate(config: EvalConfig, progress: Optional[Callable[[int], None]] = None) -> dict:
+def evaluate(config: EvalConfig, progress: Callable[[int], None] | None = None) -> dict:
     from jf_ray.modeling import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
@@ -76,8 +104,14 @@ def evaluate(config: EvalConfig, progress: Optional[Callable[[int], None]] = Non
     return {"config": config.model_dump(), **report}
 
 
-def evaluate_math(model, tokenizer, problems: list[Example], decode_config: DecodeConfig, batch_size: int = 8,
-                  progress: Optional[Callable[[int], None]] = None) -> dict:
+def evaluate_math(
+    model,
+    tokenizer,
+    problems: list[Example],
+    decode_config: DecodeConfig,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """Exact final-answer accuracy of greedy/sampled solutions to ``problems``."""
     outputs, decode = decode_examples(model, tokenizer, problems, decode_config, batch_size, progress)
     correct = [is_correct(text, problem.answer) for text, problem in zip(outputs, problems)]
@@ -95,8 +129,14 @@ def evaluate_math(model, tokenizer, problems: list[Example], decode_config: Deco
     }
 
 
-def evaluate_code(model, tokenizer, examples: list[Example], decode_config: DecodeConfig, batch_size: int = 8,
-                  progress: Optional[Callable[[int], None]] = None) -> dict:
+def evaluate_code(
+    model,
+    tokenizer,
+    examples: list[Example],
+    decode_config: DecodeConfig,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """Held-out loss of the reference bodies and the share of generated bodies that parse."""
     loss = answer_loss(model, tokenizer, examples, batch_size)
     outputs, decode = decode_examples(model, tokenizer, examples, decode_config, batch_size, progress)
@@ -122,8 +162,14 @@ def extract_code(text: str) -> str:
     return match.group(1) if match else text
 
 
-def decode_examples(model, tokenizer, examples: list[Example], decode_config: DecodeConfig, batch_size: int,
-                    progress: Optional[Callable[[int], None]] = None) -> tuple[list[str], dict]:
+def decode_examples(
+    model,
+    tokenizer,
+    examples: list[Example],
+    decode_config: DecodeConfig,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[str], dict]:
     """Decode every prompt (chat template) in batches; returns the texts and a stats section for the report."""
     from jf_ray.modeling import encode_prompt, eos_token_ids
 
@@ -135,8 +181,11 @@ def decode_examples(model, tokenizer, examples: list[Example], decode_config: De
     for result in results:
         stats = stats.merge(result.stats)
     texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in results]
-    return texts, {"decoder": decode_config.decoder, "stats": batch_stats(stats, wall_s),
-                   "finish_reasons": dict(Counter(r.finish_reason for r in results))}
+    return texts, {
+        "decoder": decode_config.decoder,
+        "stats": batch_stats(stats, wall_s),
+        "finish_reasons": dict(Counter(r.finish_reason for r in results)),
+    }
 
 
 def batch_stats(stats: DecodeStats, wall_s: float) -> dict:

@@ -53,7 +53,7 @@ def resolve_device(device: str = "auto") -> str:
 def local_model_path(model: str) -> str:
     """Map a model reference to something ``from_pretrained`` takes (a local dir or a hub name)."""
     if model.startswith("file://"):
-        model = model[len("file://"):]
+        model = model[len("file://") :]
     if "://" in model:
         from jf_ray.storage import download_dir
 

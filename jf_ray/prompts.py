@@ -67,6 +67,4 @@ def read_prompts(uri: str) -> list[Prompt]:
 
 def shard_prompts(prompts: list[Prompt], shard_size: int) -> list[tuple[str, list[Prompt]]]:
     """Consecutive shards of ``shard_size`` prompts named ``shard-00000``, ``shard-00001``, ..."""
-    return [
-        (f"shard-{i // shard_size:05d}", prompts[i : i + shard_size]) for i in range(0, len(prompts), shard_size)
-    ]
+    return [(f"shard-{i // shard_size:05d}", prompts[i : i + shard_size]) for i in range(0, len(prompts), shard_size)]

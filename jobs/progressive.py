@@ -26,7 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     from jf_ray.config import ConfigError
     from jf_ray.errors import UserInputError
     from jf_ray.pipeline import PipelineConfig, run_pipeline
-
     from jf_ray.raycluster import prepare_local_ray
 
     try:

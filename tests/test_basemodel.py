@@ -29,11 +29,14 @@ def small_tokenizer():
     return train_tokenizer(TEXTS, vocab_size=400)
 
 
-@pytest.mark.parametrize("text", [
-    "def f(x):\n\treturn x ** 2  # tab\n",
-    "Zoë paid 1234567890 € — ✓ 🙂\r\n  trailing  ",
-    "<b>unseen words</b> \x00 \\ \" '",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "def f(x):\n\treturn x ** 2  # tab\n",
+        "Zoë paid 1234567890 € — ✓ 🙂\r\n  trailing  ",
+        "<b>unseen words</b> \x00 \\ \" '",
+    ],
+)
 def test_tokenizer_round_trips_text(small_tokenizer, text):
     ids = small_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert small_tokenizer.decode(ids) == text
@@ -94,13 +97,23 @@ def test_packed_rows_attend_only_within_their_sequence():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128)
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     model = Qwen2ForCausalLM(config).eval()
     first, second = torch.randint(0, 64, (1, 7)), torch.randint(0, 64, (1, 5))
     positions = torch.tensor([list(range(7)) + list(range(5))])
-    packed = model(input_ids=torch.cat([first, second], 1), position_ids=positions,
-                   attention_mask=sequence_mask(positions)).logits
+    packed = model(
+        input_ids=torch.cat([first, second], 1),
+        position_ids=positions,
+        attention_mask=sequence_mask(positions),
+    ).logits
     torch.testing.assert_close(packed[:, :7], model(input_ids=first).logits, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(packed[:, 7:], model(input_ids=second).logits, atol=1e-5, rtol=1e-4)
 

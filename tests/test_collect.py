@@ -59,8 +59,17 @@ def reference(checkpoint, prompt_texts):
 
 
 def _config(checkpoint, prompts_uri, out, **overrides) -> CollectConfig:
-    values = dict(model=str(checkpoint), prompts=prompts_uri, out=out, block_size=BLOCK_SIZE,
-                  max_new_tokens=MAX_NEW_TOKENS, workers=2, batch_size=2, shard_size=2, progress=False)
+    values = dict(
+        model=str(checkpoint),
+        prompts=prompts_uri,
+        out=out,
+        block_size=BLOCK_SIZE,
+        max_new_tokens=MAX_NEW_TOKENS,
+        workers=2,
+        batch_size=2,
+        shard_size=2,
+        progress=False,
+    )
     return CollectConfig(**{**values, **overrides})
 
 
@@ -79,7 +88,12 @@ def _check_dataset(out: str, reference: dict[str, list[int]]) -> None:
 def test_collect_two_workers_then_rerun_skips_everything(ray_session, checkpoint, prompts_uri, reference, tmp_path):
     out = f"file://{tmp_path}/traj"
     summary = collect(_config(checkpoint, prompts_uri, out))
-    assert (summary["prompts"], summary["shards"], summary["shards_run"], summary["retries"]) == (10, 5, 5, [])
+    assert (summary["prompts"], summary["shards"], summary["shards_run"], summary["retries"]) == (
+        10,
+        5,
+        5,
+        [],
+    )
     assert sorted(w["worker"] for w in summary["workers"]) == [0, 1]
     assert summary["tokens"] == sum(len(r) for r in reference.values())
     assert all(w["tokens_per_s"] > 0 for w in summary["workers"])
@@ -168,17 +182,41 @@ def test_collect_to_s3_roundtrips(ray_session, s3_bucket, checkpoint, prompt_tex
 
 
 def test_a_failing_backend_fails_the_run_after_max_attempts(ray_session, prompts_uri, tmp_path):
-    config = CollectConfig(model=str(tmp_path / "no_such_model"), prompts=prompts_uri, out=str(tmp_path / "t"),
-                           workers=1, shard_size=10, max_shard_attempts=2, progress=False)
+    config = CollectConfig(
+        model=str(tmp_path / "no_such_model"),
+        prompts=prompts_uri,
+        out=str(tmp_path / "t"),
+        workers=1,
+        shard_size=10,
+        max_shard_attempts=2,
+        progress=False,
+    )
     with pytest.raises(CollectionFailed, match="failed 2 times.*model path not found"):
         collect(config)
 
 
 def test_cli_collect(ray_session, checkpoint, prompts_uri, reference, tmp_path, capsys):
     out = str(tmp_path / "traj")
-    argv = ["collect", "--model", str(checkpoint), "--prompts", prompts_uri, "--block-size", str(BLOCK_SIZE),
-            "--out", out, "--workers", "2", "--batch-size", "3", "--max-new-tokens", str(MAX_NEW_TOKENS),
-            "--set", "shard_size=5", "--no-progress"]
+    argv = [
+        "collect",
+        "--model",
+        str(checkpoint),
+        "--prompts",
+        prompts_uri,
+        "--block-size",
+        str(BLOCK_SIZE),
+        "--out",
+        out,
+        "--workers",
+        "2",
+        "--batch-size",
+        "3",
+        "--max-new-tokens",
+        str(MAX_NEW_TOKENS),
+        "--set",
+        "shard_size=5",
+        "--no-progress",
+    ]
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
     assert "tok/s" in printed and "10 prompts" in printed
@@ -188,8 +226,17 @@ def test_cli_collect(ray_session, checkpoint, prompts_uri, reference, tmp_path, 
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):
-    argv = ["collect", "--model", "m", "--prompts", str(tmp_path / "missing.jsonl"), "--block-size", "4",
-            "--out", str(tmp_path / "o")]
+    argv = [
+        "collect",
+        "--model",
+        "m",
+        "--prompts",
+        str(tmp_path / "missing.jsonl"),
+        "--block-size",
+        "4",
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert cli_main(argv) == 2
     assert "not found" in capsys.readouterr().err
     assert cli_main(argv[:-2] + ["--out", str(tmp_path / "o"), "--block-size", "0"]) == 2

@@ -102,7 +102,10 @@ def test_committed_kv_equals_a_plain_forward(model, prompts):
 def test_multiblock_with_one_block_and_no_pool_is_plain_jacobi(model, prompts):
     jacobi = generate(model, prompts, DecodeConfig(decoder="jacobi", block_size=16, max_new_tokens=70), [])
     mr = generate(
-        model, prompts, DecodeConfig(decoder="mr", block_size=16, num_blocks=1, pool_size=0, max_new_tokens=70), []
+        model,
+        prompts,
+        DecodeConfig(decoder="mr", block_size=16, num_blocks=1, pool_size=0, max_new_tokens=70),
+        [],
     )
     assert [r.token_ids for r in mr] == [r.token_ids for r in jacobi]
     assert [r.stats.forwards for r in mr] == [r.stats.forwards for r in jacobi]
@@ -190,8 +193,7 @@ def test_ngram_pool_candidates_start_with_the_head_and_keep_the_draft_length():
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_multiblock_spawning_early_is_still_exact(model, prompts, ar_outputs, spawn_ratio, block_size, batch_size):
     """Pseudo blocks spawned after a few accepted tokens (the default job's r = 0.5) run far ahead of RA."""
-    config = DecodeConfig(decoder="mr", block_size=block_size, num_blocks=3, spawn_ratio=spawn_ratio,
-                          max_new_tokens=70)
+    config = DecodeConfig(decoder="mr", block_size=block_size, num_blocks=3, spawn_ratio=spawn_ratio, max_new_tokens=70)
     results = generate(model, prompts, config, [], batch_size=batch_size)
     assert [r.token_ids for r in results] == ar_outputs
 
@@ -200,18 +202,19 @@ def test_recycling_without_context_copying_is_still_exact():
     model = cycle_qwen2()
     prompts = [[0, 1, 2, 3], [5, 6, 7]]
     ar = generate(model, prompts, DecodeConfig(decoder="ar", max_new_tokens=50), [])
-    config = DecodeConfig(decoder="mr", block_size=8, num_blocks=3, spawn_ratio=0.5, recycle_context=False,
-                          max_new_tokens=50)
+    config = DecodeConfig(
+        decoder="mr", block_size=8, num_blocks=3, spawn_ratio=0.5, recycle_context=False, max_new_tokens=50
+    )
     out = generate(model, prompts, config, [], batch_size=2)
     assert [r.token_ids for r in out] == [r.token_ids for r in ar]
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 5, 16])
 @pytest.mark.parametrize("max_new_tokens", [1, 9, 32, 33])
-def test_trajectories_cover_every_token_with_full_length_states(model, prompts, ar_outputs, block_size,
-                                                                 max_new_tokens):
-    config = DecodeConfig(decoder="jacobi", block_size=block_size, max_new_tokens=max_new_tokens,
-                          record_trajectory=True)
+def test_trajectories_cover_every_token_with_full_length_states(model, prompts, ar_outputs, block_size, max_new_tokens):
+    config = DecodeConfig(
+        decoder="jacobi", block_size=block_size, max_new_tokens=max_new_tokens, record_trajectory=True
+    )
     for prompt, result, expected in zip(prompts, generate(model, prompts, config, []), ar_outputs):
         blocks = result.trajectory
         assert [b.block_index for b in blocks] == list(range(len(blocks)))
@@ -225,12 +228,15 @@ def test_trajectories_cover_every_token_with_full_length_states(model, prompts, 
 def test_rolling_jacobi_keeps_n_tokens_in_flight(model, prompts, ar_outputs):
     """Block Jacobi's draft shrinks towards the end of its block; the rolling window never does (until the cap)."""
     widths: list[int] = []
-    hook = model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
-                                           with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
     try:
         for decoder in ("jacobi", "rolling"):
             widths.clear()
-            (result,) = generate(model, [prompts[1]], DecodeConfig(decoder=decoder, block_size=8, max_new_tokens=70), [])
+            (result,) = generate(
+                model, [prompts[1]], DecodeConfig(decoder=decoder, block_size=8, max_new_tokens=70), []
+            )
             assert result.token_ids == ar_outputs[1]
             decode_widths = widths[1:]  # after the prefill
             if decoder == "jacobi":

@@ -52,8 +52,13 @@ def test_parallel_decoders_reproduce_greedy_ar(micro, decoder):
 def test_evaluate_code_loss_and_parse_rate(micro):
     model, tokenizer = micro
     examples = load_examples("code", "heldout", 4, seed=0)
-    report = evaluate_code(model, tokenizer, examples, DecodeConfig(decoder="jacobi", block_size=8,
-                                                                   max_new_tokens=16), batch_size=2)
+    report = evaluate_code(
+        model,
+        tokenizer,
+        examples,
+        DecodeConfig(decoder="jacobi", block_size=8, max_new_tokens=16),
+        batch_size=2,
+    )
     assert report["n"] == 4 and 0.0 <= report["parse_rate"] <= 1.0
     # Barely trained: the loss is far above a trained model's and below a uniform guess over the vocabulary.
     assert 0.0 < report["loss"] < math.log(len(tokenizer)) + 1.0
@@ -77,8 +82,27 @@ def test_run_eval_facade(micro_checkpoint):
 
 def test_cli_eval_writes_json(micro_checkpoint, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    code = main(["eval", "--model", str(micro_checkpoint), "--task", "code", "--n", "2", "--decoder", "jacobi",
-                 "--block-size", "4", "--max-new-tokens", "8", "--threads", "1", "--json", str(out)])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(micro_checkpoint),
+            "--task",
+            "code",
+            "--n",
+            "2",
+            "--decoder",
+            "jacobi",
+            "--block-size",
+            "4",
+            "--max-new-tokens",
+            "8",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     assert report["task"] == "code" and report["decoder"] == "jacobi" and STAT_KEYS <= set(report["stats"])
@@ -101,9 +125,27 @@ def test_cli_bench_reports_every_decoder_exact_vs_ar_with_repeats(micro_checkpoi
     real_run_decoder = bench.run_decoder
     monkeypatch.setattr(bench, "run_decoder", lambda *a, **k: calls.append(a[2].decoder) or real_run_decoder(*a, **k))
     out = tmp_path / "bench.json"
-    code = main(["bench", "--model", str(micro_checkpoint), "--prompts", str(prompts), "--decoders", "jacobi,mr",
-                 "--block-size", "4", "--max-new-tokens", "12", "--repeats", "2", "--threads", "1",
-                 "--json", str(out)])
+    code = main(
+        [
+            "bench",
+            "--model",
+            str(micro_checkpoint),
+            "--prompts",
+            str(prompts),
+            "--decoders",
+            "jacobi,mr",
+            "--block-size",
+            "4",
+            "--max-new-tokens",
+            "12",
+            "--repeats",
+            "2",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     assert report["config"]["repeats"] == 2 and set(report["results"]) == {"jacobi", "mr"}
@@ -142,9 +184,32 @@ def test_bench_generate_reference_is_greedy_ar_by_transformers(micro_checkpoint,
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Ann has 3 pens.", "def f(x):", "Bo"]))
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", str(micro_checkpoint), "--prompts", str(prompts), "--decoders",
-                 "generate,rolling", "--block-size", "4", "--max-new-tokens", "12", "--repeats", "1",
-                 "--batch-size", str(batch_size), "--threads", "1", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(micro_checkpoint),
+                "--prompts",
+                str(prompts),
+                "--decoders",
+                "generate,rolling",
+                "--block-size",
+                "4",
+                "--max-new-tokens",
+                "12",
+                "--repeats",
+                "1",
+                "--batch-size",
+                str(batch_size),
+                "--threads",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())["results"]
     assert set(rows) == {"generate", "rolling"}
     assert rows["generate"]["exact_match_vs_ar"] == 1.0 and rows["generate"]["tpf"] == 1.0

@@ -114,14 +114,24 @@ def test_fsdp2_over_nccl_trains_like_a_plain_model_and_saves_full_weights(tmp_pa
     from jf_ray.training.ray_train import shard_model
 
     batch = packed_batch(1).to("cuda")
-    config = TrainConfig(model="m", data="d", out="o", strategy="fsdp", lr=3e-3, warmup_ratio=0.0, steps=3,
-                         precision="fp32")  # fmt: skip
+    config = TrainConfig(
+        model="m", data="d", out="o", strategy="fsdp", lr=3e-3, warmup_ratio=0.0, steps=3, precision="fp32"
+    )
 
     def train(model):
         optimizer = build_optimizer(model, config)
         scheduler = build_scheduler(optimizer, 3, 0.0)
-        state = run_loop(model, lambda step: [batch], optimizer, scheduler, config, 3, LoopState(), "cuda",
-                         lambda s, m: None)  # fmt: skip
+        state = run_loop(
+            model,
+            lambda step: [batch],
+            optimizer,
+            scheduler,
+            config,
+            3,
+            LoopState(),
+            "cuda",
+            lambda s, m: None,
+        )
         return optimizer, scheduler, state
 
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
@@ -153,9 +163,19 @@ def test_ray_train_on_a_gpu_worker_lowers_the_loss_in_bf16(strategy, micro_check
     writer = DatasetWriter(f"file://{tmp_path}/packed", PACKED_SCHEMA)
     writer.write_shard("part-0", packed_to_table(packed))
     writer.commit()
-    config = TrainConfig(model=str(micro_checkpoint), data=f"file://{tmp_path}/packed", out=f"file://{tmp_path}/runs",
-                         lr=3e-3, warmup_ratio=0.0, micro_batch_size=2, steps=8, workers=1, use_gpu=True,
-                         strategy=strategy, run_name=strategy)  # fmt: skip
+    config = TrainConfig(
+        model=str(micro_checkpoint),
+        data=f"file://{tmp_path}/packed",
+        out=f"file://{tmp_path}/runs",
+        lr=3e-3,
+        warmup_ratio=0.0,
+        micro_batch_size=2,
+        steps=8,
+        workers=1,
+        use_gpu=True,
+        strategy=strategy,
+        run_name=strategy,
+    )
     summary = train(config)
     log = [json.loads(line) for line in read_bytes(summary["metrics_log"]).decode().splitlines()]
     assert [entry["step"] for entry in log] == list(range(1, 9))
@@ -179,17 +199,28 @@ def test_serve_app_on_a_gpu_replica_answers_greedy_like_ar(ray_session, tmp_path
     checkpoint = build_tiny_checkpoint(str(tmp_path / "ckpt"))
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).cuda().eval()
-    expected = tokenizer.decode(hf_greedy(model, tokenizer(PROMPT)["input_ids"], 48), skip_special_tokens=True,
-                                clean_up_tokenization_spaces=False)  # fmt: skip
-    config = ServeConfig(model=checkpoint, model_name="tiny", dtype="fp32", device="cuda", num_gpus=1,
-                         port=_free_port(), decode={"decoder": "mr", "block_size": 16})  # fmt: skip
+    expected = tokenizer.decode(
+        hf_greedy(model, tokenizer(PROMPT)["input_ids"], 48),
+        skip_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+    )
+    config = ServeConfig(
+        model=checkpoint,
+        model_name="tiny",
+        dtype="fp32",
+        device="cuda",
+        num_gpus=1,
+        port=_free_port(),
+        decode={"decoder": "mr", "block_size": 16},
+    )
     serve.start(http_options={"host": config.host, "port": config.port})
     try:
         serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
         client = OpenAI(base_url=f"http://{config.host}:{config.port}/v1", api_key="none", max_retries=0, timeout=120)
         for decoder in ("ar", "jacobi", "mr"):
-            reply = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=48, temperature=0,
-                                              extra_body={"decoder": decoder})  # fmt: skip
+            reply = client.completions.create(
+                model="tiny", prompt=PROMPT, max_tokens=48, temperature=0, extra_body={"decoder": decoder}
+            )
             assert reply.choices[0].text == expected, decoder
     finally:
         serve.shutdown()

@@ -16,8 +16,12 @@ NOISY_BLOCKS = [[10, 11, 40, 41], [14, 42, 43, 44], [18, 19]]  # diverge at 2, 1
 
 
 def batch(ar_on_prompt=False, positions="from_divergence", noisy=NOISY_BLOCKS, **kwargs):
-    return collate([TrainSequence(PROMPT, noisy, CLEAN)], ar_on_prompt=ar_on_prompt,
-                   consistency_positions=positions, **kwargs)  # fmt: skip
+    return collate(
+        [TrainSequence(PROMPT, noisy, CLEAN)],
+        ar_on_prompt=ar_on_prompt,
+        consistency_positions=positions,
+        **kwargs,
+    )
 
 
 def test_ar_targets_are_the_next_tokens_of_prompt_plus_clean_response():
@@ -107,4 +111,3 @@ def test_total_combines_the_parts_with_their_weights():
     assert parts.ar_targets == 10 and parts.anchor_targets == 3
     weighted = jacobi_forcing_loss(logits, b, ar_weight=1.0, anchor_weight=1.0, consistency_weight=0.0)
     torch.testing.assert_close(weighted.total, ar + anchor_loss)
-

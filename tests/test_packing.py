@@ -33,10 +33,17 @@ def fake_trajectory(prompt_id: str, prompt: list[int], response: list[int], n: i
         states.append(list(fixed))
         rows.append(
             {
-                "prompt_id": prompt_id, "block_index": j, "prompt_len": len(prompt), "prefix_ids": list(prefix),
-                "states": states, "fixed_point": list(fixed), "block_size": n, "model_id": "m", "round": 1,
+                "prompt_id": prompt_id,
+                "block_index": j,
+                "prompt_len": len(prompt),
+                "prefix_ids": list(prefix),
+                "states": states,
+                "fixed_point": list(fixed),
+                "block_size": n,
+                "model_id": "m",
+                "round": 1,
                 "ends_with_eos": True,
-            }  # fmt: skip
+            }
         )
         prefix += fixed
     return rows

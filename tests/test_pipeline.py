@@ -81,10 +81,19 @@ def test_resuming_a_finished_run_does_no_work(finished_run, tiny_base):
 def test_a_stage_killed_midway_is_redone_on_resume(tiny_base, tmp_path, ray_session):
     """Kill the whole job (process group) while round 1 collects; resuming redoes it, every prompt once."""
     run_dir = tmp_path / "killed"
-    overrides = [f"run_dir={run_dir}", f"base.model={tiny_base}", "workloads.train_prompts.math=24",
-                 "collect.shard_size=2", "collect.workers=1"]
-    job = subprocess.Popen([sys.executable, str(REPO / "jobs" / "progressive.py"), "--config", str(SMOKE),
-                            *overrides], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    overrides = [
+        f"run_dir={run_dir}",
+        f"base.model={tiny_base}",
+        "workloads.train_prompts.math=24",
+        "collect.shard_size=2",
+        "collect.workers=1",
+    ]
+    job = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "progressive.py"), "--config", str(SMOKE), *overrides],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     trajectories = run_dir / "round1" / "trajectories"
     try:
         deadline = time.time() + 600
@@ -118,9 +127,21 @@ def test_ray_job_submit_runs_the_smoke_job(tiny_base, tmp_path, ray_session):
     # A short temp dir: Ray's Unix socket paths must fit in ~107 characters, pytest's tmp_path may not.
     head = _start_head(ray_bin, env, Path(tempfile.mkdtemp(prefix="jfray-", dir="/tmp")))
     try:
-        command = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{head.dashboard_port}", "--",
-                   sys.executable, str(REPO / "jobs" / "progressive.py"), "--config", str(SMOKE),
-                   f"run_dir={run_dir}", f"base.model={tiny_base}", "rounds.1.steps=2"]
+        command = [
+            ray_bin,
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{head.dashboard_port}",
+            "--",
+            sys.executable,
+            str(REPO / "jobs" / "progressive.py"),
+            "--config",
+            str(SMOKE),
+            f"run_dir={run_dir}",
+            f"base.model={tiny_base}",
+            "rounds.1.steps=2",
+        ]
         for _ in range(30):  # the dashboard answers before its job agent is up: "No available agent"
             submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
             if "No available agent" not in submit.stderr:
@@ -148,12 +169,33 @@ def _start_head(ray_bin: str, env: dict, temp: Path, attempts: int = 3) -> subpr
     for _ in range(attempts):
         port, dashboard = _free_port(), _free_port()
         # Every port explicit: the defaults (e.g. the agent's 52365) clash with the test session's own cluster.
-        ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                          "runtime-env-agent-port", "metrics-export-port")]
-        head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}",
-                                 f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
-                                 f"--temp-dir={temp}", *ports], env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ports = [
+            f"--{name}={_free_port()}"
+            for name in (
+                "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port",
+                "runtime-env-agent-port",
+                "metrics-export-port",
+            )
+        ]
+        head = subprocess.Popen(
+            [
+                ray_bin,
+                "start",
+                "--head",
+                "--block",
+                f"--port={port}",
+                f"--dashboard-port={dashboard}",
+                "--num-cpus=2",
+                "--include-dashboard=true",
+                f"--temp-dir={temp}",
+                *ports,
+            ],
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         head.dashboard_port = dashboard
         if _answers(f"http://127.0.0.1:{dashboard}/api/version", head):
             return head

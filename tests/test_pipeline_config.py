@@ -26,11 +26,16 @@ def test_default_config_is_the_embedded_small_base_with_two_growing_rounds():
 
 
 def test_round_settings_and_extra_loss_fields_merge_into_the_train_config():
-    cfg = PipelineConfig.from_dict({
-        "run_dir": "/tmp/run",
-        "rounds": [{"block_size": 16, "steps": 7, "lr": 1e-3}, {"block_size": 32, "steps": 3, "lr": 5e-4}],
-        "train": {"ar_weight": 10.0, "extra": {"precision": "bf16", "loss": {"positions": "all"}}},
-    })
+    cfg = PipelineConfig.from_dict(
+        {
+            "run_dir": "/tmp/run",
+            "rounds": [
+                {"block_size": 16, "steps": 7, "lr": 1e-3},
+                {"block_size": 32, "steps": 3, "lr": 5e-4},
+            ],
+            "train": {"ar_weight": 10.0, "extra": {"precision": "bf16", "loss": {"positions": "all"}}},
+        }
+    )
     outputs = {
         "base": {"model": "/models/base"},
         "data": {"anchor": "/tmp/run/data/anchor.jsonl"},
@@ -45,8 +50,8 @@ def test_round_settings_and_extra_loss_fields_merge_into_the_train_config():
 
 
 def test_relative_paths_become_absolute_because_ray_workers_run_elsewhere(tmp_path, monkeypatch):
-    from jf_ray.trajectories.config import CollectConfig
     from jf_ray.training.config import TrainConfig
+    from jf_ray.trajectories.config import CollectConfig
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ckpt").mkdir()
@@ -69,11 +74,16 @@ def test_anchor_examples_as_a_total_or_per_task(tmp_path):
 
     even = PipelineConfig.from_dict({"workloads": {"anchor_examples": 10}})
     assert even.workloads.anchors_per_task() == {"math": 5, "code": 5}
-    cfg = PipelineConfig.from_dict({
-        "run_dir": str(tmp_path / "run"),
-        "workloads": {"train_prompts": {"math": 2, "code": 0}, "eval_prompts": {"math": 1, "code": 1},
-                      "anchor_examples": {"math": 6}},
-    })
+    cfg = PipelineConfig.from_dict(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "workloads": {
+                "train_prompts": {"math": 2, "code": 0},
+                "eval_prompts": {"math": 1, "code": 1},
+                "anchor_examples": {"math": 6},
+            },
+        }
+    )
     assert cfg.workloads.anchors_per_task() == {"math": 6, "code": 0}
     outputs = data_stage(cfg)
     anchors = [json.loads(line) for line in read_bytes(outputs["anchor"]).decode().splitlines()]

@@ -52,15 +52,30 @@ def chi_square_ok(counts: torch.Tensor, expected_probs: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize(
     "decoder,temperature,top_k,top_p",
-    [("ar", 1.0, 0, 1.0), ("jacobi", 1.0, 0, 1.0), ("rolling", 1.0, 0, 1.0), ("mr", 1.0, 0, 1.0),
-     ("lookup", 1.0, 0, 1.0), ("jacobi", 0.7, 5, 0.9), ("rolling", 0.7, 5, 0.9), ("mr", 0.7, 5, 0.9)],
+    [
+        ("ar", 1.0, 0, 1.0),
+        ("jacobi", 1.0, 0, 1.0),
+        ("rolling", 1.0, 0, 1.0),
+        ("mr", 1.0, 0, 1.0),
+        ("lookup", 1.0, 0, 1.0),
+        ("jacobi", 0.7, 5, 0.9),
+        ("rolling", 0.7, 5, 0.9),
+        ("mr", 0.7, 5, 0.9),
+    ],
 )
 def test_sampling_matches_the_model_distribution(model, decoder, temperature, top_k, top_p):
     expected = exact_marginals(model, temperature, top_k, top_p)
     counts = torch.zeros(DEPTH, VOCAB)
     configs = [
-        DecodeConfig(decoder=decoder, block_size=4, max_new_tokens=DEPTH, temperature=temperature,
-                     top_k=top_k, top_p=top_p, seed=seed)
+        DecodeConfig(
+            decoder=decoder,
+            block_size=4,
+            max_new_tokens=DEPTH,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+        )
         for seed in range(SAMPLES)
     ]
     engine = DecodingEngine(model, [], max_batch_size=256)  # one request per seed, batched

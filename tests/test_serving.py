@@ -43,16 +43,32 @@ def build_tiny_checkpoint(out_dir: str, context: int = 192) -> str:
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     core.train_from_iterator(corpus, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-        tie_word_embeddings=True, initializer_range=0.3, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        tie_word_embeddings=True,
+        initializer_range=0.3,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     Qwen2ForCausalLM(config).save_pretrained(out_dir)
@@ -76,16 +92,20 @@ def reference(checkpoint):
 
     def greedy(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         ids = torch.tensor([prompt_ids])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-        return out[0, len(prompt_ids):].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return out[0, len(prompt_ids) :].tolist()
 
     def text(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    return type("Reference", (), {"tokenizer": tokenizer, "greedy": staticmethod(greedy),
-                                  "text": staticmethod(text)})
+    return type("Reference", (), {"tokenizer": tokenizer, "greedy": staticmethod(greedy), "text": staticmethod(text)})
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +135,9 @@ def test_service_greedy_decoders_equal_transformers_ar(service, reference):
     prompt_ids = reference.tokenizer(PROMPT)["input_ids"]
     expected = reference.greedy(prompt_ids, 48)
     for decoder in ("ar", "jacobi", "rolling", "mr", "lookup"):
-        text, finish, usage = run(run_to_end(service, completion(service, prompt=PROMPT, max_tokens=48,
-                                                                 decoder=decoder)))
+        text, finish, usage = run(
+            run_to_end(service, completion(service, prompt=PROMPT, max_tokens=48, decoder=decoder))
+        )
         assert text == reference.text(expected), decoder
         assert usage.completion_tokens == len(expected)
         assert usage.tokens_per_forward == pytest.approx(usage.completion_tokens / usage.forwards, abs=1e-3)
@@ -170,8 +191,6 @@ def test_stop_string_ends_the_text_before_it(service):
     assert finish == "stop" and usage.completion_tokens < 40
 
 
-
-
 def test_generation_ends_at_eos_with_finish_reason_stop(checkpoint, reference, tmp_path):
     """A copy of the checkpoint whose generation config adds, as a second EOS, a token greedy emits at step 10."""
     import shutil
@@ -191,9 +210,14 @@ def test_generation_ends_at_eos_with_finish_reason_stop(checkpoint, reference, t
     try:
         for decoder in ("ar", "mr"):
             text, finish, usage = run(run_to_end(svc, completion(svc, prompt=PROMPT, max_tokens=40, decoder=decoder)))
-            assert (text, finish, usage.completion_tokens) == (reference.text(expected), "stop", len(expected))
+            assert (text, finish, usage.completion_tokens) == (
+                reference.text(expected),
+                "stop",
+                len(expected),
+            )
     finally:
         svc.shutdown()
+
 
 # ------------------------------------------------------------------------- Serve app over real HTTP
 API_KEY = "test-key"
@@ -213,12 +237,18 @@ def server(ray_session, checkpoint):
     """The Serve app on a local Ray cluster; yields its base URL. Torn down with the module."""
     from ray import serve
 
-    from jf_ray.serving.deployment import build_app
     from jf_ray.serving.config import ServeConfig
+    from jf_ray.serving.deployment import build_app
 
     config = ServeConfig(
-        model=checkpoint, model_name="tiny", api_key=API_KEY, max_batch_size=MAX_BATCH,
-        max_queued_requests=MAX_QUEUED, max_tokens_limit=160, default_max_tokens=64, port=_free_port(),
+        model=checkpoint,
+        model_name="tiny",
+        api_key=API_KEY,
+        max_batch_size=MAX_BATCH,
+        max_queued_requests=MAX_QUEUED,
+        max_tokens_limit=160,
+        default_max_tokens=64,
+        port=_free_port(),
         decode={"decoder": "mr", "block_size": 16},
     )
     serve.start(http_options={"host": config.host, "port": config.port})
@@ -253,8 +283,9 @@ def http(server: str, path: str, body: bytes | dict | None = None, key: str | No
 
 
 def chat_prompt_ids(reference, content: str) -> list[int]:
-    ids = reference.tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                                  add_generation_prompt=True, tokenize=True)
+    ids = reference.tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
+    )
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
@@ -268,20 +299,21 @@ def test_completions_greedy_equal_ar_for_every_decoder(client, reference):
     expected = reference.greedy(reference.tokenizer(PROMPT)["input_ids"], 64)
     for decoder in (None, "ar", "jacobi", "mr"):
         extra = {"decoder": decoder} if decoder else {}
-        out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=64, temperature=0,
-                                        extra_body=extra)
+        out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=64, temperature=0, extra_body=extra)
         assert out.choices[0].text == reference.text(expected), decoder
         usage = out.usage.model_dump()
         assert usage["completion_tokens"] == len(expected)
         assert usage["decoder"] == (decoder or "mr")
         assert usage["forwards"] >= 1 and usage["tokens_per_forward"] == pytest.approx(
-            usage["completion_tokens"] / usage["forwards"], abs=1e-3)
+            usage["completion_tokens"] / usage["forwards"], abs=1e-3
+        )
 
 
 def test_chat_completion_uses_the_chat_template(client, reference):
     expected = reference.greedy(chat_prompt_ids(reference, "Write a parser."), 40)
-    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Write a parser."}],
-                                         max_tokens=40)
+    out = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Write a parser."}], max_tokens=40
+    )
     assert out.choices[0].message.content == reference.text(expected)
     assert out.choices[0].message.role == "assistant"
     assert out.usage.prompt_tokens == len(chat_prompt_ids(reference, "Write a parser."))
@@ -289,8 +321,11 @@ def test_chat_completion_uses_the_chat_template(client, reference):
 
 def test_streaming_matches_non_streaming(client):
     whole = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=50).choices[0].text
-    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=50, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=50, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 50 and chunks[-1].usage.model_dump()["forwards"] >= 1
@@ -304,8 +339,11 @@ def test_streaming_matches_non_streaming(client):
 
 def test_sampling_with_a_seed_is_reproducible(client):
     def sample(seed: int) -> str:
-        return client.completions.create(model="tiny", prompt=PROMPT, max_tokens=32, temperature=1.0,
-                                         top_p=0.9, seed=seed).choices[0].text
+        return (
+            client.completions.create(model="tiny", prompt=PROMPT, max_tokens=32, temperature=1.0, top_p=0.9, seed=seed)
+            .choices[0]
+            .text
+        )
 
     assert sample(7) == sample(7)
     assert len({sample(7), sample(8), sample(9)}) > 1
@@ -325,7 +363,12 @@ def test_sampling_with_a_seed_is_reproducible(client):
         ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "decoder": "beam"}, 400, "decoder"),
         ("/v1/completions", {"model": "other", "prompt": PROMPT}, 404, "model"),
         ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
-        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": 3}]}, 400, "messages"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": 3}]},
+            400,
+            "messages",
+        ),
     ],
 )
 def test_bad_input_is_a_4xx_with_an_openai_error_body(server, path, body, status, param):
@@ -349,9 +392,14 @@ def test_concurrent_requests_share_forwards(client, server, reference):
     expected = reference.text(reference.greedy(reference.tokenizer(PROMPT)["input_ids"], 60))
     steps_before = http(server, "/health", key=None)[1]["batch_size_hist"]
     with ThreadPoolExecutor(MAX_BATCH) as pool:
-        outs = list(pool.map(lambda _: client.completions.create(model="tiny", prompt=PROMPT, max_tokens=60,
-                                                                 extra_body={"decoder": "jacobi"}),
-                             range(MAX_BATCH)))
+        outs = list(
+            pool.map(
+                lambda _: client.completions.create(
+                    model="tiny", prompt=PROMPT, max_tokens=60, extra_body={"decoder": "jacobi"}
+                ),
+                range(MAX_BATCH),
+            )
+        )
     assert all(o.choices[0].text == expected for o in outs)  # batching does not change greedy output
     assert max(o.usage.model_dump()["mean_batch_size"] for o in outs) > 1
     hist = http(server, "/health", key=None)[1]["batch_size_hist"]
@@ -383,8 +431,12 @@ def test_client_disconnect_mid_stream_frees_the_slot(server, reference):
     host, port = server.removeprefix("http://").split(":")
     conn = HTTPConnection(host, int(port), timeout=30)
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 150, "decoder": "ar", "stream": True}
-    conn.request("POST", "/v1/completions", json.dumps(body),
-                 {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    conn.request(
+        "POST",
+        "/v1/completions",
+        json.dumps(body),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+    )
     response = conn.getresponse()
     assert response.status == 200 and response.readline().startswith(b"data: ")
     conn.sock.shutdown(2)
@@ -409,8 +461,20 @@ def test_jf_ray_serve_runs_in_the_foreground_and_tears_down_on_sigterm(checkpoin
     port = _free_port()
     env = {**os.environ, **LOCAL_CLUSTER_ENV, "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "jf_ray.cli.main", "serve", "--model", checkpoint, "--port", str(port),
-           "--decoder", "jacobi", "--ray-cpus", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jf_ray.cli.main",
+        "serve",
+        "--model",
+        checkpoint,
+        "--port",
+        str(port),
+        "--decoder",
+        "jacobi",
+        "--ray-cpus",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline, health = time.monotonic() + 120, None
@@ -421,8 +485,12 @@ def test_jf_ray_serve_runs_in_the_foreground_and_tears_down_on_sigterm(checkpoin
                 pass
             time.sleep(0.5)
         assert health is not None and health[0] == 200, proc.stdout.read() if proc.poll() is not None else ""
-        status, body = http(f"http://127.0.0.1:{port}", "/v1/completions",
-                            {"model": os.path.basename(checkpoint), "prompt": PROMPT, "max_tokens": 8}, key=None)
+        status, body = http(
+            f"http://127.0.0.1:{port}",
+            "/v1/completions",
+            {"model": os.path.basename(checkpoint), "prompt": PROMPT, "max_tokens": 8},
+            key=None,
+        )
         assert status == 200 and body["usage"]["decoder"] == "jacobi"
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)

@@ -26,8 +26,17 @@ def bad_request(cls, payload) -> APIError:
 
 # ------------------------------------------------------------------------------------------- protocol
 def test_completion_request_accepts_openai_shapes_and_ignores_unknown_fields():
-    req = parse_request(CompletionRequest, {"model": "m", "prompt": ["hi"], "max_tokens": 5, "stop": "\n",
-                                            "temperature": 1, "some_future_field": {"x": 1}})
+    req = parse_request(
+        CompletionRequest,
+        {
+            "model": "m",
+            "prompt": ["hi"],
+            "max_tokens": 5,
+            "stop": "\n",
+            "temperature": 1,
+            "some_future_field": {"x": 1},
+        },
+    )
     assert req.prompt == "hi" and req.max_tokens == 5 and req.stop_strings == ["\n"] and req.temperature == 1.0
     assert parse_request(CompletionRequest, {"model": "m", "prompt": [1, 2, 3]}).prompt == [1, 2, 3]
     assert parse_request(CompletionRequest, {"model": "m", "prompt": "x", "decoder": "ar"}).decoder == "ar"
@@ -63,13 +72,22 @@ def test_body_must_be_an_object():
 
 
 def test_chat_request_validation():
-    req = parse_request(ChatCompletionRequest, {
-        "model": "m", "max_completion_tokens": 7,
-        "messages": [{"role": "developer", "content": "be brief"},
-                     {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
-    })
+    req = parse_request(
+        ChatCompletionRequest,
+        {
+            "model": "m",
+            "max_completion_tokens": 7,
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            ],
+        },
+    )
     assert req.max_tokens == 7
-    assert req.template_messages() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
+    assert req.template_messages() == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "ab"},
+    ]
     assert bad_request(ChatCompletionRequest, {"model": "m", "messages": []}).param == "messages"
     assert bad_request(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": " "}]})
     assert bad_request(ChatCompletionRequest, {"model": "m", "messages": [{"role": "robot", "content": "x"}]})
@@ -81,8 +99,16 @@ def test_response_bodies_have_openai_shape():
     from jf_ray.serving import protocol
     from jf_ray.serving.protocol import Usage
 
-    usage = Usage(prompt_tokens=3, completion_tokens=4, total_tokens=7, forwards=2, tokens_per_forward=2.0,
-                  accepted_hist={"2": 2}, mean_batch_size=1.5, decoder="mr")
+    usage = Usage(
+        prompt_tokens=3,
+        completion_tokens=4,
+        total_tokens=7,
+        forwards=2,
+        tokens_per_forward=2.0,
+        accepted_hist={"2": 2},
+        mean_batch_size=1.5,
+        decoder="mr",
+    )
     body = protocol.chat_body("id1", "m", "hi", "stop", usage)
     assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == "hi"
     assert body["usage"]["forwards"] == 2 and body["usage"]["total_tokens"] == 7
@@ -100,8 +126,12 @@ def tokenizer():
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_end|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|im_end|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     core.train_from_iterator(["hello world, the stop word ends here. " * 20], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>")
 
@@ -112,7 +142,7 @@ def stream(tokenizer, text: str, stops: list[str], step: int) -> tuple[str, bool
     ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
     detok, parts = IncrementalDetokenizer(tokenizer, stops), []
     for start in range(0, len(ids), step):
-        delta = detok.add(ids[start:start + step])
+        delta = detok.add(ids[start : start + step])
         parts.append(delta.text)
         if delta.stopped:
             return "".join(parts), True
@@ -164,8 +194,15 @@ def test_serve_config_defaults_and_limits():
 def test_app_args_from_cli_strings_and_yaml_mappings():
     from jf_ray.serving.deployment import deployment_options, parse_app_args
 
-    config = parse_app_args({"model": "/ckpt", "decode.decoder": "ar", "max_batch_size": "4",
-                             "autoscaling": {"max_replicas": 3}, "num_gpus": 1})
+    config = parse_app_args(
+        {
+            "model": "/ckpt",
+            "decode.decoder": "ar",
+            "max_batch_size": "4",
+            "autoscaling": {"max_replicas": 3},
+            "num_gpus": 1,
+        }
+    )
     assert config.decode.decoder == "ar" and config.max_batch_size == 4 and config.autoscaling.max_replicas == 3
     options = deployment_options(config)
     assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
@@ -209,13 +246,19 @@ def test_load_statistics():
     from jf_ray.serving.loadtest import RequestRecord, percentile, summarize
 
     assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0 and percentile([3.0, 1.0, 2.0, 4.0], 99) == 4.0
-    records = [RequestRecord(1.0, 0.1, 10, 5), RequestRecord(3.0, 0.3, 30, 10), RequestRecord(0.5, None, 0, 0, "503")]
+    records = [
+        RequestRecord(1.0, 0.1, 10, 5),
+        RequestRecord(3.0, 0.3, 30, 10),
+        RequestRecord(0.5, None, 0, 0, "503"),
+    ]
     result = summarize("mr", 2, records, wall_s=4.0)
     assert (result.requests, result.errors, result.completion_tokens) == (3, 1, 40)
     assert result.throughput_tokens_per_s == 10.0 and result.tokens_per_forward == pytest.approx(40 / 15, 1e-3)
     assert result.latency_p99_s == 3.0 and result.ttft_p50_s == 0.1 and result.error_samples == ["503"]
-    rows = [{"decoder": "ar", "concurrency": 1, "throughput_tokens_per_s": 10.0},
-            {"decoder": "mr", "concurrency": 1, "throughput_tokens_per_s": 25.0}]
+    rows = [
+        {"decoder": "ar", "concurrency": 1, "throughput_tokens_per_s": 10.0},
+        {"decoder": "mr", "concurrency": 1, "throughput_tokens_per_s": 25.0},
+    ]
     assert speedups(rows) == {"mr": {"1": 2.5}}
 
 
@@ -226,10 +269,26 @@ def test_serve_cli_config_precedence(tmp_path):
 
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump({"model": "/a", "port": 9000, "decode": {"decoder": "jacobi"}}))
-    args = build_parser().parse_args(["serve", "--config", str(path), "--decoder", "ar", "--set", "port=9001",
-                                      "--set", "decode.block_size=8"])
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--config",
+            str(path),
+            "--decoder",
+            "ar",
+            "--set",
+            "port=9001",
+            "--set",
+            "decode.block_size=8",
+        ]
+    )
     config = load_config(args)
-    assert (config.model, config.port, config.decode.decoder, config.decode.block_size) == ("/a", 9001, "ar", 8)
+    assert (config.model, config.port, config.decode.decoder, config.decode.block_size) == (
+        "/a",
+        9001,
+        "ar",
+        8,
+    )
 
 
 def test_serve_cli_bad_input_exits_2(tmp_path, capsys):

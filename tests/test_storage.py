@@ -36,7 +36,12 @@ SCHEMA = VersionedSchema(
 
 def _table(keys: list[str]) -> pa.Table:
     return pa.table(
-        {"values": [[i, i + 1] for i in range(len(keys))], "key": keys, "flag": [True] * len(keys), "extra": keys}
+        {
+            "values": [[i, i + 1] for i in range(len(keys))],
+            "key": keys,
+            "flag": [True] * len(keys),
+            "extra": keys,
+        }
     )
 
 

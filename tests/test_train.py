@@ -7,18 +7,18 @@ import random
 
 import pytest
 import torch
+from tiny_models import random_qwen2
 
 from jf_ray.decoding import DecodeConfig, generate
 from jf_ray.packing.pack import PackOptions, pack_rows, packed_to_table
 from jf_ray.packing.schema import PACKED_SCHEMA
-from jf_ray.trajectories.recorder import trajectory_rows
 from jf_ray.training.batches import TrainSequence, collate
 from jf_ray.training.checkpoint import load_training_state, save_checkpoint
 from jf_ray.training.config import TrainConfig
 from jf_ray.training.data import MicroBatchStream, anchor_from_record, load_packed_sequences
-from jf_ray.training.losses import jacobi_forcing_loss
 from jf_ray.training.loop import LoopState, build_optimizer, build_scheduler, packed_forward, run_loop
-from tiny_models import random_qwen2
+from jf_ray.training.losses import jacobi_forcing_loss
+from jf_ray.trajectories.recorder import trajectory_rows
 
 VOCAB = 96
 BLOCK = 8
@@ -33,8 +33,16 @@ def jacobi_sequences(model, count: int = 12, seed: int = 0) -> list:
     results = generate(model, prompts, config, eos_token_ids=[], batch_size=count)
     rows = []
     for index, (prompt, result) in enumerate(zip(prompts, results)):
-        rows += trajectory_rows(f"p{index}", prompt, result, block_size=BLOCK, model_id="tiny", round_index=1,
-                                eos_ids=[], max_tokens=cap)  # fmt: skip
+        rows += trajectory_rows(
+            f"p{index}",
+            prompt,
+            result,
+            block_size=BLOCK,
+            model_id="tiny",
+            round_index=1,
+            eos_ids=[],
+            max_tokens=cap,
+        )
     packed, stats = pack_rows(rows, PackOptions(window=4))
     assert stats.packed == count
     return packed
@@ -57,8 +65,15 @@ def tiny_setup(tmp_path_factory):
 
 
 def config_for(setup, **overrides) -> TrainConfig:
-    base = dict(model=setup["model"], data=setup["data"], out=f"file://{setup['root']}/runs", lr=3e-3,
-                warmup_ratio=0.0, micro_batch_size=2, max_row_tokens=200)  # fmt: skip
+    base = dict(
+        model=setup["model"],
+        data=setup["data"],
+        out=f"file://{setup['root']}/runs",
+        lr=3e-3,
+        warmup_ratio=0.0,
+        micro_batch_size=2,
+        max_row_tokens=200,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -111,7 +126,17 @@ def train_in_process(setup, steps: int, stop: int | None = None, model=None, res
     if resume_from is not None:
         state = load_training_state(resume_from, model, optimizer, scheduler)
     logged = []
-    run_loop(model, stream, optimizer, scheduler, config, stop or steps, state, "cpu", lambda s, m: logged.append(m))
+    run_loop(
+        model,
+        stream,
+        optimizer,
+        scheduler,
+        config,
+        stop or steps,
+        state,
+        "cpu",
+        lambda s, m: logged.append(m),
+    )
     return model, optimizer, scheduler, logged
 
 
@@ -154,8 +179,15 @@ def ray_run(micro_checkpoint, tmp_path_factory, ray_session):
     writer.commit()
     (root / "anchor.jsonl").write_text("".join(json.dumps({"text": f"x = {i} + {i}\n"}) + "\n" for i in range(8)))
     setup = {"root": root, "model": str(micro_checkpoint), "data": f"file://{root}/packed"}
-    config = config_for(setup, workers=2, steps=6, checkpoint_every=3, run_name="ray2",
-                        anchor=f"file://{root}/anchor.jsonl", anchor_ratio=0.5)  # fmt: skip
+    config = config_for(
+        setup,
+        workers=2,
+        steps=6,
+        checkpoint_every=3,
+        run_name="ray2",
+        anchor=f"file://{root}/anchor.jsonl",
+        anchor_ratio=0.5,
+    )
     return config, train(config), packed
 
 
@@ -182,8 +214,10 @@ def test_two_worker_ray_run_lowers_the_loss_and_its_checkpoint_loads(ray_run):
     assert after["total"] < 0.95 * before["total"]
     # the trained checkpoint still decodes: greedy Jacobi reproduces its greedy AR
     prompt = [[5, 17, 42, 8]]
-    outputs = [generate(trained, prompt, DecodeConfig(decoder=d, block_size=BLOCK, max_new_tokens=24), [])[0]
-               for d in ("ar", "jacobi")]  # fmt: skip
+    outputs = [
+        generate(trained, prompt, DecodeConfig(decoder=d, block_size=BLOCK, max_new_tokens=24), [])[0]
+        for d in ("ar", "jacobi")
+    ]
     assert outputs[0].token_ids == outputs[1].token_ids
 
 
@@ -213,8 +247,17 @@ def _fsdp_rank(rank: int, port: int, checkpoint_dir: str, batch) -> None:
         config = TrainConfig(model="m", data="d", out="o", strategy="fsdp", lr=3e-3, warmup_ratio=0.0, steps=3)
         optimizer = build_optimizer(model, config)
         scheduler = build_scheduler(optimizer, 3, 0.0)
-        state = run_loop(model, lambda step: [batch], optimizer, scheduler, config, 3, LoopState(), "cpu",
-                         lambda s, m: None)  # fmt: skip
+        state = run_loop(
+            model,
+            lambda step: [batch],
+            optimizer,
+            scheduler,
+            config,
+            3,
+            LoopState(),
+            "cpu",
+            lambda s, m: None,
+        )
         save_checkpoint(checkpoint_dir, model, None, optimizer, scheduler, state, {}, is_writer=rank == 0)
     finally:
         dist.destroy_process_group()
@@ -239,8 +282,17 @@ def test_fsdp_on_two_ranks_matches_a_single_process_and_saves_full_weights(tmp_p
     reference = random_qwen2(seed=0, vocab_size=VOCAB).train()
     config = TrainConfig(model="m", data="d", out="o", lr=3e-3, warmup_ratio=0.0, steps=3)
     optimizer = build_optimizer(reference, config)
-    run_loop(reference, lambda step: [batch], optimizer, build_scheduler(optimizer, 3, 0.0), config, 3,
-             LoopState(), "cpu", lambda s, m: None)  # fmt: skip
+    run_loop(
+        reference,
+        lambda step: [batch],
+        optimizer,
+        build_scheduler(optimizer, 3, 0.0),
+        config,
+        3,
+        LoopState(),
+        "cpu",
+        lambda s, m: None,
+    )
     sharded = AutoModelForCausalLM.from_pretrained(tmp_path)
     for (name, expected), got in zip(reference.state_dict().items(), sharded.state_dict().values()):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=name)

@@ -11,6 +11,7 @@ import torch
 
 from jf_ray.decoding import DecodeConfig, generate
 from jf_ray.errors import UserInputError
+from jf_ray.packing.schedules import noise_ratio
 from jf_ray.storage import DatasetWriter, read_dataset
 from jf_ray.trajectories import (
     TRAJECTORY_COLUMNS,
@@ -25,7 +26,6 @@ from jf_ray.trajectories import (
     text_prompt_id,
     trajectory_rows,
 )
-from jf_ray.packing.schedules import noise_ratio
 from jf_ray.trajectories.recorder import whole_block_cap
 
 PROMPT_TEXTS = [
@@ -46,20 +46,31 @@ def build_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=320,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     core.train_from_iterator(PROMPT_TEXTS * 4, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         chat_template="{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
     )
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=1024, initializer_range=0.3,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=1024,
+        initializer_range=0.3,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        tie_word_embeddings=False,
     )
     Qwen2ForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -105,8 +116,14 @@ def _by_prompt(table: pa.Table) -> dict[str, list[dict]]:
 @pytest.mark.parametrize("block_size,batch_size", [(1, 2), (4, 5), (7, 1), (16, 3)])
 def test_fixed_points_concatenate_to_greedy_ar(backend, prompts, block_size, batch_size):
     batch = record_trajectories(
-        backend, prompts, block_size=block_size, max_new_tokens=23, batch_size=batch_size, seed=3,
-        model_id="tiny", round_index=2,
+        backend,
+        prompts,
+        block_size=block_size,
+        max_new_tokens=23,
+        batch_size=batch_size,
+        seed=3,
+        model_id="tiny",
+        round_index=2,
     )
     assert batch.table.schema.equals(TRAJECTORY_SCHEMA.tagged_arrow())
     by_prompt = _by_prompt(batch.table)
@@ -128,7 +145,14 @@ def test_fixed_points_concatenate_to_greedy_ar(backend, prompts, block_size, bat
 
 def test_noise_ratio_never_increases_and_state_zero_is_the_real_draft(backend, prompts):
     batch = record_trajectories(
-        backend, prompts, block_size=8, max_new_tokens=40, batch_size=5, seed=0, model_id="tiny", round_index=1
+        backend,
+        prompts,
+        block_size=8,
+        max_new_tokens=40,
+        batch_size=5,
+        seed=0,
+        model_id="tiny",
+        round_index=1,
     )
     first_ratios = []
     for row in batch.table.to_pylist():
@@ -154,7 +178,14 @@ def test_eos_ends_the_response_inside_a_block(checkpoint, prompts):
     backend = TransformersBackend(model, tokenizer)
     assert eos_id in backend.eos_token_ids()
     batch = record_trajectories(
-        backend, prompts[:1], block_size=4, max_new_tokens=30, batch_size=1, seed=0, model_id="m", round_index=1
+        backend,
+        prompts[:1],
+        block_size=4,
+        max_new_tokens=30,
+        batch_size=1,
+        seed=0,
+        model_id="m",
+        round_index=1,
     )
     rows = batch.table.to_pylist()
     response = [t for r in rows for t in r["fixed_point"]]
@@ -166,7 +197,14 @@ def test_eos_ends_the_response_inside_a_block(checkpoint, prompts):
 
 def test_token_cap_does_not_mark_eos(backend, prompts):
     batch = record_trajectories(
-        backend, prompts[:2], block_size=5, max_new_tokens=12, batch_size=2, seed=0, model_id="m", round_index=1
+        backend,
+        prompts[:2],
+        block_size=5,
+        max_new_tokens=12,
+        batch_size=2,
+        seed=0,
+        model_id="m",
+        round_index=1,
     )
     rows = _by_prompt(batch.table)
     for prompt_rows in rows.values():
@@ -247,5 +285,13 @@ def test_backend_by_dotted_name():
     with pytest.raises(UserInputError, match="cannot import backend"):
         make_backend(BackendSpec(name="no_such_module_xyz:Backend"))
     with pytest.raises(TrajectoryError, match="0 results for 1 prompts"):
-        record_trajectories(backend, [Prompt("a", "a")], block_size=2, max_new_tokens=2, batch_size=1, seed=0,
-                            model_id="m", round_index=1)
+        record_trajectories(
+            backend,
+            [Prompt("a", "a")],
+            block_size=2,
+            max_new_tokens=2,
+            batch_size=1,
+            seed=0,
+            model_id="m",
+            round_index=1,
+        )

@@ -72,7 +72,12 @@ def _evaluate(expression: str) -> int:
     for op, operand in zip(tokens[1::2], map(int, tokens[2::2])):
         if op == "/":
             assert value % operand == 0
-        value = {"+": value + operand, "-": value - operand, "*": value * operand, "/": value // max(operand, 1)}[op]
+        value = {
+            "+": value + operand,
+            "-": value - operand,
+            "*": value * operand,
+            "/": value // max(operand, 1),
+        }[op]
     return value
 
 
@@ -173,12 +178,25 @@ def test_load_examples_rejects_bad_input():
 
 def test_cli_data_export(tmp_path, capsys):
     out = tmp_path / "math.jsonl"
-    code = main(["data", "export", "--task", "math", "--split", "heldout", "--out", str(out), "--n", "4",
-                 "--seed", "9"])
+    code = main(
+        [
+            "data",
+            "export",
+            "--task",
+            "math",
+            "--split",
+            "heldout",
+            "--out",
+            str(out),
+            "--n",
+            "4",
+            "--seed",
+            "9",
+        ]
+    )
     assert code == 0
     assert read_examples(str(out)) == generate_math(4, "heldout", seed=9)
     assert "wrote 4 math/heldout examples" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
         main(["data", "export", "--task", "math", "--out", str(out), "--n", "0"])
     assert exc.value.code == 2
-

@@ -8,4 +8,12 @@ on the two workloads, written as a standard Hugging Face checkpoint (loads with 
 from jf_ray.basemodel.build import BUILD_INFO, build_base, content_hash, read_build_info
 from jf_ray.basemodel.presets import PRESETS, BasePreset, resolve_preset
 
-__all__ = ["BUILD_INFO", "PRESETS", "BasePreset", "build_base", "content_hash", "read_build_info", "resolve_preset"]
+__all__ = [
+    "BUILD_INFO",
+    "PRESETS",
+    "BasePreset",
+    "build_base",
+    "content_hash",
+    "read_build_info",
+    "resolve_preset",
+]

@@ -15,8 +15,8 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from jf_ray.basemodel.presets import BasePreset, resolve_preset
 from jf_ray.errors import UserInputError

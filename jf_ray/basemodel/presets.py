@@ -7,7 +7,7 @@ budget. Any field can be overridden (``steps=200``); the overrides are part of t
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from pydantic import Field
 
@@ -42,7 +42,7 @@ class BasePreset(StageConfig):
     )
     raw_code_chars: int = Field(..., ge=0, description="characters of raw train-split stdlib source (plain LM rows)")
 
-    def check(self) -> "BasePreset":
+    def check(self) -> BasePreset:
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise UserInputError(
                 f"hidden_size {self.hidden_size} must divide by num_heads {self.num_heads}, "
@@ -55,14 +55,39 @@ class BasePreset(StageConfig):
 
 PRESETS: dict[str, dict] = {
     "micro": dict(
-        vocab_size=384, tokenizer_chars=50_000, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-        intermediate_size=64, max_position_embeddings=1024, seq_len=384, batch_size=8, steps=20, lr=3e-3,
-        warmup_steps=4, math_examples=100, code_examples=10, raw_code_chars=10_000,
+        vocab_size=384,
+        tokenizer_chars=50_000,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+        max_position_embeddings=1024,
+        seq_len=384,
+        batch_size=8,
+        steps=20,
+        lr=3e-3,
+        warmup_steps=4,
+        math_examples=100,
+        code_examples=10,
+        raw_code_chars=10_000,
     ),
     "tiny": dict(
-        vocab_size=768, tokenizer_chars=400_000, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
-        intermediate_size=192, seq_len=256, batch_size=8, steps=120, lr=3e-3, warmup_steps=12,
-        math_examples=3000, code_examples=100, raw_code_chars=100_000,
+        vocab_size=768,
+        tokenizer_chars=400_000,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=192,
+        seq_len=256,
+        batch_size=8,
+        steps=120,
+        lr=3e-3,
+        warmup_steps=12,
+        math_examples=3000,
+        code_examples=100,
+        raw_code_chars=100_000,
     ),
     # Tuned on the math workload: ~1M parameters. The hard part is copying each event's numbers from the
     # prompt; it appears late (about 10% held-out accuracy after 850 steps, 98% after 1000, 100% after 1500).
@@ -70,9 +95,22 @@ PRESETS: dict[str, dict] = {
     # in one Jacobi Forcing round that cost the 1500-step model 2.5. Code gets a small share (raw rows + chat
     # turns) so that the model also writes Python, not to score on it.
     "small": dict(
-        vocab_size=2048, tokenizer_chars=3_000_000, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-        intermediate_size=384, seq_len=384, batch_size=12, steps=1500, lr=3e-3, warmup_steps=50,
-        bf16_autocast=True, math_examples=30_000, code_examples=500, raw_code_chars=400_000,
+        vocab_size=2048,
+        tokenizer_chars=3_000_000,
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=384,
+        seq_len=384,
+        batch_size=12,
+        steps=1500,
+        lr=3e-3,
+        warmup_steps=50,
+        bf16_autocast=True,
+        math_examples=30_000,
+        code_examples=500,
+        raw_code_chars=400_000,
     ),
 }
 

@@ -70,7 +70,9 @@ def pretrain(model, rows: TokenRows, preset: BasePreset, seed: int, show_progres
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": preset.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=preset.lr, betas=(0.9, 0.95), eps=1e-8,
+        lr=preset.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
     )
     order = batch_order(len(rows), preset.steps, preset.batch_size, seed)
     losses: list[float] = []
@@ -85,7 +87,7 @@ def pretrain(model, rows: TokenRows, preset: BasePreset, seed: int, show_progres
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
     model.eval()
     wall_s = time.perf_counter() - start
-    tail = losses[-max(1, len(losses) // 20):]
+    tail = losses[-max(1, len(losses) // 20) :]
     summary = {
         "steps": preset.steps,
         "train_tokens": preset.steps * preset.batch_size * preset.seq_len,
@@ -109,8 +111,12 @@ def _train_step(model, optimizer, rows: TokenRows, index: torch.Tensor, bf16: bo
     input_ids, labels, positions = rows.input_ids[index], rows.labels[index], rows.position_ids[index]
     dtype = torch.bfloat16 if bf16 else torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = model(input_ids=input_ids, labels=labels, position_ids=positions,
-                     attention_mask=sequence_mask(positions, dtype)).loss
+        loss = model(
+            input_ids=input_ids,
+            labels=labels,
+            position_ids=positions,
+            attention_mask=sequence_mask(positions, dtype),
+        ).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()

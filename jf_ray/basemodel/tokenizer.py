@@ -7,7 +7,7 @@ learns far faster than multi-digit number tokens.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"

@@ -51,8 +51,15 @@ def run_build(args: argparse.Namespace) -> int:
     from jf_ray.basemodel.presets import overrides_from_yaml
 
     overrides = (overrides_from_yaml(args.config) if args.config else []) + list(args.overrides)
-    uri = build_base_uri(args.out, preset=args.preset, seed=args.seed, overrides=overrides, force=args.force,
-                         show_progress=True, num_threads=args.threads)
+    uri = build_base_uri(
+        args.out,
+        preset=args.preset,
+        seed=args.seed,
+        overrides=overrides,
+        force=args.force,
+        show_progress=True,
+        num_threads=args.threads,
+    )
     info = read_build_info_uri(uri) or {}
     keys = ("preset_name", "seed", "parameters", "build_s", "train_tokens", "final_loss", "content_hash")
     print(json.dumps({k: info.get(k) for k in keys}, indent=2))

@@ -8,7 +8,6 @@ from functools import partial
 
 from jf_ray.cli.common import DECODERS, add_decode_options, add_model_options, decoder_list, positive_int
 
-
 BENCH_DECODERS = DECODERS + ("generate",)  # = jf_ray.bench.BENCH_DECODERS, without importing torch
 
 
@@ -20,16 +19,24 @@ def register(subparsers) -> None:
     )
     add_model_options(parser)
     parser.add_argument("--prompts", required=True, help='JSONL file or URI, one {"prompt": ...} per line')
-    parser.add_argument("--decoders", type=partial(decoder_list, allowed=BENCH_DECODERS), default=list(DECODERS),
-                        help=f"comma-separated, from {','.join(BENCH_DECODERS)} (generate: transformers' greedy "
-                        "model.generate, a reference outside jf-ray's engine)")
+    parser.add_argument(
+        "--decoders",
+        type=partial(decoder_list, allowed=BENCH_DECODERS),
+        default=list(DECODERS),
+        help=f"comma-separated, from {','.join(BENCH_DECODERS)} (generate: transformers' greedy "
+        "model.generate, a reference outside jf-ray's engine)",
+    )
     add_decode_options(parser)
     parser.add_argument("--batch-size", type=positive_int, default=1, help="requests decoded together")
     parser.add_argument("--num-prompts", type=positive_int, default=None, help="use the first N prompts")
     parser.add_argument("--no-chat-template", action="store_true", help="feed prompts as raw text")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
-    parser.add_argument("--repeats", type=positive_int, default=3,
-                        help="timed runs per decoder, interleaved; the median wall time is reported")
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=3,
+        help="timed runs per decoder, interleaved; the median wall time is reported",
+    )
     parser.add_argument("--json", dest="json_out", default=None, help="write the report here (path or URI)")
     parser.set_defaults(func=run)
 
@@ -53,13 +60,26 @@ def run(args: argparse.Namespace) -> int:
         bar = tqdm(total=total, desc=f"bench {name}", unit="prompt", leave=False)
         return bar.update
 
-    results = bench_decoders(model, prompts, args.decoders, config, eos_token_ids(model, tokenizer),
-                             args.batch_size, progress_factory, args.repeats)
+    results = bench_decoders(
+        model,
+        prompts,
+        args.decoders,
+        config,
+        eos_token_ids(model, tokenizer),
+        args.batch_size,
+        progress_factory,
+        args.repeats,
+    )
     report = {
         "model": args.model,
-        "config": {**config.model_dump(exclude={"decoder", "record_trajectory"}), "batch_size": args.batch_size,
-                   "num_prompts": len(prompts), "repeats": args.repeats, "dtype": str(model.dtype),
-                   "device": str(model.device)},
+        "config": {
+            **config.model_dump(exclude={"decoder", "record_trajectory"}),
+            "batch_size": args.batch_size,
+            "num_prompts": len(prompts),
+            "repeats": args.repeats,
+            "dtype": str(model.dtype),
+            "device": str(model.device),
+        },
         "results": results,
     }
     print_table(results)
@@ -72,8 +92,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_table(results: dict[str, dict]) -> None:
-    columns = ["tokens", "forwards", "tpf", "tokens_per_s", "speedup_vs_ar", "speedup_vs_ar_range",
-               "exact_match_vs_ar", "repetition", "overhead_frac", "peak_rss_mb"]
+    columns = [
+        "tokens",
+        "forwards",
+        "tpf",
+        "tokens_per_s",
+        "speedup_vs_ar",
+        "speedup_vs_ar_range",
+        "exact_match_vs_ar",
+        "repetition",
+        "overhead_frac",
+        "peak_rss_mb",
+    ]
     header = f"{'decoder':<8}" + "".join(f"{c:>20}" for c in columns)
     print(header)
     for name, row in results.items():

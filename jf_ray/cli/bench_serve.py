@@ -49,8 +49,14 @@ def register(subparsers) -> None:
     parser.add_argument("--max-tokens", type=positive_int, default=64, help="max_tokens of every request")
     parser.add_argument("--prompts", default=None, help='JSONL file or URI, one {"prompt": ...} per line')
     parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat", help="API to call")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="ServeConfig field of the local app, e.g. --set decode.block_size=16")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="ServeConfig field of the local app, e.g. --set decode.block_size=16",
+    )
     parser.add_argument("--port", type=positive_int, default=8000, help="port of the local app")
     parser.add_argument("--ray-cpus", type=positive_int, default=None, help="CPUs of a locally started cluster")
     parser.add_argument("--json", dest="json_out", default=None, help="write the report here (path or URI)")
@@ -66,8 +72,14 @@ def local_config(args: argparse.Namespace):
     if not args.model:
         raise UserInputError("pass --model (to start the app) or --url (to use a running server)")
     peak = max(args.concurrency)
-    data: dict = {"model": args.model, "port": args.port, "max_batch_size": peak, "max_queued_requests": peak,
-                  "default_max_tokens": args.max_tokens, "max_tokens_limit": max(args.max_tokens, 4096)}
+    data: dict = {
+        "model": args.model,
+        "port": args.port,
+        "max_batch_size": peak,
+        "max_queued_requests": peak,
+        "default_max_tokens": args.max_tokens,
+        "max_tokens_limit": max(args.max_tokens, 4096),
+    }
     for item in args.overrides:
         set_dotted(data, *parse_override(item))
     return ServeConfig.from_dict(data)
@@ -87,23 +99,54 @@ def run(args: argparse.Namespace) -> int:
     results = []
     try:
         for decoder in args.decoders:
-            asyncio.run(run_load(url, model, prompts, decoder, 1, 1, args.max_tokens,  # warm-up, discarded
-                                 args.endpoint == "chat", args.api_key))
+            asyncio.run(
+                run_load(
+                    url,
+                    model,
+                    prompts,
+                    decoder,
+                    1,
+                    1,
+                    args.max_tokens,  # warm-up, discarded
+                    args.endpoint == "chat",
+                    args.api_key,
+                )
+            )
             for concurrency in args.concurrency:
-                result = asyncio.run(run_load(url, model, prompts, decoder, concurrency, args.requests_per_client,
-                                              args.max_tokens, args.endpoint == "chat", args.api_key))
+                result = asyncio.run(
+                    run_load(
+                        url,
+                        model,
+                        prompts,
+                        decoder,
+                        concurrency,
+                        args.requests_per_client,
+                        args.max_tokens,
+                        args.endpoint == "chat",
+                        args.api_key,
+                    )
+                )
                 print_row(result)
                 results.append(result.to_dict())
     finally:
         if stop is not None:
             stop()
     report = {
-        "url": url, "model": model, "endpoint": args.endpoint, "max_tokens": args.max_tokens,
-        "requests_per_client": args.requests_per_client, "num_prompts": len(prompts),
+        "url": url,
+        "model": model,
+        "endpoint": args.endpoint,
+        "max_tokens": args.max_tokens,
+        "requests_per_client": args.requests_per_client,
+        "num_prompts": len(prompts),
         "server_config": config.model_dump(exclude={"api_key"}) if config else None,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},  # other work on the box skews timings
-        "results": results, "speedup_vs_ar": speedups(results),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+        },  # other work on the box skews timings
+        "results": results,
+        "speedup_vs_ar": speedups(results),
     }
     if args.json_out:
         from jf_ray.storage import write_json_atomic
@@ -125,9 +168,12 @@ def speedups(results: list[dict]) -> dict:
 
 
 def print_row(r) -> None:
-    print(f"{r.decoder:<7} c={r.concurrency:<3} {r.throughput_tokens_per_s:>8.1f} tok/s  "
-          f"p50 {r.latency_p50_s:.3f}s  p99 {r.latency_p99_s:.3f}s  ttft p50 {r.ttft_p50_s:.3f}s  "
-          f"tpf {r.tokens_per_forward:.2f}  errors {r.errors}/{r.requests}", flush=True)
+    print(
+        f"{r.decoder:<7} c={r.concurrency:<3} {r.throughput_tokens_per_s:>8.1f} tok/s  "
+        f"p50 {r.latency_p50_s:.3f}s  p99 {r.latency_p99_s:.3f}s  ttft p50 {r.ttft_p50_s:.3f}s  "
+        f"tpf {r.tokens_per_forward:.2f}  errors {r.errors}/{r.requests}",
+        flush=True,
+    )
 
 
 def _prompts(uri):

@@ -25,15 +25,25 @@ _FIELD_FLAGS = (
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("collect", help="collect Jacobi trajectories into a Parquet dataset",
-                                   description=__doc__)
+    parser = subparsers.add_parser(
+        "collect", help="collect Jacobi trajectories into a Parquet dataset", description=__doc__
+    )
     parser.add_argument("--config", help="YAML file with CollectConfig fields")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any CollectConfig field (repeatable), e.g. --set shard_size=64")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any CollectConfig field (repeatable), e.g. --set shard_size=64",
+    )
     for flag, kind, text in _FIELD_FLAGS:
         parser.add_argument(flag, type=kind, default=None, help=text)
-    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
-                        help="skip finished shards of --out (default) or redo everything")
+    parser.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="skip finished shards of --out (default) or redo everything",
+    )
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.set_defaults(func=run)
@@ -73,10 +83,14 @@ def print_summary(summary: dict) -> None:
         f"({summary['shards_run']} run, {summary['shards_skipped']} skipped, {len(summary['retries'])} retries), "
         f"{summary['rows']} blocks"
     )
-    print(f"{summary['tokens']} new tokens in {summary['wall_s']:.1f}s = {summary['tokens_per_s']:.1f} tok/s "
-          f"(TPF {summary['tpf']:.2f})")
+    print(
+        f"{summary['tokens']} new tokens in {summary['wall_s']:.1f}s = {summary['tokens_per_s']:.1f} tok/s "
+        f"(TPF {summary['tpf']:.2f})"
+    )
     if summary["workers"]:
         print(f"{'worker':>6} {'shards':>6} {'prompts':>7} {'tokens':>8} {'busy s':>8} {'tok/s':>8}")
         for w in summary["workers"]:
-            print(f"{w['worker']:>6} {w['shards']:>6} {w['prompts']:>7} {w['tokens']:>8} {w['busy_s']:>8.1f} "
-                  f"{w['tokens_per_s']:>8.1f}")
+            print(
+                f"{w['worker']:>6} {w['shards']:>6} {w['prompts']:>7} {w['tokens']:>8} {w['busy_s']:>8.1f} "
+                f"{w['tokens_per_s']:>8.1f}"
+            )

@@ -36,8 +36,15 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens is None:
         args.max_new_tokens = DEFAULT_MAX_NEW_TOKENS[args.task]
     config = EvalConfig(
-        model=args.model, task=args.task, split=args.split, n=args.n, seed=args.seed, batch_size=args.batch_size,
-        dtype=args.dtype, device=args.device, decode=decode_config_from_args(args, decoder=args.decoder),
+        model=args.model,
+        task=args.task,
+        split=args.split,
+        n=args.n,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        decode=decode_config_from_args(args, decoder=args.decoder),
     )
     report = evaluate(config, progress=_progress_bar(args.n))
     print_summary(report)
@@ -59,7 +66,11 @@ def _progress_bar(total: int):
 def print_summary(report: dict) -> None:
     quality = ["accuracy", "correct"] if report["task"] == "math" else ["loss", "parse_rate"]
     stats = report["stats"]
-    row = {"task": report["task"], "n": report["n"], "decoder": report["decoder"],
-           **{k: report[k] for k in quality},
-           **{k: stats[k] for k in ("tokens", "forwards", "tpf", "tokens_per_s", "wall_s")}}
+    row = {
+        "task": report["task"],
+        "n": report["n"],
+        "decoder": report["decoder"],
+        **{k: report[k] for k in quality},
+        **{k: stats[k] for k in ("tokens", "forwards", "tpf", "tokens_per_s", "wall_s")},
+    }
     print("  ".join(f"{k}={v}" for k, v in row.items()))

@@ -23,16 +23,22 @@ _FIELD_FLAGS = (
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("pack", help="pack trajectories into Jacobi Forcing training sequences",
-                                   description=__doc__)  # fmt: skip
+    parser = subparsers.add_parser(
+        "pack", help="pack trajectories into Jacobi Forcing training sequences", description=__doc__
+    )
     add_config_options(parser, "PackConfig", _FIELD_FLAGS)
     parser.set_defaults(func=run)
 
 
 def add_config_options(parser: argparse.ArgumentParser, config_name: str, field_flags) -> None:
     parser.add_argument("--config", help=f"YAML file with {config_name} fields")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override any {config_name} field (repeatable; dotted keys for sections)")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override any {config_name} field (repeatable; dotted keys for sections)",
+    )
     for flag, kind, text in field_flags:
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
@@ -63,9 +69,11 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"packed {summary['packed']} of {summary['responses']} responses into {summary['out']} "
-          f"({summary['shards']} shards, {summary['blocks']} blocks, {summary['tokens']} tokens, "
-          f"{summary['truncated']} truncated) in {summary['wall_s']:.1f}s")  # fmt: skip
+    print(
+        f"packed {summary['packed']} of {summary['responses']} responses into {summary['out']} "
+        f"({summary['shards']} shards, {summary['blocks']} blocks, {summary['tokens']} tokens, "
+        f"{summary['truncated']} truncated) in {summary['wall_s']:.1f}s"
+    )
     skipped = {reason: count for reason, count in summary["skipped"].items() if count}
     if skipped:
         print("skipped: " + ", ".join(f"{count} {reason}" for reason, count in skipped.items()))

@@ -28,17 +28,29 @@ def register(subparsers) -> None:
     parser.add_argument("--max-batch-size", type=positive_int, default=None, help="requests per forward")
     parser.add_argument("--max-replicas", type=positive_int, default=None, help="autoscaling upper bound")
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="any ServeConfig field, e.g. --set decode.num_blocks=3 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any ServeConfig field, e.g. --set decode.num_blocks=3 (repeatable)",
+    )
     parser.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
     parser.add_argument("--ray-cpus", type=positive_int, default=None, help="CPUs of a locally started cluster")
     parser.set_defaults(func=run)
 
 
 FLAG_FIELDS = {
-    "model": "model", "decoder": "decode.decoder", "block_size": "decode.block_size", "host": "host",
-    "port": "port", "model_name": "model_name", "max_batch_size": "max_batch_size",
-    "max_replicas": "autoscaling.max_replicas", "api_key": "api_key",
+    "model": "model",
+    "decoder": "decode.decoder",
+    "block_size": "decode.block_size",
+    "host": "host",
+    "port": "port",
+    "model_name": "model_name",
+    "max_batch_size": "max_batch_size",
+    "max_replicas": "autoscaling.max_replicas",
+    "api_key": "api_key",
 }
 
 
@@ -84,9 +96,11 @@ def run(args: argparse.Namespace) -> int:
         serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
         base = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
         print(f"serving {config.served_model_name!r} (decoder {config.decode.decoder}) at {base}/v1", flush=True)
-        print(f"  curl {base}/v1/completions -H 'Content-Type: application/json' "
-              f"-d '{{\"model\": \"{config.served_model_name}\", \"prompt\": \"def \", \"max_tokens\": 32}}'",
-              flush=True)
+        print(
+            f"  curl {base}/v1/completions -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{config.served_model_name}", "prompt": "def ", "max_tokens": 32}}\'',
+            flush=True,
+        )
         while not stop.wait(0.5):
             pass
         print("shutting down", flush=True)

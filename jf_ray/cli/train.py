@@ -53,9 +53,11 @@ def run(args) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     metrics = summary["metrics"]
-    print(f"trained {metrics.get('step')} steps in {summary['wall_s']:.1f}s: loss {metrics.get('loss'):.4f} "
-          f"(consistency {metrics.get('loss_consistency'):.4f}, ar {metrics.get('loss_ar'):.4f}), "
-          f"{metrics.get('tokens_per_s'):.0f} tokens/s")  # fmt: skip
+    print(
+        f"trained {metrics.get('step')} steps in {summary['wall_s']:.1f}s: loss {metrics.get('loss'):.4f} "
+        f"(consistency {metrics.get('loss_consistency'):.4f}, ar {metrics.get('loss_ar'):.4f}), "
+        f"{metrics.get('tokens_per_s'):.0f} tokens/s"
+    )
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"metrics log: {summary['metrics_log']}")
     return 0

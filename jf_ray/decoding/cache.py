@@ -85,7 +85,7 @@ class RaggedKVCache:
         self.valid = self.valid.index_select(0, index)
         self.crop_tail()
 
-    def append_rows(self, other: "RaggedKVCache") -> None:
+    def append_rows(self, other: RaggedKVCache) -> None:
         """Add the rows of ``other`` (e.g. freshly prefilled requests) below ours, padding slot counts."""
         if self.num_rows == 0:
             self.kv, self.valid = other.kv, other.valid

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -35,9 +35,9 @@ class StepOutput:
     request_id: str
     new_token_ids: list[int]
     finished: bool
-    finish_reason: Optional[FinishReason]
+    finish_reason: FinishReason | None
     stats: DecodeStats
-    result: Optional[DecodeResult] = None  # set when finished
+    result: DecodeResult | None = None  # set when finished
 
 
 def make_policy(config: DecodeConfig):
@@ -209,7 +209,7 @@ def generate(
     config: DecodeConfig,
     eos_token_ids: list[int],
     batch_size: int = 8,
-    progress: Optional[Callable[[int], None]] = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[DecodeResult]:
     """Decode every prompt with ``config``, ``batch_size`` at a time (continuous batching); results in order."""
     engine = DecodingEngine(model, eos_token_ids, max_batch_size=batch_size)

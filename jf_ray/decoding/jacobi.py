@@ -11,8 +11,6 @@ uniformly from the context (prompt + output), as the reference implementation do
 
 from __future__ import annotations
 
-from typing import Optional
-
 from jf_ray.decoding.acceptance import Verdict
 from jf_ray.decoding.query import Segment
 from jf_ray.decoding.request import RequestState
@@ -23,7 +21,7 @@ class JacobiPolicy:
     def __init__(self, block_size: int, record: bool = False):
         self.n = block_size
         self.block_start = 0  # index in ``generated`` of the current block's first token
-        self.tail: Optional[list[int]] = None  # guesses after the head; None at the start of a block
+        self.tail: list[int] | None = None  # guesses after the head; None at the start of a block
         self.record = record
         self.block_states: dict[int, list[list[int]]] = {}
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -38,7 +37,7 @@ class RequestState:
     eos_token_ids: frozenset[int]
     generated: list[int] = field(default_factory=list)
     stats: DecodeStats = field(default_factory=DecodeStats)
-    finish_reason: Optional[FinishReason] = None
+    finish_reason: FinishReason | None = None
     policy: object = None  # a draft policy from jf_ray.decoding.policies
     generator: torch.Generator = field(default_factory=torch.Generator)
     started_at: float = 0.0
@@ -46,7 +45,7 @@ class RequestState:
     segments: list[Segment] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
     outputs: list[SegmentOutput] = field(default_factory=list)
-    kv_commit: Optional[tuple[int, int]] = None  # (query offset, count) to mark valid after this step
+    kv_commit: tuple[int, int] | None = None  # (query offset, count) to mark valid after this step
     emitted: int = 0  # tokens already reported to the caller
     verify_budget: int = 0  # recycled candidates this request may verify in the next forward (set by the engine)
 
@@ -123,7 +122,7 @@ class RequestState:
     def log_forward(self) -> None:
         self.stats.forwards += 1
 
-    def close(self, reason: Optional[FinishReason] = None) -> None:
+    def close(self, reason: FinishReason | None = None) -> None:
         if reason is not None and self.finish_reason is None:
             self.finish_reason = reason
         self.stats.tokens = len(self.generated)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -25,8 +25,8 @@ class DecodeConfig(StageConfig):
     """How to decode. Greedy when ``temperature == 0``; every greedy decoder reproduces greedy AR exactly."""
 
     decoder: DecoderName = Field(
-        "jacobi", description="ar | jacobi | rolling (Jacobi, n tokens always in flight) | mr (multi-block + "
-        "recycling) | lookup",
+        "jacobi",
+        description="ar | jacobi | rolling (Jacobi, n tokens always in flight) | mr (multi-block + recycling) | lookup",
     )
     block_size: int = Field(64, ge=1, description="Jacobi block size n (tokens refined in parallel)")
     max_new_tokens: int = Field(256, ge=1, description="cap on generated tokens per request")
@@ -34,16 +34,17 @@ class DecodeConfig(StageConfig):
     pool_size: int = Field(4, ge=0, description="mr: n-gram pool capacity = verification budget per step")
     spawn_ratio: float = Field(0.85, gt=0.0, le=1.0, description="mr: spawn a block at ceil(r*n) accepted")
     recycle_context: bool = Field(
-        True, description="mr: also draw candidates from the prompt + output (copying), not only rejected drafts"
+        True,
+        description="mr: also draw candidates from the prompt + output (copying), not only rejected drafts",
     )
-    lookup_tokens: Optional[int] = Field(
+    lookup_tokens: int | None = Field(
         None, ge=1, description="lookup: max tokens copied per candidate (default block_size - 1)"
     )
     lookup_max_ngram: int = Field(3, ge=1, description="lookup: longest suffix n-gram matched in context")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy; > 0 samples (distribution-preserving)")
     top_k: int = Field(0, ge=0, description="sampling: keep the k most likely tokens (0 = off)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="sampling: nucleus mass (1 = off)")
-    seed: Optional[int] = Field(None, description="seed of draft initialisation and sampling")
+    seed: int | None = Field(None, description="seed of draft initialisation and sampling")
     record_trajectory: bool = Field(False, description="jacobi: keep every draft state of every block")
 
     @field_validator("decoder", mode="before")
@@ -54,7 +55,7 @@ class DecodeConfig(StageConfig):
         return value
 
     @model_validator(mode="after")
-    def _trajectory_needs_jacobi(self) -> "DecodeConfig":
+    def _trajectory_needs_jacobi(self) -> DecodeConfig:
         if self.record_trajectory and (self.decoder != "jacobi" or self.temperature > 0):
             raise ValueError("record_trajectory needs decoder='jacobi' with greedy decoding")
         return self
@@ -87,7 +88,7 @@ class DecodeStats:
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
 
-    def merge(self, other: "DecodeStats") -> "DecodeStats":
+    def merge(self, other: DecodeStats) -> DecodeStats:
         return DecodeStats(
             tokens=self.tokens + other.tokens,
             forwards=self.forwards + other.forwards,
@@ -131,4 +132,4 @@ class DecodeResult:
     token_ids: list[int]  # generated tokens only (EOS included when it ended the request)
     finish_reason: FinishReason
     stats: DecodeStats
-    trajectory: Optional[list[BlockTrajectory]] = None  # only with record_trajectory
+    trajectory: list[BlockTrajectory] | None = None  # only with record_trajectory

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field
 
@@ -16,10 +16,11 @@ class PackConfig(StageConfig):
     out: Location = Field(..., description="URI of the packed dataset to write")
     window: int = Field(16, ge=1, description="noise-schedule window W in blocks (ratios linspace(0, 1, W))")
     strategy: Literal["progressive", "random", "reverse"] = Field(
-        "progressive", description="target ratio per block: cyclic ramp (method), random or reverse (ablations)"
+        "progressive",
+        description="target ratio per block: cyclic ramp (method), random or reverse (ablations)",
     )
     seed: int = Field(0, description="seed of the random strategy (each response draws from (seed, prompt_id))")
-    max_tokens: Optional[int] = Field(
+    max_tokens: int | None = Field(
         None, ge=2, description="cap on packed length: keep the leading blocks that fit (None = no cap)"
     )
     rows_per_shard: int = Field(1024, ge=1, description="packed sequences per output Parquet shard")

@@ -12,8 +12,8 @@ import logging
 import random
 import zlib
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import pyarrow as pa
 

@@ -106,7 +106,10 @@ def pack(config: PackConfig) -> dict:
         pack_group, batch_format="pyarrow", fn_kwargs={"options": options_of(config)}
     )
     results = packed.map_batches(
-        write_shard_batch, batch_size=config.rows_per_shard, batch_format="pyarrow", fn_kwargs={"out": config.out}
+        write_shard_batch,
+        batch_size=config.rows_per_shard,
+        batch_format="pyarrow",
+        fn_kwargs={"out": config.out},
     ).take_all()
     shards = sorted({row["shard"] for row in results if row["shard"]})
     totals = {name: sum(int(row[name]) for row in results) for name in STAT_COLUMNS}
@@ -124,6 +127,11 @@ def pack(config: PackConfig) -> dict:
     }
     DatasetWriter(config.out, PACKED_SCHEMA).commit(extra_meta=summary, expected_shards=shards)
     summary["wall_s"] = round(time.perf_counter() - started, 2)
-    logger.info("packed %d of %d responses into %d shards (%d tokens)", summary["packed"], summary["responses"],
-                len(shards), summary["tokens"])  # fmt: skip
+    logger.info(
+        "packed %d of %d responses into %d shards (%d tokens)",
+        summary["packed"],
+        summary["responses"],
+        len(shards),
+        summary["tokens"],
+    )
     return summary

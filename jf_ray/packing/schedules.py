@@ -14,7 +14,8 @@ fixed point.
 from __future__ import annotations
 
 import random
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 Strategy = Literal["progressive", "random", "reverse"]
 STRATEGIES: tuple[str, ...] = ("progressive", "random", "reverse")

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 from jf_ray.pipeline.config import PipelineConfig
 from jf_ray.pipeline.graph import GraphRun, invalidate_from, run_graph
@@ -16,7 +15,7 @@ from jf_ray.pipeline.stages import build_stages
 logger = logging.getLogger(__name__)
 
 
-def run_pipeline(cfg: PipelineConfig, rerun: Optional[str] = None) -> GraphRun:
+def run_pipeline(cfg: PipelineConfig, rerun: str | None = None) -> GraphRun:
     """Run (or resume) the whole graph; ``rerun`` re-executes that stage and everything after it."""
     from jf_ray.raycluster import init_ray
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
@@ -15,40 +15,46 @@ BENCHMARK_PROMPTS: dict[str, int] = {"math": 64, "code": 32}  # per task, where 
 
 
 class BaseModelConfig(StageConfig):
-    model: Optional[ModelLocation] = Field(
-        None, description="existing HF checkpoint (dir, file://, s3://, hub name); null = build the embedded base"
+    model: ModelLocation | None = Field(
+        None,
+        description="existing HF checkpoint (dir, file://, s3://, hub name); null = build the embedded base",
     )
     preset: str = Field("small", description="embedded base preset when building: micro | tiny | small")
-    build_dir: Optional[Location] = Field(
-        None, description="local dir to build the base in (default: <run_dir>/base for local runs, else a cache)"
+    build_dir: Location | None = Field(
+        None,
+        description="local dir to build the base in (default: <run_dir>/base for local runs, else a cache)",
     )
 
 
 class WorkloadConfig(StageConfig):
     tasks: list[Task] = Field(["math", "code"], min_length=1, description="workloads to train and evaluate on")
-    prompts: Optional[Location] = Field(
-        None, description='JSONL URI of your own collection prompts ({"prompt", "id"?}); replaces the tasks\' train'
+    prompts: Location | None = Field(
+        None,
+        description='JSONL URI of your own collection prompts ({"prompt", "id"?}); replaces the tasks\' train'
         " splits for collection (evaluation stays on the tasks' held-out splits)",
     )
     train_prompts: dict[Task, NonNegativeInt] = Field(
         {"math": 512, "code": 256}, description="prompts per task for trajectory collection (train split)"
     )
     eval_prompts: dict[Task, PositiveInt] = Field(
-        BENCHMARK_PROMPTS, description="held-out prompts per task of the timed benchmark (batch 1, all "
+        BENCHMARK_PROMPTS,
+        description="held-out prompts per task of the timed benchmark (batch 1, all "
         "decoders); a task left out gets the default count",
     )
     quality_prompts: dict[Task, NonNegativeInt] = Field(
-        {"math": 200, "code": 32}, description="held-out examples per task of the per-round quality evaluation "
+        {"math": 200, "code": 32},
+        description="held-out examples per task of the per-round quality evaluation "
         "(accuracy, loss, parse rate; greedy, batched): a 2-point accuracy change needs a few hundred problems; "
         "0 = use the benchmark prompts",
     )
-    anchor_examples: Union[NonNegativeInt, dict[Task, NonNegativeInt]] = Field(
-        2000, description="train-split prompt+answer pairs mixed in with AR loss (keeps the LM intact): a total "
+    anchor_examples: NonNegativeInt | dict[Task, NonNegativeInt] = Field(
+        2000,
+        description="train-split prompt+answer pairs mixed in with AR loss (keeps the LM intact): a total "
         "split evenly over the tasks, or a count per task",
     )
 
     @model_validator(mode="after")
-    def _something_to_collect(self) -> "WorkloadConfig":
+    def _something_to_collect(self) -> WorkloadConfig:
         if self.prompts is None and not any(self.train_prompts.get(task, 0) > 0 for task in self.tasks):
             raise ValueError(f"train_prompts gives no collection prompt for the tasks {self.tasks}")
         return self
@@ -89,28 +95,33 @@ class TrainSettings(StageConfig):
     grad_accum: int = Field(1, ge=1, description="micro-batches per step")
     anchor_ratio: float = Field(1.0, ge=0, description="anchor sequences per packed sequence")
     ar_weight: float = Field(1.0, ge=0, description="w of the AR loss")
-    max_packed_tokens: Optional[int] = Field(None, ge=8, description="cap on packed sequence length")
+    max_packed_tokens: int | None = Field(None, ge=8, description="cap on packed sequence length")
     extra: dict = Field({}, description="any other jf_ray.training.TrainConfig field")
 
 
 class EvalSettings(StageConfig):
     decoders: list[str] = Field(
-        list(DECODER_NAMES), description="decoders of the final benchmark; 'generate' adds transformers' greedy "
+        list(DECODER_NAMES),
+        description="decoders of the final benchmark; 'generate' adds transformers' greedy "
         "model.generate as a reference outside jf-ray's engine",
     )
     round_decoder: str = Field(
-        "ar", description="decoder of the per-round quality evaluation (greedy decoders give the same outputs; "
+        "ar",
+        description="decoder of the per-round quality evaluation (greedy decoders give the same outputs; "
         "batched AR is the quickest)",
     )
     block_size: int = Field(32, ge=1, description="inference block size n")
     max_new_tokens: int = Field(256, ge=1, description="cap per answer")
     batch_size: int = Field(1, ge=1, description="requests decoded together while timing")
-    threads: Optional[int] = Field(None, ge=1, description="torch threads while evaluating (default: all)")
+    threads: int | None = Field(None, ge=1, description="torch threads while evaluating (default: all)")
     repeats: int = Field(
-        1, ge=1, description="final benchmark: timed runs per decoder, interleaved; the (lower) median is kept"
+        1,
+        ge=1,
+        description="final benchmark: timed runs per decoder, interleaved; the (lower) median is kept",
     )
     decode: dict = Field(
-        {}, description="other DecodeConfig fields of the benchmark and the per-round evaluation (e.g. num_blocks, "
+        {},
+        description="other DecodeConfig fields of the benchmark and the per-round evaluation (e.g. num_blocks, "
         "pool_size): on a CPU every extra query token costs time, on a GPU it is nearly free",
     )
 
@@ -136,11 +147,12 @@ class PipelineConfig(StageConfig):
     """The whole progressive distillation: base -> rounds of collect/pack/train/evaluate -> benchmark."""
 
     run_dir: Location = Field(
-        "runs/default", validate_default=True,
+        "runs/default",
+        validate_default=True,
         description="URI of the run (file:// path or s3://; a relative path is taken from the current directory)",
     )
     seed: int = Field(0, description="seed of data drawing, collection and training")
-    ray_address: Optional[str] = Field(None, description="cluster to join (default: RAY_ADDRESS or local)")
+    ray_address: str | None = Field(None, description="cluster to join (default: RAY_ADDRESS or local)")
     base: BaseModelConfig = Field(default_factory=BaseModelConfig)
     workloads: WorkloadConfig = Field(default_factory=WorkloadConfig)
     rounds: list[RoundConfig] = Field(

@@ -9,7 +9,6 @@ job runs them as Ray tasks so that they land on a GPU worker on clusters.
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 from jf_ray.bench import run_decoders, summarize
 from jf_ray.decoding import DecodeConfig
@@ -29,9 +28,20 @@ def score_outputs(task: str, texts: list[str], examples) -> dict:
     return {"n": len(examples), "parse_rate": round(parsed / len(examples), 4)}
 
 
-def evaluate_task(model_uri: str, task: str, examples_uri: str, decoders: list[str], block_size: int,
-                  max_new_tokens: int, batch_size: int, seed: int = 0, threads: Optional[int] = None,
-                  repeats: int = 1, decode: Optional[dict] = None, warmup: bool = True) -> dict:
+def evaluate_task(
+    model_uri: str,
+    task: str,
+    examples_uri: str,
+    decoders: list[str],
+    block_size: int,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int = 0,
+    threads: int | None = None,
+    repeats: int = 1,
+    decode: dict | None = None,
+    warmup: bool = True,
+) -> dict:
     """{decoder: bench fields + accuracy (math) or loss and parse_rate (code)} for ``model_uri``.
 
     ``warmup=False`` where only the outputs count (the per-round quality evaluation), not the timing."""
@@ -42,15 +52,33 @@ def evaluate_task(model_uri: str, task: str, examples_uri: str, decoders: list[s
     examples = read_examples(examples_uri)
     prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
     config = DecodeConfig(block_size=block_size, max_new_tokens=max_new_tokens, seed=seed, **(decode or {}))
-    runs = run_decoders(model, prompts, decoders, config, eos_token_ids(model, tokenizer), batch_size,
-                        repeats=repeats, warmup=warmup)
+    runs = run_decoders(
+        model,
+        prompts,
+        decoders,
+        config,
+        eos_token_ids(model, tokenizer),
+        batch_size,
+        repeats=repeats,
+        warmup=warmup,
+    )
     extra = {"loss": answer_loss(model, tokenizer, examples)["loss"]} if task == "code" else {}
     report = {}
     for name in decoders:
         texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in runs[name].results]
-        report[name] = {**summarize(runs[name], prompts, runs["ar"]), **score_outputs(task, texts, examples), **extra}
-        logger.info("%s %s %s: tpf %.2f, %s", model_uri, task, name, report[name]["tpf"],
-                    {k: report[name][k] for k in ("accuracy", "loss", "parse_rate") if k in report[name]})
+        report[name] = {
+            **summarize(runs[name], prompts, runs["ar"]),
+            **score_outputs(task, texts, examples),
+            **extra,
+        }
+        logger.info(
+            "%s %s %s: tpf %.2f, %s",
+            model_uri,
+            task,
+            name,
+            report[name]["tpf"],
+            {k: report[name][k] for k in ("accuracy", "loss", "parse_rate") if k in report[name]},
+        )
     report["samples"] = [
         {"prompt": ex.prompt, "output": tokenizer.decode(r.token_ids, skip_special_tokens=True)}
         for ex, r in list(zip(examples, runs[decoders[-1]].results))[:2]

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 from jf_ray.storage import delete_file, exists, join_uri, read_json, write_json_atomic
 
@@ -51,7 +51,7 @@ def invalidate_from(run_dir: str, stages: list[Stage], first: str) -> list[str]:
     return dropped
 
 
-def run_graph(run_dir: str, stages: list[Stage], on_progress: Optional[Callable[[dict], None]] = None) -> GraphRun:
+def run_graph(run_dir: str, stages: list[Stage], on_progress: Callable[[dict], None] | None = None) -> GraphRun:
     state = GraphRun()
     total = sum(s.weight for s in stages)
     done_weight, work_weight, work_seconds = 0.0, 0.0, 0.0
@@ -64,31 +64,50 @@ def run_graph(run_dir: str, stages: list[Stage], on_progress: Optional[Callable[
             continue
         eta = (total - done_weight) * work_seconds / work_weight if work_weight else None
         progress = {
-            "stage": stage.name, "index": index + 1, "of": len(stages),
-            "percent": round(100 * done_weight / total, 1), "eta_s": round(eta) if eta is not None else None,
+            "stage": stage.name,
+            "index": index + 1,
+            "of": len(stages),
+            "percent": round(100 * done_weight / total, 1),
+            "eta_s": round(eta) if eta is not None else None,
         }
         _report(run_dir, progress, on_progress)
         started = time.perf_counter()
         outputs = stage.run(state.outputs)
         seconds = time.perf_counter() - started
-        write_json_atomic(marker, {"stage": stage.name, "outputs": outputs, "seconds": round(seconds, 2),
-                                   "finished_at": time.time()})
+        write_json_atomic(
+            marker,
+            {
+                "stage": stage.name,
+                "outputs": outputs,
+                "seconds": round(seconds, 2),
+                "finished_at": time.time(),
+            },
+        )
         state.outputs[stage.name] = outputs
         state.executed.append(stage.name)
         done_weight += stage.weight
         work_weight += stage.weight
         work_seconds += seconds
         logger.info("stage %s done in %.1fs", stage.name, seconds)
-    _report(run_dir, {"stage": "done", "index": len(stages), "of": len(stages), "percent": 100.0, "eta_s": 0},
-            on_progress)
+    _report(
+        run_dir,
+        {"stage": "done", "index": len(stages), "of": len(stages), "percent": 100.0, "eta_s": 0},
+        on_progress,
+    )
     return state
 
 
 def _report(run_dir: str, progress: dict, on_progress) -> None:
     eta = progress["eta_s"]
     eta_text = "?" if eta is None else f"{eta // 60}m{eta % 60:02d}s"
-    logger.info("[%d/%d %5.1f%% ETA %s] %s", progress["index"], progress["of"], progress["percent"], eta_text,
-                progress["stage"])
+    logger.info(
+        "[%d/%d %5.1f%% ETA %s] %s",
+        progress["index"],
+        progress["of"],
+        progress["percent"],
+        eta_text,
+        progress["stage"],
+    )
     write_json_atomic(join_uri(run_dir, "progress.json"), {**progress, "updated_at": time.time()})
     if on_progress:
         on_progress(progress)

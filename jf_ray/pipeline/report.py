@@ -39,8 +39,10 @@ def bench_settings(config: dict) -> str:
     ev = config["evaluation"]
     extra = "".join(f", {key} {value}" for key, value in sorted(ev["decode"].items()))
     threads = ev["threads"] or "all"
-    return (f"Benchmark: greedy, n={ev['block_size']}{extra}, batch {ev['batch_size']}, up to {ev['max_new_tokens']} "
-            f"new tokens, {threads} threads, {_timing(ev['repeats'])}.")
+    return (
+        f"Benchmark: greedy, n={ev['block_size']}{extra}, batch {ev['batch_size']}, up to {ev['max_new_tokens']} "
+        f"new tokens, {threads} threads, {_timing(ev['repeats'])}."
+    )
 
 
 def _timing(repeats: int) -> str:
@@ -48,8 +50,10 @@ def _timing(repeats: int) -> str:
     if repeats == 1:
         return "one timed run per decoder"
     kept = "the faster" if repeats == 2 else "the median"
-    return (f"{kept} of {repeats} interleaved timed runs per decoder; speed-up: the median of each run's ratio to "
-            "the AR run before it (lowest-highest in brackets)")
+    return (
+        f"{kept} of {repeats} interleaved timed runs per decoder; speed-up: the median of each run's ratio to "
+        "the AR run before it (lowest-highest in brackets)"
+    )
 
 
 def _speedup(row: dict) -> str:
@@ -81,13 +85,23 @@ def _collect_summary(collect_output: dict | None) -> dict | None:
 
 
 def render_markdown(report: dict, plots: dict[str, str]) -> str:
-    lines = ["# Jacobi Forcing run report", "", f"Run: `{report['run_dir']}`", "", bench_settings(report["config"]), ""]
+    lines = [
+        "# Jacobi Forcing run report",
+        "",
+        f"Run: `{report['run_dir']}`",
+        "",
+        bench_settings(report["config"]),
+        "",
+    ]
     tasks = list(report["rounds"][0]["eval"])
     for task in tasks:
         metric = "accuracy" if task == "math" else "loss"
-        lines += [f"## {task}", "",
-                  f"| round (n) | decoder | TPF | tokens/s | speed-up vs AR | {metric} | exact vs AR | repetition |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"## {task}",
+            "",
+            f"| round (n) | decoder | TPF | tokens/s | speed-up vs AR | {metric} | exact vs AR | repetition |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for rnd in report["rounds"]:
             label = round_label(rnd)
             for decoder, row in rnd["eval"][task].items():
@@ -100,13 +114,19 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
                 )
         lines.append("")
     lines += quality_lines(report["round_eval"], report["rounds"])
-    lines += ["## Training", "", "| round | steps | final loss | consistency | AR | tokens/s | wall s |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "## Training",
+        "",
+        "| round | steps | final loss | consistency | AR | tokens/s | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for curve in report["training"]:
         if curve["steps"]:
-            lines.append(f"| {curve['round']} | {curve['steps'][-1]} | {curve['loss'][-1]:.4f} | "
-                         f"{_fmt(curve['loss_consistency'][-1])} | {_fmt(curve['loss_ar'][-1])} | "
-                         f"{_fmt(curve['tokens_per_s'])} | {_fmt(curve.get('wall_s'))} |")
+            lines.append(
+                f"| {curve['round']} | {curve['steps'][-1]} | {curve['loss'][-1]:.4f} | "
+                f"{_fmt(curve['loss_consistency'][-1])} | {_fmt(curve['loss_ar'][-1])} | "
+                f"{_fmt(curve['tokens_per_s'])} | {_fmt(curve.get('wall_s'))} |"
+            )
     lines += ["", "## Plots", ""] + [f"![{name}]({name}.png)" for name in plots] + [""]
     return "\n".join(lines)
 
@@ -115,13 +135,19 @@ def quality_lines(round_eval: list[dict | None], rounds: list[dict]) -> list[str
     """Per-round quality on the (larger) quality sets: the figures accuracy changes are judged on."""
     if not any(round_eval):
         return []
-    lines = ["## Quality (held-out quality sets, greedy)", "",
-             "| round (n) | task | examples | accuracy | loss | parse rate |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "## Quality (held-out quality sets, greedy)",
+        "",
+        "| round (n) | task | examples | accuracy | loss | parse rate |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for rnd, evals in zip(rounds, round_eval):
         label = round_label(rnd)
         for task, row in (evals or {}).items():
-            lines.append(f"| {label} | {task} | {_fmt(row.get('n'))} | {_fmt(row.get('accuracy'))} | "
-                         f"{_fmt(row.get('loss'))} | {_fmt(row.get('parse_rate'))} |")
+            lines.append(
+                f"| {label} | {task} | {_fmt(row.get('n'))} | {_fmt(row.get('accuracy'))} | "
+                f"{_fmt(row.get('loss'))} | {_fmt(row.get('parse_rate'))} |"
+            )
     return lines + [""]
 
 

@@ -27,7 +27,7 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
         Stage("data", lambda out: data_stage(cfg), weight=0.05),
         Stage("round0.eval", lambda out: eval_stage(cfg, out["base"]["model"], out), weight=0.2),
     ]
-    for k, rnd in enumerate(cfg.rounds, start=1):
+    for k in range(1, len(cfg.rounds) + 1):
         stages += [
             Stage(f"round{k}.collect", lambda out, k=k: collect_stage(cfg, k, out), weight=0.8),
             Stage(f"round{k}.pack", lambda out, k=k: pack_stage(cfg, k, out), weight=0.1),
@@ -53,7 +53,8 @@ def base_stage(cfg: PipelineConfig) -> dict:
     build_dir = cfg.base.build_dir
     if build_dir is None:
         build_dir = (
-            join_uri(cfg.run_dir, "base") if is_local(cfg.run_dir)
+            join_uri(cfg.run_dir, "base")
+            if is_local(cfg.run_dir)
             else str(Path.home() / ".cache" / "jf_ray" / f"base-{cfg.base.preset}-{cfg.seed}")
         )
     path = build_base(local_path(build_dir), preset=cfg.base.preset, seed=cfg.seed, show_progress=True)
@@ -77,16 +78,20 @@ def data_stage(cfg: PipelineConfig) -> dict:
         lines += [json.dumps({"id": f"{task}-{i:05d}", "prompt": ex.prompt}) for i, ex in enumerate(train)]
         evals[task] = _write_heldout(data_dir, "eval", task, cfg.workloads.benchmark_prompts(task), cfg.seed)
         if cfg.workloads.quality_prompts.get(task, 0):
-            quality[task] = _write_heldout(data_dir, "quality", task, cfg.workloads.quality_prompts[task],
-                                           cfg.seed + 2)
+            quality[task] = _write_heldout(data_dir, "quality", task, cfg.workloads.quality_prompts[task], cfg.seed + 2)
         if anchor_counts[task]:
             anchors += load_examples(task, "train", anchor_counts[task], seed=cfg.seed + 1)
     prompts_uri = cfg.workloads.prompts
     if prompts_uri is None:
         prompts_uri = join_uri(data_dir, "collect_prompts.jsonl")
         write_bytes_atomic(prompts_uri, ("\n".join(lines) + "\n").encode())
-    outputs = {"collect_prompts": prompts_uri, "num_prompts": len(lines), "eval": evals, "quality": quality,
-               "anchor": None}
+    outputs = {
+        "collect_prompts": prompts_uri,
+        "num_prompts": len(lines),
+        "eval": evals,
+        "quality": quality,
+        "anchor": None,
+    }
     if anchors:
         outputs["anchor"] = join_uri(data_dir, "anchor.jsonl")
         write_examples(outputs["anchor"], anchors)
@@ -99,11 +104,19 @@ def collect_stage(cfg: PipelineConfig, k: int, outputs: dict) -> dict:
 
     settings, rnd = cfg.collect, cfg.rounds[k - 1]
     config = CollectConfig(
-        model=model_of(outputs, k - 1), prompts=outputs["data"]["collect_prompts"],
-        out=join_uri(cfg.run_dir, f"round{k}", "trajectories"), block_size=rnd.block_size,
-        max_new_tokens=settings.max_new_tokens, workers=settings.workers, batch_size=settings.batch_size,
-        shard_size=settings.shard_size, round=k, model_id=f"round{k - 1}", seed=cfg.seed,
-        num_gpus_per_worker=settings.num_gpus_per_worker, num_cpus_per_worker=settings.num_cpus_per_worker,
+        model=model_of(outputs, k - 1),
+        prompts=outputs["data"]["collect_prompts"],
+        out=join_uri(cfg.run_dir, f"round{k}", "trajectories"),
+        block_size=rnd.block_size,
+        max_new_tokens=settings.max_new_tokens,
+        workers=settings.workers,
+        batch_size=settings.batch_size,
+        shard_size=settings.shard_size,
+        round=k,
+        model_id=f"round{k - 1}",
+        seed=cfg.seed,
+        num_gpus_per_worker=settings.num_gpus_per_worker,
+        num_cpus_per_worker=settings.num_cpus_per_worker,
         ray_address=cfg.ray_address,
     )
     return collect(config)
@@ -115,8 +128,12 @@ def pack_stage(cfg: PipelineConfig, k: int, outputs: dict) -> dict:
 
     rnd = cfg.rounds[k - 1]
     config = PackConfig(
-        trajectories=outputs[f"round{k}.collect"]["out"], out=join_uri(cfg.run_dir, f"round{k}", "packed"),
-        window=rnd.window, strategy=rnd.strategy, seed=cfg.seed, max_tokens=cfg.train.max_packed_tokens,
+        trajectories=outputs[f"round{k}.collect"]["out"],
+        out=join_uri(cfg.run_dir, f"round{k}", "packed"),
+        window=rnd.window,
+        strategy=rnd.strategy,
+        seed=cfg.seed,
+        max_tokens=cfg.train.max_packed_tokens,
     )
     return pack(config)
 
@@ -135,14 +152,27 @@ def train_config(cfg: PipelineConfig, k: int, outputs: dict):
     anchor = outputs["data"]["anchor"] if settings.anchor_ratio > 0 else None
     extra = dict(settings.extra)
     loss = {"ar_weight": settings.ar_weight, **extra.pop("loss", {})}  # extra.loss refines, not replaces
-    return TrainConfig.from_dict({
-        "model": model_of(outputs, k - 1), "data": outputs[f"round{k}.pack"]["out"],
-        "out": join_uri(cfg.run_dir, f"round{k}"), "run_name": "train", "workers": settings.workers,
-        "cpus_per_worker": settings.cpus_per_worker, "use_gpu": settings.use_gpu, "strategy": settings.strategy,
-        "steps": rnd.steps, "lr": rnd.lr, "micro_batch_size": settings.micro_batch_size,
-        "grad_accum": settings.grad_accum, "anchor": anchor, "anchor_ratio": settings.anchor_ratio if anchor else 0.0,
-        "loss": loss, "seed": cfg.seed, **extra,
-    })
+    return TrainConfig.from_dict(
+        {
+            "model": model_of(outputs, k - 1),
+            "data": outputs[f"round{k}.pack"]["out"],
+            "out": join_uri(cfg.run_dir, f"round{k}"),
+            "run_name": "train",
+            "workers": settings.workers,
+            "cpus_per_worker": settings.cpus_per_worker,
+            "use_gpu": settings.use_gpu,
+            "strategy": settings.strategy,
+            "steps": rnd.steps,
+            "lr": rnd.lr,
+            "micro_batch_size": settings.micro_batch_size,
+            "grad_accum": settings.grad_accum,
+            "anchor": anchor,
+            "anchor_ratio": settings.anchor_ratio if anchor else 0.0,
+            "loss": loss,
+            "seed": cfg.seed,
+            **extra,
+        }
+    )
 
 
 def _eval_resources(cfg: PipelineConfig) -> dict:
@@ -170,10 +200,18 @@ def eval_stage(cfg: PipelineConfig, model: str, outputs: dict) -> dict:
     results = {}
     for task, bench_examples in outputs["data"]["eval"].items():
         report = evaluate_remote(
-            _eval_resources(cfg), model_uri=model, task=task,
+            _eval_resources(cfg),
+            model_uri=model,
+            task=task,
             examples_uri=outputs["data"].get("quality", {}).get(task, bench_examples),
-            decoders=[ev.round_decoder], block_size=ev.block_size, max_new_tokens=ev.max_new_tokens,
-            batch_size=max(ev.batch_size, 16), seed=cfg.seed, threads=ev.threads, decode=ev.decode, warmup=False,
+            decoders=[ev.round_decoder],
+            block_size=ev.block_size,
+            max_new_tokens=ev.max_new_tokens,
+            batch_size=max(ev.batch_size, 16),
+            seed=cfg.seed,
+            threads=ev.threads,
+            decode=ev.decode,
+            warmup=False,
         )
         results[task] = report[ev.round_decoder]
     return {"model": model, "eval": results}
@@ -192,9 +230,18 @@ def bench_stage(cfg: PipelineConfig, outputs: dict) -> dict:
         per_task = {}
         for task, examples in outputs["data"]["eval"].items():
             per_task[task] = evaluate_remote(
-                _eval_resources(cfg), model_uri=model, task=task, examples_uri=examples, decoders=ev.decoders,
-                block_size=ev.block_size, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
-                seed=cfg.seed, threads=ev.threads, repeats=ev.repeats, decode=ev.decode,
+                _eval_resources(cfg),
+                model_uri=model,
+                task=task,
+                examples_uri=examples,
+                decoders=ev.decoders,
+                block_size=ev.block_size,
+                max_new_tokens=ev.max_new_tokens,
+                batch_size=ev.batch_size,
+                seed=cfg.seed,
+                threads=ev.threads,
+                repeats=ev.repeats,
+                decode=ev.decode,
             )
         block_size = None if k == 0 else cfg.rounds[k - 1].block_size
         rounds.append({"round": k, "block_size": block_size, "model": model, "eval": per_task})

@@ -6,8 +6,6 @@ tests build; the deployment receives it whole, so every knob is visible in one p
 
 from __future__ import annotations
 
-from typing import Optional
-
 from pydantic import Field, model_validator
 
 from jf_ray.config import ModelLocation, StageConfig
@@ -26,7 +24,7 @@ class AutoscalingSettings(StageConfig):
     downscale_delay_s: float = Field(60.0, ge=0, description="load must stay low this long before downscaling")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "AutoscalingSettings":
+    def _ordered(self) -> AutoscalingSettings:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         return self
@@ -39,7 +37,7 @@ class ServeConfig(StageConfig):
     """Everything one OpenAI-compatible Jacobi decoding service needs."""
 
     model: ModelLocation = Field(..., description="checkpoint: local dir, file:// or s3:// URI (HF format)")
-    model_name: Optional[str] = Field(
+    model_name: str | None = Field(
         None, description="name clients pass as `model` (default: last path component of `model`)"
     )
     dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
@@ -51,7 +49,9 @@ class ServeConfig(StageConfig):
     )
     max_batch_size: int = Field(8, ge=1, description="requests decoded together in one forward")
     max_queued_requests: int = Field(
-        32, ge=0, description="requests waiting for a batch slot per replica; beyond it the server answers 503"
+        32,
+        ge=0,
+        description="requests waiting for a batch slot per replica; beyond it the server answers 503",
     )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that gives none")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
@@ -61,18 +61,17 @@ class ServeConfig(StageConfig):
         default_factory=AutoscalingSettings, description="replica autoscaling (min/max, target load)"
     )
     host: str = Field(
-        "127.0.0.1", description="HTTP bind address of the Serve proxy (jf-ray serve; `serve deploy` takes "
-        "http_options.host of its config file)"
+        "127.0.0.1",
+        description="HTTP bind address of the Serve proxy (jf-ray serve; `serve deploy` takes "
+        "http_options.host of its config file)",
     )
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy (as for host)")
     route_prefix: str = Field("/", description="URL prefix of the application")
     app_name: str = Field("jf-ray", description="name of the Serve application")
-    api_key: Optional[str] = Field(
-        None, description="when set, requests must send `Authorization: Bearer <api_key>`"
-    )
+    api_key: str | None = Field(None, description="when set, requests must send `Authorization: Bearer <api_key>`")
 
     @model_validator(mode="after")
-    def _limits(self) -> "ServeConfig":
+    def _limits(self) -> ServeConfig:
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(
                 f"default_max_tokens ({self.default_max_tokens}) > max_tokens_limit ({self.max_tokens_limit})"

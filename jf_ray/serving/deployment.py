@@ -5,11 +5,11 @@ jf_ray.serving:app model=...`` and ``serve deploy cluster/serve_config.yaml``. T
 parsing bodies, auth, OpenAI/SSE formatting; validation and decoding live in ``service.py``.
 """
 
-
 import hmac
 import json
 import logging
-from typing import Any, AsyncIterator, Optional, Union
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -53,12 +53,12 @@ async def read_json(request: Request) -> Any:
         raise protocol.invalid_request(f"request body is not valid JSON: {exc}") from None
 
 
-def sse(payload: Union[dict, str]) -> str:
+def sse(payload: dict | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n"
 
 
-def _text_chunk(rid: str, model: str, chat: bool, text: str, finish: Optional[str], usage=None) -> dict:
+def _text_chunk(rid: str, model: str, chat: bool, text: str, finish: str | None, usage=None) -> dict:
     if chat:
         delta = {"content": text} if text else {}
         return protocol.chat_chunk(rid, model, delta, finish, usage)
@@ -96,8 +96,13 @@ class JacobiDecoderDeployment:
         key = self.config.api_key
         sent = request.headers.get("authorization", "")
         if key and not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
-            raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
-                           "authentication_error", None, "invalid_api_key")
+            raise APIError(
+                401,
+                "invalid or missing API key (Authorization: Bearer <key>)",
+                "authentication_error",
+                None,
+                "invalid_api_key",
+            )
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
@@ -176,7 +181,7 @@ def deployment_options(config: ServeConfig) -> dict:
     }
 
 
-def build_app(args: Union[dict[str, Any], ServeConfig]):
+def build_app(args: dict[str, Any] | ServeConfig):
     """Serve application builder: ``serve run jf_ray.serving:app model=/path/to/ckpt decode.decoder=mr``."""
     config = args if isinstance(args, ServeConfig) else parse_app_args(args)
     logger.info("building app for %s (decoder %s)", config.model, config.decode.decoder)

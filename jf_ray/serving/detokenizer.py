@@ -38,9 +38,7 @@ class IncrementalDetokenizer:
         if self.stopped:
             return TextDelta("", True)
         self.token_ids.extend(new_ids)
-        self.text = self.tokenizer.decode(
-            self.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
+        self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         stop_at = self._find_stop()
         if stop_at is not None:
             self.stopped = True
@@ -59,7 +57,7 @@ class IncrementalDetokenizer:
 
     def _emit_until(self, end: int, stopped: bool) -> TextDelta:
         end = max(end, self.emitted)
-        delta = self.text[self.emitted:end]
+        delta = self.text[self.emitted : end]
         self.emitted = end
         return TextDelta(delta, stopped)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional, Protocol
+from typing import Protocol
 
 from jf_ray.decoding.types import DecodeConfig
 from jf_ray.serving.detokenizer import IncrementalDetokenizer
@@ -27,8 +28,8 @@ class RequestObserver(Protocol):
 @dataclass
 class TextChunk:
     text: str
-    finish_reason: Optional[str] = None  # "stop" | "length" on the last chunk
-    usage: Optional[Usage] = None  # on the last chunk
+    finish_reason: str | None = None  # "stop" | "length" on the last chunk
+    usage: Usage | None = None  # on the last chunk
 
 
 @dataclass
@@ -39,8 +40,8 @@ class _Tally:
     forwards: int = 0
     steps: int = 0
     batch_sum: int = 0
-    accepted_hist: Optional[dict] = None
-    first_token_at: Optional[float] = None
+    accepted_hist: dict | None = None
+    first_token_at: float | None = None
 
     def add(self, event) -> bool:
         """Count one step event; True when it brought the request's first token."""
@@ -80,8 +81,11 @@ class PreparedRequest:
 
 
 async def stream_text(
-    scheduler: BatchScheduler, tokenizer, request: PreparedRequest, queue: asyncio.Queue,
-    observer: Optional[RequestObserver] = None,
+    scheduler: BatchScheduler,
+    tokenizer,
+    request: PreparedRequest,
+    queue: asyncio.Queue,
+    observer: RequestObserver | None = None,
 ) -> AsyncIterator[TextChunk]:
     """Chunks of a request already submitted with ``queue = scheduler.submit(...)``.
 
@@ -124,7 +128,7 @@ async def collect_text(chunks: AsyncIterator[TextChunk]) -> tuple[str, str, Usag
     return "".join(parts), last.finish_reason, last.usage
 
 
-def _openai_finish(output) -> Optional[str]:
+def _openai_finish(output) -> str | None:
     if not output.finished:
         return None
     return "length" if output.finish_reason == "length" else "stop"

@@ -12,7 +12,6 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 logger = logging.getLogger(__name__)
 
@@ -20,10 +19,10 @@ logger = logging.getLogger(__name__)
 @dataclass
 class RequestRecord:
     latency_s: float
-    ttft_s: Optional[float]
+    ttft_s: float | None
     completion_tokens: int
     forwards: int
-    error: Optional[str] = None
+    error: str | None = None
 
 
 @dataclass
@@ -59,8 +58,14 @@ def percentile(values: list[float], q: float) -> float:
 async def one_request(client, model: str, prompt: str, chat: bool, max_tokens: int, decoder: str) -> RequestRecord:
     started = time.perf_counter()
     ttft, usage = None, None
-    common = dict(model=model, max_tokens=max_tokens, temperature=0, stream=True,
-                  stream_options={"include_usage": True}, extra_body={"decoder": decoder})
+    common = dict(
+        model=model,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"decoder": decoder},
+    )
     try:
         if chat:
             stream = await client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **common)
@@ -74,8 +79,9 @@ async def one_request(client, model: str, prompt: str, chat: bool, max_tokens: i
     except Exception as exc:  # recorded, not raised: an overloaded server is a result, not a crash
         return RequestRecord(time.perf_counter() - started, None, 0, 0, f"{type(exc).__name__}: {exc}")
     extra = usage.model_dump() if usage is not None else {}
-    return RequestRecord(time.perf_counter() - started, ttft, extra.get("completion_tokens", 0),
-                         extra.get("forwards", 0))
+    return RequestRecord(
+        time.perf_counter() - started, ttft, extra.get("completion_tokens", 0), extra.get("forwards", 0)
+    )
 
 
 def _chunk_text(chunk, chat: bool) -> str:
@@ -84,8 +90,15 @@ def _chunk_text(chunk, chat: bool) -> str:
 
 
 async def run_load(
-    base_url: str, model: str, prompts: list[str], decoder: str, concurrency: int, requests_per_client: int,
-    max_tokens: int, chat: bool = True, api_key: str = "unused",
+    base_url: str,
+    model: str,
+    prompts: list[str],
+    decoder: str,
+    concurrency: int,
+    requests_per_client: int,
+    max_tokens: int,
+    chat: bool = True,
+    api_key: str = "unused",
 ) -> LoadResult:
     """``concurrency`` clients send ``requests_per_client`` requests each, prompts taken round-robin."""
     from openai import AsyncOpenAI
@@ -113,12 +126,18 @@ def summarize(decoder: str, concurrency: int, records: list[RequestRecord], wall
     latencies = [r.latency_s for r in ok]
     ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
     return LoadResult(
-        decoder=decoder, concurrency=concurrency, requests=len(records), errors=len(records) - len(ok),
-        wall_s=round(wall_s, 4), completion_tokens=tokens,
+        decoder=decoder,
+        concurrency=concurrency,
+        requests=len(records),
+        errors=len(records) - len(ok),
+        wall_s=round(wall_s, 4),
+        completion_tokens=tokens,
         throughput_tokens_per_s=round(tokens / wall_s, 2) if wall_s > 0 else 0.0,
         requests_per_s=round(len(ok) / wall_s, 3) if wall_s > 0 else 0.0,
-        latency_p50_s=round(percentile(latencies, 50), 4), latency_p99_s=round(percentile(latencies, 99), 4),
-        ttft_p50_s=round(percentile(ttfts, 50), 4), ttft_p99_s=round(percentile(ttfts, 99), 4),
+        latency_p50_s=round(percentile(latencies, 50), 4),
+        latency_p99_s=round(percentile(latencies, 99), 4),
+        ttft_p50_s=round(percentile(ttfts, 50), 4),
+        ttft_p99_s=round(percentile(ttfts, 99), 4),
         tokens_per_forward=round(tokens / forwards, 4) if forwards else 0.0,
         error_samples=sorted({r.error for r in records if r.error})[:3],
     )

@@ -31,9 +31,12 @@ METRICS = {
     "rejected_requests": ("counter", "requests refused with 503 because the queue was full", ()),
 }
 _BUCKETS = {
-    "request_latency_s": LATENCY_BUCKETS_S, "time_to_first_token_s": LATENCY_BUCKETS_S,
-    "request_tokens_per_s": TOKENS_PER_S_BUCKETS, "request_tokens_per_forward": TPF_BUCKETS,
-    "batch_size": BATCH_BUCKETS, "step_latency_s": LATENCY_BUCKETS_S,
+    "request_latency_s": LATENCY_BUCKETS_S,
+    "time_to_first_token_s": LATENCY_BUCKETS_S,
+    "request_tokens_per_s": TOKENS_PER_S_BUCKETS,
+    "request_tokens_per_forward": TPF_BUCKETS,
+    "batch_size": BATCH_BUCKETS,
+    "step_latency_s": LATENCY_BUCKETS_S,
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -23,8 +23,12 @@ class APIError(Exception):
     """An error that leaves the server as ``{"error": {...}}`` with an HTTP status, as OpenAI does."""
 
     def __init__(
-        self, status: int, message: str, type: str = "invalid_request_error",
-        param: Optional[str] = None, code: Optional[str] = None,
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
@@ -33,7 +37,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def invalid_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, "invalid_request_error", param, code)
 
 
@@ -59,20 +63,20 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     model: str = Field(..., min_length=1, description="served model name (GET /v1/models)")
-    max_tokens: Optional[int] = Field(None, ge=1, description="cap on generated tokens")
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0, description="0 = greedy")
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0, description="nucleus sampling mass")
-    top_k: Optional[int] = Field(None, ge=0, description="extension: keep the k most likely tokens")
-    seed: Optional[int] = Field(None, description="seed of sampling and draft initialisation")
-    stop: Optional[Union[str, list[str]]] = Field(None, description="strings that end the completion")
+    max_tokens: int | None = Field(None, ge=1, description="cap on generated tokens")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus sampling mass")
+    top_k: int | None = Field(None, ge=0, description="extension: keep the k most likely tokens")
+    seed: int | None = Field(None, description="seed of sampling and draft initialisation")
+    stop: str | list[str] | None = Field(None, description="strings that end the completion")
     stream: bool = Field(False, description="answer with server-sent events")
-    stream_options: Optional[StreamOptions] = Field(None, description="include_usage: final usage chunk")
+    stream_options: StreamOptions | None = Field(None, description="include_usage: final usage chunk")
     n: int = Field(1, ge=1, le=1, description="only one choice per request is supported")
-    logprobs: Optional[Any] = Field(None, description="not supported; must be absent")
+    logprobs: Any | None = Field(None, description="not supported; must be absent")
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported; must be 0")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported; must be 0")
-    user: Optional[str] = Field(None, description="end-user id (logged only)")
-    decoder: Optional[DecoderName] = Field(None, description="extension: ar | jacobi | rolling | mr | lookup")
+    user: str | None = Field(None, description="end-user id (logged only)")
+    decoder: DecoderName | None = Field(None, description="extension: ar | jacobi | rolling | mr | lookup")
 
     @field_validator("logprobs")
     @classmethod
@@ -83,7 +87,7 @@ class _Request(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _stop_list(cls, value: Optional[Union[str, list[str]]]) -> Optional[list[str]]:
+    def _stop_list(cls, value: str | list[str] | None) -> list[str] | None:
         if value is None:
             return None
         stops = [value] if isinstance(value, str) else value
@@ -105,13 +109,13 @@ class _Request(BaseModel):
 class CompletionRequest(_Request):
     """``POST /v1/completions``: one prompt, as text or as token ids."""
 
-    prompt: Union[str, list[str], list[int]] = Field(..., description="text, [text] or token ids")
+    prompt: str | list[str] | list[int] = Field(..., description="text, [text] or token ids")
     echo: bool = Field(False, description="not supported; must be false")
-    suffix: Optional[str] = Field(None, description="not supported; must be absent")
+    suffix: str | None = Field(None, description="not supported; must be absent")
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: Union[str, list[str], list[int]]) -> Union[str, list[int]]:
+    def _one_prompt(cls, value: str | list[str] | list[int]) -> str | list[int]:
         if isinstance(value, list) and value and isinstance(value[0], str):
             if len(value) != 1:
                 raise ValueError("exactly one prompt per request is supported")
@@ -123,7 +127,7 @@ class CompletionRequest(_Request):
         return value
 
     @model_validator(mode="after")
-    def _unsupported(self) -> "CompletionRequest":
+    def _unsupported(self) -> CompletionRequest:
         if self.echo:
             raise ValueError("echo is not supported")
         if self.suffix:
@@ -140,7 +144,7 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant"] = Field(..., description="author of the turn")
-    content: Union[str, list[ContentPart]] = Field(..., description="text or text parts")
+    content: str | list[ContentPart] = Field(..., description="text or text parts")
 
     @property
     def text(self) -> str:
@@ -153,10 +157,10 @@ class ChatCompletionRequest(_Request):
     """``POST /v1/chat/completions``: messages rendered with the checkpoint's chat template."""
 
     messages: list[ChatMessage] = Field(..., min_length=1, description="the conversation so far")
-    max_completion_tokens: Optional[int] = Field(None, ge=1, description="newer name of max_tokens")
+    max_completion_tokens: int | None = Field(None, ge=1, description="newer name of max_tokens")
 
     @model_validator(mode="after")
-    def _non_empty(self) -> "ChatCompletionRequest":
+    def _non_empty(self) -> ChatCompletionRequest:
         if not any(m.text.strip() for m in self.messages):
             raise ValueError("messages must contain some text")
         if self.max_tokens is None and self.max_completion_tokens is not None:
@@ -199,9 +203,12 @@ def now() -> int:
     return int(time.time())
 
 
-def completion_body(rid: str, model: str, text: str, finish: Optional[str], usage: Optional[Usage]) -> dict:
+def completion_body(rid: str, model: str, text: str, finish: str | None, usage: Usage | None) -> dict:
     body = {
-        "id": rid, "object": "text_completion", "created": now(), "model": model,
+        "id": rid,
+        "object": "text_completion",
+        "created": now(),
+        "model": model,
         "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
     }
     if usage is not None:
@@ -209,28 +216,41 @@ def completion_body(rid: str, model: str, text: str, finish: Optional[str], usag
     return body
 
 
-def chat_body(rid: str, model: str, text: str, finish: Optional[str], usage: Optional[Usage]) -> dict:
+def chat_body(rid: str, model: str, text: str, finish: str | None, usage: Usage | None) -> dict:
     body = {
-        "id": rid, "object": "chat.completion", "created": now(), "model": model,
-        "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": text},
-            "finish_reason": finish, "logprobs": None,
-        }],
+        "id": rid,
+        "object": "chat.completion",
+        "created": now(),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish,
+                "logprobs": None,
+            }
+        ],
     }
     if usage is not None:
         body["usage"] = usage.model_dump()
     return body
 
 
-def chat_chunk(rid: str, model: str, delta: dict, finish: Optional[str], usage: Optional[Usage] = None) -> dict:
+def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, usage: Usage | None = None) -> dict:
     choices = [] if usage is not None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-    body = {"id": rid, "object": "chat.completion.chunk", "created": now(), "model": model, "choices": choices}
+    body = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": now(),
+        "model": model,
+        "choices": choices,
+    }
     if usage is not None:
         body["usage"] = usage.model_dump()
     return body
 
 
-def completion_chunk(rid: str, model: str, text: str, finish: Optional[str], usage: Optional[Usage] = None) -> dict:
+def completion_chunk(rid: str, model: str, text: str, finish: str | None, usage: Usage | None = None) -> dict:
     body = completion_body(rid, model, text, finish, usage)
     if usage is not None:
         body["choices"] = []
@@ -238,4 +258,7 @@ def completion_chunk(rid: str, model: str, text: str, finish: Optional[str], usa
 
 
 def models_body(model: str, owned_by: str = "jf-ray") -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": now(), "owned_by": owned_by}]}
+    return {
+        "object": "list",
+        "data": [{"id": model, "object": "model", "created": now(), "owned_by": owned_by}],
+    }

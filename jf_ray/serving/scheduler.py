@@ -15,7 +15,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Protocol
 
 from jf_ray.decoding.types import DecodeConfig
 
@@ -60,8 +60,11 @@ class SchedulerStats:
     def to_dict(self) -> dict:
         sizes = self.batch_size_hist
         return {
-            "steps": self.steps, "admitted": self.admitted, "finished": self.finished,
-            "aborted": self.aborted, "rejected": self.rejected,
+            "steps": self.steps,
+            "admitted": self.admitted,
+            "finished": self.finished,
+            "aborted": self.aborted,
+            "rejected": self.rejected,
             "max_batch_size_seen": max(sizes) if sizes else 0,
             "batch_size_hist": {str(k): v for k, v in sorted(sizes.items())},
         }
@@ -69,8 +72,11 @@ class SchedulerStats:
 
 class BatchScheduler:
     def __init__(
-        self, engine, max_batch_size: int, max_queued_requests: int,
-        observer: Optional[StepObserver] = None,
+        self,
+        engine,
+        max_batch_size: int,
+        max_queued_requests: int,
+        observer: StepObserver | None = None,
     ) -> None:
         self.engine = engine
         self.capacity = max_batch_size + max_queued_requests
@@ -84,7 +90,7 @@ class BatchScheduler:
         self._thread = threading.Thread(target=self._run, name="jf-ray-engine", daemon=True)
 
     # ---- handler side (any thread / the event loop) ----
-    def start(self) -> "BatchScheduler":
+    def start(self) -> BatchScheduler:
         self._thread.start()
         return self
 
@@ -134,7 +140,12 @@ class BatchScheduler:
         return max(0, self.num_active - self.max_batch_size)
 
     def snapshot(self) -> dict:
-        return {"alive": self.alive, "active": self.num_active, "queued": self.queue_length, **self.stats.to_dict()}
+        return {
+            "alive": self.alive,
+            "active": self.num_active,
+            "queued": self.queue_length,
+            **self.stats.to_dict(),
+        }
 
     # ---- engine thread ----
     def _run(self) -> None:

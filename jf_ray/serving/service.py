@@ -8,13 +8,17 @@ before the request reaches the engine, so a bad request never disturbs the batch
 from __future__ import annotations
 
 import logging
-from typing import AsyncIterator, Optional
+from collections.abc import AsyncIterator
 
 from jf_ray.decoding.types import DecodeConfig
 from jf_ray.serving.config import ServeConfig
 from jf_ray.serving.generation import PreparedRequest, RequestObserver, TextChunk, stream_text
 from jf_ray.serving.protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, invalid_request, new_id,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    invalid_request,
+    new_id,
 )
 from jf_ray.serving.scheduler import BatchScheduler, QueueFullError, StepObserver
 
@@ -26,8 +30,10 @@ _DECODE_OVERRIDES = ("decoder", "temperature", "top_p", "top_k", "seed")
 
 class CompletionService:
     def __init__(
-        self, config: ServeConfig, request_observer: Optional[RequestObserver] = None,
-        step_observer: Optional[StepObserver] = None,
+        self,
+        config: ServeConfig,
+        request_observer: RequestObserver | None = None,
+        step_observer: StepObserver | None = None,
     ) -> None:
         from jf_ray.decoding import DecodingEngine
         from jf_ray.modeling import eos_token_ids, load_model, load_tokenizer
@@ -44,14 +50,24 @@ class CompletionService:
             engine, config.max_batch_size, config.max_queued_requests, step_observer
         ).start()
         self.request_observer = request_observer
-        logger.info("serving %s as %r (context %d tokens, decoder %s)", config.model, self.model_name,
-                    self.context_length, config.decode.decoder)
+        logger.info(
+            "serving %s as %r (context %d tokens, decoder %s)",
+            config.model,
+            self.model_name,
+            self.context_length,
+            config.decode.decoder,
+        )
 
     # ---- validation ----
     def check_model(self, name: str) -> None:
         if name != self.model_name:
-            raise APIError(404, f"model {name!r} does not exist; this server serves {self.model_name!r}",
-                           "invalid_request_error", "model", "model_not_found")
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; this server serves {self.model_name!r}",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
 
     def prepare_completion(self, request: CompletionRequest) -> PreparedRequest:
         self.check_model(request.model)
@@ -91,12 +107,14 @@ class CompletionService:
             raise invalid_request(f"invalid decoding settings: {exc}") from None
         return PreparedRequest(request_id, prompt_ids, config, request.stop_strings)
 
-    def _max_tokens(self, prompt_tokens: int, requested: Optional[int], prompt_field: str) -> int:
+    def _max_tokens(self, prompt_tokens: int, requested: int | None, prompt_field: str) -> int:
         room = self.context_length - prompt_tokens
         if room <= 0:
             raise invalid_request(
                 f"{prompt_field}: the prompt has {prompt_tokens} tokens; this model's maximum context length is "
-                f"{self.context_length} tokens", prompt_field, "context_length_exceeded",
+                f"{self.context_length} tokens",
+                prompt_field,
+                "context_length_exceeded",
             )
         if requested is None:
             return min(self.config.default_max_tokens, room)
@@ -109,7 +127,9 @@ class CompletionService:
             raise invalid_request(
                 f"max_tokens: this model's maximum context length is {self.context_length} tokens, but you "
                 f"requested {prompt_tokens + requested} ({prompt_tokens} in the prompt, {requested} in the "
-                "completion)", "max_tokens", "context_length_exceeded",
+                "completion)",
+                "max_tokens",
+                "context_length_exceeded",
             )
         return requested
 
@@ -123,8 +143,11 @@ class CompletionService:
         return stream_text(self.scheduler, self.tokenizer, request, queue, self.request_observer)
 
     def health(self) -> dict:
-        return {"status": "ok" if self.scheduler.alive else "engine stopped", "model": self.model_name,
-                **self.scheduler.snapshot()}
+        return {
+            "status": "ok" if self.scheduler.alive else "engine stopped",
+            "model": self.model_name,
+            **self.scheduler.snapshot(),
+        }
 
     def shutdown(self) -> None:
         self.scheduler.stop()

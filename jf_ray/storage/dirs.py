@@ -81,7 +81,7 @@ def _remote_listing(uri: str) -> dict:
         return {"files": marker["files"], "uploaded_at": marker.get("uploaded_at")}
     fs, path = fs_and_path(uri)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
-    files = {i.path[len(path) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+    files = {i.path[len(path) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
     if not files:
         raise UserInputError(f"nothing to download at {uri}")
     logger.warning("%s has no %s marker (not uploaded by jf-ray?); downloading what is there", uri, COMPLETE_MARKER)

@@ -19,8 +19,9 @@ Loss targets (jacobi_forcing.md section 5):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -60,7 +61,7 @@ class PackedBatch:
     num_sequences: int
     num_tokens: int  # non-pad tokens
 
-    def to(self, device: torch.device | str) -> "PackedBatch":
+    def to(self, device: torch.device | str) -> PackedBatch:
         moved = {name: getattr(self, name) for name in self.__dataclass_fields__}
         for name, value in moved.items():
             if isinstance(value, torch.Tensor):
@@ -158,9 +159,14 @@ def collate(
         builders.append(builder)
     length = max(len(builder.ids) for builder in builders)
     fills = {
-        "ids": pad_token_id, "positions": 0, "segment": PAD, "block": -1, "seq": -1,
-        "ar_labels": IGNORE, "anchor_labels": IGNORE,
-    }  # fmt: skip
+        "ids": pad_token_id,
+        "positions": 0,
+        "segment": PAD,
+        "block": -1,
+        "seq": -1,
+        "ar_labels": IGNORE,
+        "anchor_labels": IGNORE,
+    }
     tensors = {
         name: torch.tensor([getattr(b, name) + [fill] * (length - len(b.ids)) for b in builders], dtype=torch.long)
         for name, fill in fills.items()

@@ -60,12 +60,23 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or f"file://{tempfile.mkdtemp(prefix='jf-train-bench-')}"
     results = []
     for workers in [int(w) for w in args.workers.split(",")]:
-        overrides = [f"model={args.model}", f"data={args.data}", f"out={out}", f"workers={workers}",
-                     f"steps={args.steps}", f"run_name=bench-w{workers}-{int(time.time())}", *args.set]  # fmt: skip
+        overrides = [
+            f"model={args.model}",
+            f"data={args.data}",
+            f"out={out}",
+            f"workers={workers}",
+            f"steps={args.steps}",
+            f"run_name=bench-w{workers}-{int(time.time())}",
+            *args.set,
+        ]
         results.append(measure(TrainConfig.load(None, overrides), args.skip))
         logger.info("workers=%d: %.0f tokens/s", workers, results[-1]["tokens_per_s_median"])
-    report = {"benchmark": "jf_ray.training", "cpu_count": os.cpu_count(), "results": results,
-              "settings": {"model": args.model, "data": args.data, "steps": args.steps, "set": args.set}}  # fmt: skip
+    report = {
+        "benchmark": "jf_ray.training",
+        "cpu_count": os.cpu_count(),
+        "results": results,
+        "settings": {"model": args.model, "data": args.data, "steps": args.steps, "set": args.set},
+    }
     with open(args.json_out, "w") as handle:
         json.dump(report, handle, indent=2)
     logger.info("wrote %s", args.json_out)

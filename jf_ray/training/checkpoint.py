@@ -41,8 +41,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def save_checkpoint(directory: str | Path, model, tokenizer, optimizer, scheduler, state: LoopState,
-                    config: dict, is_writer: bool) -> None:  # fmt: skip
+def save_checkpoint(
+    directory: str | Path,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    state: LoopState,
+    config: dict,
+    is_writer: bool,
+) -> None:
     """Write a resumable HF checkpoint into ``directory`` (only when ``is_writer``; all ranks must call)."""
     model_state = get_model_state_dict(model, options=_FULL)
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=_FULL)

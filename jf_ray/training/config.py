@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -21,7 +21,8 @@ class LossConfig(StageConfig):
         "token", description="consistency normalisation: token = mean over pairs; block = paper Eq. 8"
     )
     positions: Literal["from_divergence", "all"] = Field(
-        "from_divergence", description="consistency pairs: from each block's first divergence (official) or all"
+        "from_divergence",
+        description="consistency pairs: from each block's first divergence (official) or all",
     )
     ar_on_prompt: bool = Field(False, description="also train next-token prediction on prompt tokens")
     anchor_weight: float = Field(1.0, ge=0.0, description="weight of the AR loss on anchor sequences")
@@ -48,11 +49,13 @@ class TrainConfig(StageConfig):
     use_gpu: bool = Field(False, description="one GPU per worker (nccl); CPU workers use gloo")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp, or fsdp (FSDP2) for models too big for one GPU")
     epochs: float = Field(1.0, gt=0.0, description="passes over the packed data (ignored when steps is set)")
-    steps: Optional[int] = Field(None, ge=1, description="optimizer steps to run (overrides epochs)")
+    steps: int | None = Field(None, ge=1, description="optimizer steps to run (overrides epochs)")
     micro_batch_size: int = Field(1, ge=1, description="packed sequences per micro-batch per worker")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    max_row_tokens: Optional[int] = Field(
-        None, ge=8, description="pack several sequences into rows of this many tokens (None: one per row, padded)"
+    max_row_tokens: int | None = Field(
+        None,
+        ge=8,
+        description="pack several sequences into rows of this many tokens (None: one per row, padded)",
     )
     lr: float = Field(1e-5, gt=0.0, description="peak learning rate (paper 1e-6, n32 script 1e-5)")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
@@ -60,16 +63,14 @@ class TrainConfig(StageConfig):
     eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon")
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="share of steps in linear warm-up")
     max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping norm")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto = bf16 autocast on GPU, fp32 on CPU"
-    )
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = Field(
         "sdpa", description="attention kernel; sdpa/eager take a 4D float mask, flex_attention a block mask"
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     loss: LossConfig = Field(default_factory=LossConfig, description="objective")
     mask: MaskConfig = Field(default_factory=MaskConfig, description="attention mask over packed sequences")
-    anchor: Optional[Location] = Field(
+    anchor: Location | None = Field(
         None, description="JSONL URI of anchor sequences ({text} or {prompt, answer}) trained with AR loss"
     )
     anchor_ratio: float = Field(0.0, ge=0.0, description="anchor sequences per packed sequence in each micro-batch")
@@ -78,13 +79,15 @@ class TrainConfig(StageConfig):
     seed: int = Field(0, description="seed of shuffling and initialisation")
     log_every: int = Field(1, ge=1, description="log metrics (log file, logger) every this many steps")
     report_every: int = Field(
-        25, ge=1, description="report metrics to Ray Train every this many steps (each report syncs all workers)"
+        25,
+        ge=1,
+        description="report metrics to Ray Train every this many steps (each report syncs all workers)",
     )
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every this many steps (0 = only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
 
     @model_validator(mode="after")
-    def _anchor_needs_source(self) -> "TrainConfig":
+    def _anchor_needs_source(self) -> TrainConfig:
         if self.anchor_ratio > 0 and not self.anchor:
             raise ValueError("anchor_ratio > 0 needs an anchor URI")
         return self

@@ -80,8 +80,15 @@ def load_anchor_sequences(uri: str, tokenizer, max_tokens: int, ar_on_prompt: bo
 class MicroBatchStream:
     """Micro-batches of one worker, addressed by optimizer step (see the module docstring)."""
 
-    def __init__(self, sequences: list[TrainSequence], config: TrainConfig, rank: int, world_size: int,
-                 anchors: list[TrainSequence] | None = None, pad_token_id: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        sequences: list[TrainSequence],
+        config: TrainConfig,
+        rank: int,
+        world_size: int,
+        anchors: list[TrainSequence] | None = None,
+        pad_token_id: int = 0,
+    ):
         if len(sequences) < world_size:
             raise UserInputError(f"{len(sequences)} packed sequences cannot feed {world_size} workers")
         self.sequences, self.anchors = sequences, anchors or []
@@ -112,7 +119,7 @@ class MicroBatchStream:
             pad_token_id=self.pad_token_id,
         )
 
-    @lru_cache(maxsize=2)
+    @lru_cache(maxsize=2)  # noqa: B019 - one dataset per worker process, lives as long as it
     def _worker_order(self, epoch: int) -> list[int]:
         order = list(range(len(self.sequences)))
         if self.config.shuffle:
@@ -130,7 +137,7 @@ class MicroBatchStream:
         cycle, offset = divmod(k, len(self.anchors))
         return self._anchor_order(cycle)[offset]
 
-    @lru_cache(maxsize=2)
+    @lru_cache(maxsize=2)  # noqa: B019 - one dataset per worker process, lives as long as it
     def _anchor_order(self, cycle: int) -> list[int]:
         order = list(range(len(self.anchors)))
         random.Random(f"{self.config.seed}:anchor:{self.rank}:{cycle}").shuffle(order)

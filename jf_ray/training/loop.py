@@ -14,8 +14,8 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -53,9 +53,7 @@ def packed_forward(model, batch: PackedBatch, kind: str = "nc", window: int = 16
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(
-        params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
-    )
+    return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
@@ -151,8 +149,17 @@ StepBatches = Callable[[int], list[PackedBatch]]  # step index -> its micro-batc
 OnStep = Callable[[LoopState, dict], None]
 
 
-def run_loop(model, batches_for_step: StepBatches, optimizer, scheduler, config: TrainConfig, total_steps: int,
-             state: LoopState, device, on_step: OnStep) -> LoopState:  # fmt: skip
+def run_loop(
+    model,
+    batches_for_step: StepBatches,
+    optimizer,
+    scheduler,
+    config: TrainConfig,
+    total_steps: int,
+    state: LoopState,
+    device,
+    on_step: OnStep,
+) -> LoopState:
     """Train from ``state.step`` to ``total_steps``; ``on_step`` gets every step's metrics (it logs,
     reports and checkpoints). Tokens/s counts packed tokens of all workers over the wall time since the
     previous step ended, so that reporting and checkpointing costs show in it."""
@@ -164,7 +171,11 @@ def run_loop(model, batches_for_step: StepBatches, optimizer, scheduler, config:
         elapsed, mark = now - mark, now
         state.step += 1
         state.tokens += metrics["tokens"]
-        metrics.update(step=state.step, tokens_total=state.tokens, step_s=elapsed,
-                       tokens_per_s=metrics["tokens"] / elapsed if elapsed > 0 else 0.0)  # fmt: skip
+        metrics.update(
+            step=state.step,
+            tokens_total=state.tokens,
+            step_s=elapsed,
+            tokens_per_s=metrics["tokens"] / elapsed if elapsed > 0 else 0.0,
+        )
         on_step(state, metrics)
     return state

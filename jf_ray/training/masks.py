@@ -110,7 +110,12 @@ def flex_block_mask(
 
     def mask_mod(b, h, q, k):
         return visibility(
-            (segment[b, q], segment[b, k]), (block[b, q], block[b, k]), (seq[b, q], seq[b, k]), (q, k), kind, window
+            (segment[b, q], segment[b, k]),
+            (block[b, q], block[b, k]),
+            (seq[b, q], seq[b, k]),
+            (q, k),
+            kind,
+            window,
         )
 
     batch, length = segment.shape

@@ -246,9 +246,15 @@ class Reporter:
         metrics["total_steps"] = self.total_steps
         if self.rank == 0 and log_now:
             self.lines.append(json.dumps(metrics, sort_keys=True))
-            logger.info("step %d/%d loss %.4f (pc %.4f ar %.4f) %.0f tok/s", state.step, self.total_steps,
-                        metrics["loss"], metrics["loss_consistency"], metrics["loss_ar"],
-                        metrics["tokens_per_s"])
+            logger.info(
+                "step %d/%d loss %.4f (pc %.4f ar %.4f) %.0f tok/s",
+                state.step,
+                self.total_steps,
+                metrics["loss"],
+                metrics["loss_consistency"],
+                metrics["loss_ar"],
+                metrics["tokens_per_s"],
+            )
         if checkpoint_now:
             self._report_with_checkpoint(state, metrics)
         elif report_now:
@@ -263,8 +269,16 @@ class Reporter:
         from jf_ray.training.checkpoint import save_checkpoint
 
         with tempfile.TemporaryDirectory(prefix="jf-ckpt-") as directory:
-            save_checkpoint(directory, self.model, self.tokenizer, self.optimizer, self.scheduler, state,
-                            self.config.model_dump(mode="json"), is_writer=self.rank == 0)  # fmt: skip
+            save_checkpoint(
+                directory,
+                self.model,
+                self.tokenizer,
+                self.optimizer,
+                self.scheduler,
+                state,
+                self.config.model_dump(mode="json"),
+                is_writer=self.rank == 0,
+            )
             checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state.step:06d}")
         if self.rank == 0:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from jf_ray.decoding.types import DecodeConfig, DecodeResult
 from jf_ray.errors import UserInputError
@@ -46,7 +47,7 @@ class GenerationBackend(Protocol):
         max_new_tokens: int,
         batch_size: int,
         seed: int,
-        progress: Optional[Callable[[int], None]] = None,
+        progress: Callable[[int], None] | None = None,
     ) -> list[DecodeResult]:
         """Greedy Jacobi decode of every prompt with ``record_trajectory``; one result per prompt, in order."""
 
@@ -63,7 +64,7 @@ class TransformersBackend:
         self._eos = eos_token_ids(model, tokenizer)
 
     @classmethod
-    def from_spec(cls, spec: BackendSpec) -> "TransformersBackend":
+    def from_spec(cls, spec: BackendSpec) -> TransformersBackend:
         from jf_ray.modeling import load_model, load_tokenizer
 
         model = load_model(

@@ -21,10 +21,10 @@ import time
 
 import torch
 
+from jf_ray.prompts import read_prompts
 from jf_ray.storage import join_uri, write_bytes_atomic
 from jf_ray.trajectories.backends import BackendSpec, make_backend
 from jf_ray.trajectories.config import CollectConfig
-from jf_ray.prompts import read_prompts
 from jf_ray.trajectories.worker import RecordSettings, ShardTask, ShardWorker
 
 logger = logging.getLogger(__name__)
@@ -36,21 +36,29 @@ def worker_scaling(args, prompts_uri: str, scratch: str) -> list[dict]:
     results = []
     for workers in args.workers:
         config = CollectConfig(
-            model=args.model, prompts=prompts_uri, out=join_uri(scratch, f"workers-{workers}"),
-            block_size=args.block_size, max_new_tokens=args.max_new_tokens, workers=workers,
-            batch_size=args.batch_size, shard_size=args.shard_size, progress=False,
+            model=args.model,
+            prompts=prompts_uri,
+            out=join_uri(scratch, f"workers-{workers}"),
+            block_size=args.block_size,
+            max_new_tokens=args.max_new_tokens,
+            workers=workers,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            progress=False,
         )
         summary = collect(config)
         busiest = max(w["busy_s"] for w in summary["workers"])
-        results.append({
-            "workers": workers,
-            "tokens": summary["tokens"],
-            "tpf": summary["tpf"],
-            "wall_s": summary["wall_s"],
-            "end_to_end_tokens_per_s": summary["tokens_per_s"],
-            "steady_tokens_per_s": round(summary["tokens"] / busiest, 2),
-            "per_worker": summary["workers"],
-        })
+        results.append(
+            {
+                "workers": workers,
+                "tokens": summary["tokens"],
+                "tpf": summary["tpf"],
+                "wall_s": summary["wall_s"],
+                "end_to_end_tokens_per_s": summary["tokens_per_s"],
+                "steady_tokens_per_s": round(summary["tokens"] / busiest, 2),
+                "per_worker": summary["workers"],
+            }
+        )
         logger.info("workers=%d: %s", workers, results[-1])
     return results
 
@@ -63,18 +71,24 @@ def batch_scaling(args, prompts_uri: str, scratch: str) -> list[dict]:
     results = []
     for batch_size in args.batch_sizes:
         settings = RecordSettings(
-            out=join_uri(scratch, f"batch-{batch_size}"), block_size=args.block_size,
-            max_new_tokens=args.max_new_tokens, batch_size=batch_size, model_id=args.model, round_index=1,
+            out=join_uri(scratch, f"batch-{batch_size}"),
+            block_size=args.block_size,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=batch_size,
+            model_id=args.model,
+            round_index=1,
         )
         report = ShardWorker(settings, backend=backend).run(ShardTask("shard-00000", prompts, seed=0))
-        results.append({
-            "batch_size": batch_size,
-            "tokens": report["tokens"],
-            "forwards": report["forwards"],
-            "generate_s": report["generate_s"],
-            "tokens_per_s": round(report["tokens"] / report["generate_s"], 2),
-            "shard_s": report["shard_s"],
-        })
+        results.append(
+            {
+                "batch_size": batch_size,
+                "tokens": report["tokens"],
+                "forwards": report["forwards"],
+                "generate_s": report["generate_s"],
+                "tokens_per_s": round(report["tokens"] / report["generate_s"], 2),
+                "shard_s": report["shard_s"],
+            }
+        )
         logger.info("batch=%d: %s", batch_size, results[-1])
     return results
 

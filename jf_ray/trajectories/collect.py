@@ -16,13 +16,20 @@ import hashlib
 import logging
 import time
 from collections import defaultdict
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from jf_ray.errors import UserInputError
-from jf_ray.storage import DatasetError, DatasetWriter, exists, join_uri, read_dataset, read_json
-from jf_ray.storage import write_json_atomic
-from jf_ray.trajectories.config import CollectConfig
 from jf_ray.prompts import Prompt, read_prompts, shard_prompts
+from jf_ray.storage import (
+    DatasetError,
+    DatasetWriter,
+    exists,
+    join_uri,
+    read_dataset,
+    read_json,
+    write_json_atomic,
+)
+from jf_ray.trajectories.config import CollectConfig
 from jf_ray.trajectories.schema import TRAJECTORY_SCHEMA
 from jf_ray.trajectories.worker import RecordSettings, ShardTask
 
@@ -30,8 +37,17 @@ logger = logging.getLogger(__name__)
 
 RUN_FILE = "collect_run.json"
 # Settings that change what a shard contains; a resumed run must match the finished shards on all of them.
-_RUN_KEYS = ("model", "resolved_model_id", "round", "block_size", "max_new_tokens", "shard_size", "seed",
-             "backend", "use_chat_template")
+_RUN_KEYS = (
+    "model",
+    "resolved_model_id",
+    "round",
+    "block_size",
+    "max_new_tokens",
+    "shard_size",
+    "seed",
+    "backend",
+    "use_chat_template",
+)
 
 
 def plan_tasks(prompts: list[Prompt], config: CollectConfig) -> list[ShardTask]:
@@ -43,7 +59,11 @@ def plan_tasks(prompts: list[Prompt], config: CollectConfig) -> list[ShardTask]:
 
 def run_identity(prompts: list[Prompt], config: CollectConfig) -> dict:
     digest = hashlib.sha256("\n".join(f"{p.id}\t{p.text}" for p in prompts).encode()).hexdigest()
-    return {**{k: getattr(config, k) for k in _RUN_KEYS}, "prompts_sha256": digest, "num_prompts": len(prompts)}
+    return {
+        **{k: getattr(config, k) for k in _RUN_KEYS},
+        "prompts_sha256": digest,
+        "num_prompts": len(prompts),
+    }
 
 
 def check_resumable(config: CollectConfig, identity: dict) -> None:
@@ -78,7 +98,7 @@ def verify_exactly_once(out: str, prompts: list[Prompt]) -> int:
     return table.num_rows
 
 
-def collect(config: CollectConfig, on_shard_done: Optional[Callable[[dict], None]] = None) -> dict:
+def collect(config: CollectConfig, on_shard_done: Callable[[dict], None] | None = None) -> dict:
     """Collect trajectories as configured; returns a summary (counts, tokens/s, per-worker throughput)."""
     from jf_ray.raycluster import init_ray
     from jf_ray.trajectories.ray_pool import PoolOptions, run_shards
@@ -92,13 +112,23 @@ def collect(config: CollectConfig, on_shard_done: Optional[Callable[[dict], None
     check_resumable(config, run_identity(prompts, config))
     finished = set(writer.finished_shards(verify=True)) if config.resume else set()
     todo = [t for t in tasks if t.name not in finished]
-    logger.info("collect: %d prompts in %d shards, %d already finished, %d to do",
-                len(prompts), len(tasks), len(tasks) - len(todo), len(todo))
+    logger.info(
+        "collect: %d prompts in %d shards, %d already finished, %d to do",
+        len(prompts),
+        len(tasks),
+        len(tasks) - len(todo),
+        len(todo),
+    )
     reports, retries = [], []
     if todo:
         init_ray(config.ray_address)
-        options = PoolOptions(config.workers, config.num_cpus_per_worker, config.num_gpus_per_worker,
-                              config.max_shard_attempts, config.progress)
+        options = PoolOptions(
+            config.workers,
+            config.num_cpus_per_worker,
+            config.num_gpus_per_worker,
+            config.max_shard_attempts,
+            config.progress,
+        )
         outcome = run_shards(todo, _settings(config), config.backend_spec(), options, on_shard_done)
         reports, retries = outcome.reports, outcome.retries
     writer.commit(_manifest_meta(config, prompts), expected_shards=[t.name for t in tasks])
@@ -138,10 +168,17 @@ def _summary(config, prompts, tasks, reports, retries, rows, wall_s) -> dict:
     forwards = sum(r["forwards"] for r in reports)
     per_worker: dict[int, dict] = {}
     for r in reports:
-        w = per_worker.setdefault(r["worker"], {"worker": r["worker"], "shards": 0, "prompts": 0, "tokens": 0,
-                                                "forwards": 0, "busy_s": 0.0})
-        for key, value in (("shards", 1), ("prompts", r["prompts"]), ("tokens", r["tokens"]),
-                           ("forwards", r["forwards"]), ("busy_s", r["shard_s"])):
+        w = per_worker.setdefault(
+            r["worker"],
+            {"worker": r["worker"], "shards": 0, "prompts": 0, "tokens": 0, "forwards": 0, "busy_s": 0.0},
+        )
+        for key, value in (
+            ("shards", 1),
+            ("prompts", r["prompts"]),
+            ("tokens", r["tokens"]),
+            ("forwards", r["forwards"]),
+            ("busy_s", r["shard_s"]),
+        ):
             w[key] += value
     for w in per_worker.values():
         w["tokens_per_s"] = round(w["tokens"] / w["busy_s"], 2) if w["busy_s"] else 0.0

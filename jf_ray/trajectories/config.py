@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from pydantic import Field
 
 from jf_ray.config import Location, ModelLocation, StageConfig
@@ -22,7 +20,7 @@ class CollectConfig(StageConfig):
     batch_size: int = Field(8, ge=1, description="prompts decoded together inside one worker")
     shard_size: int = Field(32, ge=1, description="prompts per output shard (the unit of resume and retry)")
     round: int = Field(1, ge=0, description="Jacobi Forcing round this data is for (stored in every row)")
-    model_id: Optional[str] = Field(None, description="id stored in every row (default: the model string)")
+    model_id: str | None = Field(None, description="id stored in every row (default: the model string)")
     seed: int = Field(0, description="base seed of draft initialisation; shard i uses seed + i")
     resume: bool = Field(True, description="skip shards already finished in `out` (checksums verified)")
     num_gpus_per_worker: float = Field(0.0, ge=0.0, description="GPUs per actor (1 on GPU clusters, 0 on CPU)")
@@ -32,7 +30,7 @@ class CollectConfig(StageConfig):
     dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
     attn_implementation: str = Field("sdpa", description="transformers attention implementation")
     use_chat_template: bool = Field(True, description="wrap prompts in the tokenizer's chat template")
-    ray_address: Optional[str] = Field(None, description="Ray cluster to join (default: RAY_ADDRESS or local)")
+    ray_address: str | None = Field(None, description="Ray cluster to join (default: RAY_ADDRESS or local)")
     progress: bool = Field(True, description="show a progress bar on the driver")
 
     @property

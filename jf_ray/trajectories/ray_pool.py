@@ -12,8 +12,8 @@ import logging
 import os
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import ray
 from tqdm import tqdm
@@ -25,9 +25,19 @@ logger = logging.getLogger(__name__)
 
 # Storage settings the driver was given travel to the actors (object store endpoint, credentials, caches).
 FORWARDED_ENV_VARS = (
-    "JF_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED",
-    "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION", "JF_CACHE_DIR", "HF_HOME",
+    "JF_S3_ENDPOINT",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_EC2_METADATA_DISABLED",
+    "AWS_REQUEST_CHECKSUM_CALCULATION",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION",
+    "JF_CACHE_DIR",
+    "HF_HOME",
 )
 
 
@@ -78,7 +88,7 @@ class ShardPool:
         self.run_tag = f"jf-collect-{uuid.uuid4().hex[:8]}"
         self.generation = [0] * options.workers
         self.actors = [self._spawn(i) for i in range(options.workers)]
-        self.busy: list[Optional[_Pending]] = [None] * options.workers
+        self.busy: list[_Pending | None] = [None] * options.workers
 
     def actor_name(self, slot: int) -> str:
         return f"{self.run_tag}-w{slot}-g{self.generation[slot]}"
@@ -137,8 +147,13 @@ class ShardPool:
     def _retry(self, item: _Pending, slot: int, exc: Exception, pending: deque, outcome: PoolOutcome, died: bool):
         error = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         outcome.retries.append({"shard": item.task.name, "worker": slot, "actor_died": died, "error": error[:300]})
-        logger.warning("shard %s failed on worker %d (%s): %s", item.task.name, slot,
-                       "actor died" if died else "task error", error[:300])
+        logger.warning(
+            "shard %s failed on worker %d (%s): %s",
+            item.task.name,
+            slot,
+            "actor died" if died else "task error",
+            error[:300],
+        )
         if died:
             self._respawn(slot)
         if item.attempts >= self.options.max_attempts:
@@ -156,7 +171,7 @@ def run_shards(
     settings: RecordSettings,
     spec: BackendSpec,
     options: PoolOptions,
-    on_report: Optional[Callable[[dict], None]] = None,
+    on_report: Callable[[dict], None] | None = None,
 ) -> PoolOutcome:
     """Run every task on a fresh pool with a driver-side progress bar; actors are removed at the end."""
     total = sum(len(t.prompts) for t in tasks)

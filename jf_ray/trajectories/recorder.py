@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
 
 import pyarrow as pa
 
 from jf_ray.decoding.types import DecodeResult, DecodeStats
-from jf_ray.trajectories.backends import GenerationBackend
 from jf_ray.prompts import Prompt
+from jf_ray.trajectories.backends import GenerationBackend
 from jf_ray.trajectories.schema import rows_to_table
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def trajectory_rows(
     model_id: str,
     round_index: int,
     eos_ids: Sequence[int],
-    max_tokens: Optional[int] = None,
+    max_tokens: int | None = None,
 ) -> list[dict]:
     """One row per block of one response (cut to ``max_tokens``, a multiple of the block size).
 
@@ -79,7 +79,7 @@ def trajectory_rows(
             }
         )
         prefix.extend(block.fixed_point)
-    if prefix[len(prompt_ids):] != tokens:
+    if prefix[len(prompt_ids) :] != tokens:
         raise TrajectoryError(f"{prompt_id}: block fixed points do not concatenate to the decoded response")
     return rows
 
@@ -113,7 +113,7 @@ def record_trajectories(
     seed: int,
     model_id: str,
     round_index: int,
-    progress: Optional[Callable[[int], None]] = None,
+    progress: Callable[[int], None] | None = None,
 ) -> RecordedBatch:
     """Decode ``prompts`` with the backend and return their rows as one table, plus decode stats.
 
@@ -132,8 +132,14 @@ def record_trajectories(
     stats = DecodeStats()
     for prompt, ids, result in zip(prompts, prompt_ids, results):
         prompt_rows = trajectory_rows(
-            prompt.id, ids, result, block_size=block_size, model_id=model_id, round_index=round_index,
-            eos_ids=eos_ids, max_tokens=cap,
+            prompt.id,
+            ids,
+            result,
+            block_size=block_size,
+            model_id=model_id,
+            round_index=round_index,
+            eos_ids=eos_ids,
+            max_tokens=cap,
         )
         rows.extend(prompt_rows)
         stats = stats.merge(result.stats)

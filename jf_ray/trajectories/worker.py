@@ -9,9 +9,9 @@ import logging
 import time
 from dataclasses import dataclass
 
+from jf_ray.prompts import Prompt
 from jf_ray.storage import DatasetWriter
 from jf_ray.trajectories.backends import BackendSpec, GenerationBackend, make_backend
-from jf_ray.prompts import Prompt
 from jf_ray.trajectories.recorder import record_trajectories
 from jf_ray.trajectories.schema import TRAJECTORY_SCHEMA
 
@@ -39,7 +39,10 @@ class RecordSettings:
 
 class ShardWorker:
     def __init__(
-        self, settings: RecordSettings, spec: BackendSpec | None = None, backend: GenerationBackend | None = None
+        self,
+        settings: RecordSettings,
+        spec: BackendSpec | None = None,
+        backend: GenerationBackend | None = None,
     ):
         if backend is None and spec is None:
             raise ValueError("ShardWorker needs a backend or a BackendSpec")
@@ -74,7 +77,11 @@ class ShardWorker:
         }
         logger.info(
             "shard %s: %d prompts, %d tokens in %.1fs (%.1f tok/s, TPF %.2f)",
-            task.name, len(task.prompts), batch.stats.tokens, shard_s,
-            batch.stats.tokens / shard_s if shard_s else 0.0, batch.stats.tpf,
+            task.name,
+            len(task.prompts),
+            batch.stats.tokens,
+            shard_s,
+            batch.stats.tokens / shard_s if shard_s else 0.0,
+            batch.stats.tpf,
         )
         return report

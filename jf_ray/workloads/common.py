@@ -8,8 +8,9 @@ line) are what ``jf-ray bench``, trajectory collection and the pipeline read.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable, Literal
+from typing import Literal
 
 from jf_ray.errors import UserInputError
 
@@ -64,10 +65,14 @@ def jsonl_to_examples(data: bytes, source: str = "") -> list[Example]:
         try:
             row = json.loads(line)
             examples.append(
-                Example(prompt=str(row["prompt"]), answer=str(row.get("answer", "")), source=str(row.get("source", "")))
+                Example(
+                    prompt=str(row["prompt"]),
+                    answer=str(row.get("answer", "")),
+                    source=str(row.get("source", "")),
+                )
             )
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise UserInputError(f"{source or 'JSONL'} line {number}: not a {{prompt, answer}} object ({exc})")
+            raise UserInputError(f"{source or 'JSONL'} line {number}: not a {{prompt, answer}} object ({exc})") from exc
     return examples
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from jf_ray.workloads.common import Example, Split, check_split
 
@@ -32,12 +32,53 @@ MAX_FACTOR = 9
 MIN_EVENTS, MAX_EVENTS = 2, 3
 
 NAMES = (
-    "Ava", "Ben", "Cara", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jade", "Kai", "Lena", "Milo", "Nora",
-    "Omar", "Pia", "Quinn", "Rosa", "Sam", "Tara", "Uma", "Vic", "Wes", "Yara", "Zoe",
+    "Ava",
+    "Ben",
+    "Cara",
+    "Dan",
+    "Eli",
+    "Fay",
+    "Gus",
+    "Hana",
+    "Ivan",
+    "Jade",
+    "Kai",
+    "Lena",
+    "Milo",
+    "Nora",
+    "Omar",
+    "Pia",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Uma",
+    "Vic",
+    "Wes",
+    "Yara",
+    "Zoe",
 )
 ITEMS = (
-    "apples", "marbles", "stickers", "books", "coins", "pencils", "cookies", "cards", "shells", "stamps",
-    "buttons", "beads", "candles", "eggs", "plums", "toys", "rocks", "ribbons", "cups", "seeds",
+    "apples",
+    "marbles",
+    "stickers",
+    "books",
+    "coins",
+    "pencils",
+    "cookies",
+    "cards",
+    "shells",
+    "stamps",
+    "buttons",
+    "beads",
+    "candles",
+    "eggs",
+    "plums",
+    "toys",
+    "rocks",
+    "ribbons",
+    "cups",
+    "seeds",
 )
 CONTAINERS = ("boxes", "bags", "packs", "jars", "crates", "baskets")
 
