@@ -19,17 +19,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import psutil
 import torch
 
-from jf_ray.decoding import DECODER_NAMES, DecodeConfig, DecodeResult, DecodeStats, DecodingEngine
+from jf_ray.decoding import DecodeConfig, DecodeResult, DecodeStats, DecodingEngine
+from jf_ray.decoding.auto import measure_cost_curve
+from jf_ray.decoding.planner import CostCurve
 from jf_ray.modeling import attention_backends
 
 logger = logging.getLogger(__name__)
 
-GENERATE = "generate"  # bench-only decoder name: transformers' greedy generate, the outside reference
-BENCH_DECODERS: tuple[str, ...] = (*DECODER_NAMES, GENERATE)
+GENERATE = "generate"  # a reference of jf_ray.decoding.registry.REFERENCES: transformers' greedy generate
 
 
 @dataclass
@@ -39,6 +41,7 @@ class DecoderRun:
     forward_s: float | None  # time inside the model's forwards; None where it cannot be separated
     peak_rss_mb: float
     repeat_wall_s: list[float] = field(default_factory=list)  # every timed repeat, in the order run
+    cost_curve: CostCurve | None = None  # the forward cost curve the ``auto`` decoder planned with
 
 
 def repetition(prompt: list[int], output: list[int], n: int = 4) -> tuple[int, int]:
@@ -82,8 +85,9 @@ def run_decoder(
     eos_ids: list[int],
     batch_size: int,
     progress: Callable[[int], None] | None = None,
+    cost_curve: CostCurve | None = None,
 ) -> DecoderRun:
-    engine = DecodingEngine(model, eos_ids, max_batch_size=batch_size)
+    engine = DecodingEngine(model, eos_ids, max_batch_size=batch_size, cost_curve=cost_curve)
     for i, prompt in enumerate(prompts):
         engine.add(str(i), prompt, config)
     results: dict[int, DecodeResult] = {}
@@ -97,7 +101,8 @@ def run_decoder(
                         progress(1)
         wall = time.perf_counter() - start
     ordered = [results[i] for i in range(len(prompts))]
-    return DecoderRun(ordered, wall, engine.forward_s, rss.peak / 2**20)
+    curve = cost_curve if config.decoder == "auto" else None
+    return DecoderRun(ordered, wall, engine.forward_s, rss.peak / 2**20, cost_curve=curve)
 
 
 def run_generate(
@@ -156,6 +161,7 @@ def summarize(run: DecoderRun, prompts: list[list[int]], reference: DecoderRun |
         rep, n = repetition(prompt, r.token_ids)
         repeated, total = repeated + rep, total + n
     tokens_per_s = stats.tokens / run.wall_s if run.wall_s else 0.0
+    decoding = sum(stats.draft_hist.values())  # decoding forwards (the prefill has no draft)
     overhead = None  # unknown where the forwards were not timed apart (the generate reference)
     if run.forward_s is not None:
         overhead = round(1.0 - run.forward_s / run.wall_s, 4) if run.wall_s else 0.0
@@ -172,7 +178,11 @@ def summarize(run: DecoderRun, prompts: list[list[int]], reference: DecoderRun |
         "overhead_frac": overhead,
         "accepted_hist": {str(k): v for k, v in sorted(stats.accepted_hist.items())},
         "recycled_hits": stats.recycled_hits,
+        "draft_hist": {str(k): v for k, v in sorted(stats.draft_hist.items())},  # main draft length -> forwards
+        "query_tokens_per_forward": round(stats.query_tokens / decoding, 3) if decoding else None,
     }
+    if run.cost_curve is not None:
+        summary["cost_curve"] = run.cost_curve.to_dict()
     if reference is not None:
         same = sum(a.token_ids == b.token_ids for a, b in zip(run.results, reference.results))
         summary["exact_match_vs_ar"] = round(same / len(prompts), 4)
@@ -216,17 +226,22 @@ def run_decoders(
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     order = ["ar"] + [d for d in decoders if d != "ar"]
+    # ``auto`` plans with the forward cost curve of this machine, measured once here, outside the timed runs.
+    curve = None
+    if "auto" in order:
+        curve = measure_cost_curve(model, batch_size, max(64, base_config.block_size))
     # First-call costs (allocations, kernel selection; on a GPU many times a forward) are not timed: each
     # decoder first runs briefly on one batch, so every query width and batch shape has been met once.
     if warmup:
         short = base_config.model_copy(update={"max_new_tokens": min(32, base_config.max_new_tokens)})
         for name in order:
-            _runner(name)(model, prompts[:batch_size], _config(short, name), eos_ids, batch_size)
+            _runner(name, curve)(model, prompts[:batch_size], _config(short, name), eos_ids, batch_size)
     timed: dict[str, list[DecoderRun]] = {name: [] for name in order}
     for repeat in range(repeats):
         for name in order:
             progress = progress_factory(name, len(prompts)) if progress_factory and repeat == 0 else None
-            timed[name].append(_runner(name)(model, prompts, _config(base_config, name), eos_ids, batch_size, progress))
+            run = _runner(name, curve)(model, prompts, _config(base_config, name), eos_ids, batch_size, progress)
+            timed[name].append(run)
             logger.info(
                 "%s (repeat %d/%d): %d tokens in %.2fs",
                 name,
@@ -242,8 +257,8 @@ def run_decoders(
     return chosen
 
 
-def _runner(name: str) -> Callable[..., DecoderRun]:
-    return run_generate if name == GENERATE else run_decoder
+def _runner(name: str, cost_curve: CostCurve | None) -> Callable[..., DecoderRun]:
+    return run_generate if name == GENERATE else partial(run_decoder, cost_curve=cost_curve)
 
 
 def _config(base_config: DecodeConfig, name: str) -> DecodeConfig:

@@ -43,7 +43,7 @@ def test_ar_matches_plain_forward_loop(model, prompts, ar_outputs):
         assert out == hf_greedy(model, prompt, 70)
 
 
-@pytest.mark.parametrize("decoder", ["jacobi", "rolling", "mr", "lookup"])
+@pytest.mark.parametrize("decoder", ["jacobi", "rolling", "multiblock", "lookup", "auto"])
 @pytest.mark.parametrize("block_size", [1, 2, 7, 16, 64])
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_greedy_decoders_equal_ar(model, prompts, ar_outputs, decoder, block_size, batch_size):
@@ -57,7 +57,7 @@ def test_greedy_decoders_equal_ar(model, prompts, ar_outputs, decoder, block_siz
         assert min(r.stats.accepted_hist) >= 1
 
 
-@pytest.mark.parametrize("decoder", ["ar", "jacobi", "rolling", "mr", "lookup"])
+@pytest.mark.parametrize("decoder", ["ar", "jacobi", "rolling", "multiblock", "lookup", "auto"])
 @pytest.mark.parametrize("eos_at", [0, 3, 7, 30])
 def test_eos_anywhere_in_a_block_ends_the_request(model, prompts, ar_outputs, decoder, eos_at):
     """Make the token AR emits at ``eos_at`` the EOS id: every decoder must stop right after it."""
@@ -70,7 +70,7 @@ def test_eos_anywhere_in_a_block_ends_the_request(model, prompts, ar_outputs, de
     assert result.finish_reason == "stop"
 
 
-@pytest.mark.parametrize("decoder", ["jacobi", "rolling", "mr", "lookup"])
+@pytest.mark.parametrize("decoder", ["jacobi", "rolling", "multiblock", "lookup", "auto"])
 def test_cache_holds_exactly_the_committed_tokens_after_every_step(model, prompts, decoder):
     engine = DecodingEngine(model, [], max_batch_size=4)
     config = DecodeConfig(decoder=decoder, block_size=7, max_new_tokens=50)
@@ -86,7 +86,7 @@ def test_cache_holds_exactly_the_committed_tokens_after_every_step(model, prompt
 def test_committed_kv_equals_a_plain_forward(model, prompts):
     """The K/V kept for committed tokens is exactly what an AR pass over the same tokens produces."""
     engine = DecodingEngine(model, [], max_batch_size=1)
-    engine.add("0", prompts[1], DecodeConfig(decoder="mr", block_size=7, max_new_tokens=30))
+    engine.add("0", prompts[1], DecodeConfig(decoder="multiblock", block_size=7, max_new_tokens=30))
     for _ in range(6):
         engine.step()
     req = engine.running[0]
@@ -101,19 +101,19 @@ def test_committed_kv_equals_a_plain_forward(model, prompts):
 
 def test_multiblock_with_one_block_and_no_pool_is_plain_jacobi(model, prompts):
     jacobi = generate(model, prompts, DecodeConfig(decoder="jacobi", block_size=16, max_new_tokens=70), [])
-    mr = generate(
+    multiblock = generate(
         model,
         prompts,
-        DecodeConfig(decoder="mr", block_size=16, num_blocks=1, pool_size=0, max_new_tokens=70),
+        DecodeConfig(decoder="multiblock", block_size=16, num_blocks=1, pool_size=0, max_new_tokens=70),
         [],
     )
-    assert [r.token_ids for r in mr] == [r.token_ids for r in jacobi]
-    assert [r.stats.forwards for r in mr] == [r.stats.forwards for r in jacobi]
+    assert [r.token_ids for r in multiblock] == [r.token_ids for r in jacobi]
+    assert [r.stats.forwards for r in multiblock] == [r.stats.forwards for r in jacobi]
 
 
 def test_continuous_batching_admits_requests_between_steps(model, prompts, ar_outputs):
     engine = DecodingEngine(model, [], max_batch_size=2)
-    config = DecodeConfig(decoder="mr", block_size=7, max_new_tokens=70)
+    config = DecodeConfig(decoder="multiblock", block_size=7, max_new_tokens=70)
     done: dict[str, list[int]] = {}
     engine.add("0", prompts[0], config)
     for step in range(200):
@@ -148,7 +148,7 @@ def test_llama_family_and_eager_attention():
     prompts = [torch.randint(0, 200, (n,), generator=gen).tolist() for n in (4, 11)]
     for model in (random_llama(seed=1), random_qwen2(seed=2, attn="eager")):
         ar = generate(model, prompts, DecodeConfig(decoder="ar", max_new_tokens=40), [])
-        for decoder in ("jacobi", "rolling", "mr"):
+        for decoder in ("jacobi", "rolling", "multiblock"):
             out = generate(model, prompts, DecodeConfig(decoder=decoder, block_size=8, max_new_tokens=40), [], 2)
             assert [r.token_ids for r in out] == [r.token_ids for r in ar]
 
@@ -156,7 +156,7 @@ def test_llama_family_and_eager_attention():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_decodes(model, prompts, dtype):
     half = random_qwen2(seed=0).to(dtype)
-    config = DecodeConfig(decoder="mr", block_size=8, max_new_tokens=30)
+    config = DecodeConfig(decoder="multiblock", block_size=8, max_new_tokens=30)
     results = generate(half, prompts, config, [], batch_size=2)
     for r in results:
         assert len(r.token_ids) == 30 and r.stats.tpf >= 1.0
@@ -167,7 +167,7 @@ def test_copying_pays_on_a_repetitive_model():
     model = cycle_qwen2()
     prompts = [[0, 1, 2, 3], [5, 6, 7]]
     ar = generate(model, prompts, DecodeConfig(decoder="ar", max_new_tokens=60), [])
-    for decoder in ("lookup", "mr"):
+    for decoder in ("lookup", "multiblock"):
         out = generate(model, prompts, DecodeConfig(decoder=decoder, block_size=16, max_new_tokens=60), [])
         assert [r.token_ids for r in out] == [r.token_ids for r in ar]
         assert all(r.stats.tpf > 2.0 for r in out), [r.stats.tpf for r in out]
@@ -193,7 +193,9 @@ def test_ngram_pool_candidates_start_with_the_head_and_keep_the_draft_length():
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_multiblock_spawning_early_is_still_exact(model, prompts, ar_outputs, spawn_ratio, block_size, batch_size):
     """Pseudo blocks spawned after a few accepted tokens (the default job's r = 0.5) run far ahead of RA."""
-    config = DecodeConfig(decoder="mr", block_size=block_size, num_blocks=3, spawn_ratio=spawn_ratio, max_new_tokens=70)
+    config = DecodeConfig(
+        decoder="multiblock", block_size=block_size, num_blocks=3, spawn_ratio=spawn_ratio, max_new_tokens=70
+    )
     results = generate(model, prompts, config, [], batch_size=batch_size)
     assert [r.token_ids for r in results] == ar_outputs
 
@@ -203,7 +205,7 @@ def test_recycling_without_context_copying_is_still_exact():
     prompts = [[0, 1, 2, 3], [5, 6, 7]]
     ar = generate(model, prompts, DecodeConfig(decoder="ar", max_new_tokens=50), [])
     config = DecodeConfig(
-        decoder="mr", block_size=8, num_blocks=3, spawn_ratio=0.5, recycle_context=False, max_new_tokens=50
+        decoder="multiblock", block_size=8, num_blocks=3, spawn_ratio=0.5, recycle_context=False, max_new_tokens=50
     )
     out = generate(model, prompts, config, [], batch_size=2)
     assert [r.token_ids for r in out] == [r.token_ids for r in ar]
@@ -247,10 +249,24 @@ def test_rolling_jacobi_keeps_n_tokens_in_flight(model, prompts, ar_outputs):
         hook.remove()
 
 
-def test_cli_decoder_names_follow_the_decoding_package():
-    from jf_ray.bench import BENCH_DECODERS
-    from jf_ray.cli.bench import BENCH_DECODERS as CLI_BENCH_DECODERS
-    from jf_ray.cli.common import DECODERS
-    from jf_ray.decoding import DECODER_NAMES
+def test_registry_names_aliases_and_policies():
+    from jf_ray.cli.common import decoder_list
+    from jf_ray.decoding.engine import make_policy
+    from jf_ray.decoding.multiblock import MultiBlockPolicy
+    from jf_ray.decoding.registry import DECODER_NAMES, canonical
 
-    assert DECODERS == DECODER_NAMES and CLI_BENCH_DECODERS == BENCH_DECODERS
+    assert DecodeConfig(decoder="mr").decoder == "multiblock" == canonical("mr")
+    assert decoder_list("ar, mr,generate", allowed=("ar", "multiblock", "generate")) == ["ar", "multiblock", "generate"]
+    assert isinstance(make_policy(DecodeConfig(decoder="mr")), MultiBlockPolicy)
+    for name in DECODER_NAMES:  # every registered decoder builds a policy
+        assert make_policy(DecodeConfig(decoder=name)) is not None
+    with pytest.raises(ValueError, match="unknown decoder 'fast'.*multiblock"):
+        DecodeConfig(decoder="fast")
+
+
+def test_registry_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, jf_ray.decoding.registry, jf_ray.cli.common; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

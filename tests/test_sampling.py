@@ -14,6 +14,7 @@ from tiny_models import random_qwen2
 
 from jf_ray.decoding import DecodeConfig, DecodingEngine
 from jf_ray.decoding.acceptance import filter_probs
+from jf_ray.decoding.planner import CostCurve
 
 VOCAB, PROMPT, SAMPLES, DEPTH = 8, [3, 1, 4], 2000, 4
 
@@ -56,11 +57,13 @@ def chi_square_ok(counts: torch.Tensor, expected_probs: torch.Tensor) -> bool:
         ("ar", 1.0, 0, 1.0),
         ("jacobi", 1.0, 0, 1.0),
         ("rolling", 1.0, 0, 1.0),
-        ("mr", 1.0, 0, 1.0),
+        ("mr", 1.0, 0, 1.0),  # the alias of multiblock
         ("lookup", 1.0, 0, 1.0),
+        ("auto", 1.0, 0, 1.0),
         ("jacobi", 0.7, 5, 0.9),
         ("rolling", 0.7, 5, 0.9),
-        ("mr", 0.7, 5, 0.9),
+        ("multiblock", 0.7, 5, 0.9),
+        ("auto", 0.7, 5, 0.9),
     ],
 )
 def test_sampling_matches_the_model_distribution(model, decoder, temperature, top_k, top_p):
@@ -78,7 +81,9 @@ def test_sampling_matches_the_model_distribution(model, decoder, temperature, to
         )
         for seed in range(SAMPLES)
     ]
-    engine = DecodingEngine(model, [], max_batch_size=256)  # one request per seed, batched
+    # auto: a curve under which the draft length changes with the rows still running (4 when few, 1 when many)
+    curve = CostCurve([1, 256, 2048], [1, 4], [[1.0, 1.0], [1.0, 2.0], [8.0, 16.0]])
+    engine = DecodingEngine(model, [], max_batch_size=256, cost_curve=curve)  # one request per seed, batched
     for i, config in enumerate(configs):
         engine.add(str(i), PROMPT, config)
     while engine.has_work:

@@ -6,9 +6,8 @@ import argparse
 import json
 from functools import partial
 
-from jf_ray.cli.common import DECODERS, add_decode_options, add_model_options, decoder_list, positive_int
-
-BENCH_DECODERS = DECODERS + ("generate",)  # = jf_ray.bench.BENCH_DECODERS, without importing torch
+from jf_ray.cli.common import add_decode_options, add_model_options, decoder_list, positive_int
+from jf_ray.decoding.registry import BENCH_NAMES, DECODER_NAMES, describe
 
 
 def register(subparsers) -> None:
@@ -21,10 +20,9 @@ def register(subparsers) -> None:
     parser.add_argument("--prompts", required=True, help='JSONL file or URI, one {"prompt": ...} per line')
     parser.add_argument(
         "--decoders",
-        type=partial(decoder_list, allowed=BENCH_DECODERS),
-        default=list(DECODERS),
-        help=f"comma-separated, from {','.join(BENCH_DECODERS)} (generate: transformers' greedy "
-        "model.generate, a reference outside jf-ray's engine)",
+        type=partial(decoder_list, allowed=BENCH_NAMES),
+        default=list(DECODER_NAMES),
+        help=f"comma-separated, from {','.join(BENCH_NAMES)} ({describe(BENCH_NAMES)})",
     )
     add_decode_options(parser)
     parser.add_argument("--batch-size", type=positive_int, default=1, help="requests decoded together")
@@ -102,9 +100,10 @@ def print_table(results: dict[str, dict]) -> None:
         "exact_match_vs_ar",
         "repetition",
         "overhead_frac",
+        "query_tokens_per_forward",
         "peak_rss_mb",
     ]
-    header = f"{'decoder':<8}" + "".join(f"{c:>20}" for c in columns)
+    header = f"{'decoder':<10}" + "".join(f"{c:>26}" for c in columns)
     print(header)
     for name, row in results.items():
-        print(f"{name:<8}" + "".join(f"{json.dumps(row.get(c)):>20}" for c in columns))
+        print(f"{name:<10}" + "".join(f"{json.dumps(row.get(c)):>26}" for c in columns))

@@ -43,7 +43,7 @@ def register(subparsers) -> None:
     parser.add_argument("--url", default=None, help="benchmark this running server instead of starting one")
     parser.add_argument("--model-name", default=None, help="`model` sent in requests (default: the served name)")
     parser.add_argument("--api-key", default="unused", help="API key of the server")
-    parser.add_argument("--decoders", type=decoder_list, default=["ar", "mr"], help="comma-separated decoders")
+    parser.add_argument("--decoders", type=decoder_list, default=["ar", "auto"], help="comma-separated decoders")
     parser.add_argument("--concurrency", type=int_list, default=[1, 4, 16], help="comma-separated client counts")
     parser.add_argument("--requests-per-client", type=positive_int, default=4, help="requests each client sends")
     parser.add_argument("--max-tokens", type=positive_int, default=64, help="max_tokens of every request")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-DECODERS = ("ar", "jacobi", "rolling", "mr", "lookup")  # = decoding.DECODER_NAMES, without importing torch
+from jf_ray.decoding.registry import DECODER_NAMES, canonical
 
 
 def positive_int(text: str) -> int:
@@ -17,13 +17,15 @@ def positive_int(text: str) -> int:
     return value
 
 
-def decoder_name(text: str, allowed: tuple[str, ...] = DECODERS) -> str:
-    if text not in allowed:
-        raise argparse.ArgumentTypeError(f"unknown decoder {text!r}; choose from {', '.join(allowed)}")
-    return text
+def decoder_name(text: str, allowed: tuple[str, ...] = DECODER_NAMES) -> str:
+    """A decoder's public name (aliases such as ``mr`` map to theirs)."""
+    try:
+        return canonical(text.strip(), allowed)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def decoder_list(text: str, allowed: tuple[str, ...] = DECODERS) -> list[str]:
+def decoder_list(text: str, allowed: tuple[str, ...] = DECODER_NAMES) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
         raise argparse.ArgumentTypeError("no decoder given")
@@ -39,10 +41,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def add_decode_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=positive_int, default=64, help="Jacobi block size n")
     parser.add_argument("--max-new-tokens", type=positive_int, default=256)
-    parser.add_argument("--num-blocks", type=positive_int, default=2, help="mr: blocks in flight K")
-    parser.add_argument("--pool-size", type=int, default=4, help="mr: candidates verified per forward")
-    parser.add_argument("--spawn-ratio", type=float, default=0.85, help="mr: spawn at ceil(r*n) accepted")
-    parser.add_argument("--no-recycle-context", action="store_true", help="mr: no candidates copied from context")
+    parser.add_argument("--num-blocks", type=positive_int, default=2, help="multiblock: blocks in flight K")
+    parser.add_argument("--pool-size", type=int, default=4, help="multiblock: candidates verified per forward")
+    parser.add_argument("--spawn-ratio", type=float, default=0.85, help="multiblock: spawn at ceil(r*n) accepted")
+    parser.add_argument("--no-recycle-context", action="store_true", help="multiblock: no copied candidates")
     parser.add_argument("--seed", type=int, default=0)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from jf_ray.cli.common import add_decode_options, add_model_options, decoder_name, positive_int
+from jf_ray.decoding.registry import DECODER_NAMES
 
 
 def register(subparsers) -> None:
@@ -17,7 +18,7 @@ def register(subparsers) -> None:
     add_model_options(parser)
     parser.add_argument("--task", required=True, choices=("code", "math"))
     parser.add_argument("--split", default="heldout", choices=("train", "heldout"))
-    parser.add_argument("--decoder", type=decoder_name, default="ar", help="ar | jacobi | mr | lookup")
+    parser.add_argument("--decoder", type=decoder_name, default="ar", help=" | ".join(DECODER_NAMES))
     parser.add_argument("--n", type=positive_int, default=200, help="number of examples")
     add_decode_options(parser)
     parser.set_defaults(max_new_tokens=None)  # per task: a math solution, a stdlib function body

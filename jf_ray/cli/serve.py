@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from jf_ray.cli.common import decoder_name, positive_int
+from jf_ray.decoding.registry import describe
 
 
 def register(subparsers) -> None:
@@ -20,7 +21,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--model", default=None, help="checkpoint: local dir, file:// or s3:// URI")
     parser.add_argument("--config", default=None, help="ServeConfig YAML (e.g. the `args:` of serve_config.yaml)")
-    parser.add_argument("--decoder", type=decoder_name, default=None, help="default decoder: ar|jacobi|mr|lookup")
+    parser.add_argument("--decoder", type=decoder_name, default=None, help=f"default decoder ({describe()})")
     parser.add_argument("--block-size", type=positive_int, default=None, help="Jacobi block size n")
     parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=positive_int, default=None, help="HTTP port (default 8000)")

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from jf_ray.decoding.auto import AutoPolicy, measure_cost_curve
 from jf_ray.decoding.cache import RaggedKVCache
-from jf_ray.decoding.jacobi import JacobiPolicy, RollingJacobiPolicy
-from jf_ray.decoding.lookup import LookupPolicy
-from jf_ray.decoding.multiblock import MultiBlockPolicy
+from jf_ray.decoding.planner import CostCurve, DraftPlan, plan_drafts
 from jf_ray.decoding.query import build_query, prefill_query
+from jf_ray.decoding.registry import policy_builder
 from jf_ray.decoding.request import RequestState, SegmentOutput
 from jf_ray.decoding.types import DecodeConfig, DecodeResult, DecodeStats, FinishReason
 from jf_ray.errors import UserInputError
@@ -41,19 +41,19 @@ class StepOutput:
 
 
 def make_policy(config: DecodeConfig):
-    if config.decoder == "ar":
-        return JacobiPolicy(block_size=1)
-    if config.decoder == "jacobi":
-        return JacobiPolicy(config.block_size, record=config.record_trajectory)
-    if config.decoder == "rolling":
-        return RollingJacobiPolicy(config.block_size)
-    if config.decoder == "lookup":
-        return LookupPolicy(config.lookup_tokens or max(config.block_size - 1, 1), config.lookup_max_ngram)
-    return MultiBlockPolicy(config.block_size, config.num_blocks, config.pool_size, config.spawn_ratio)
+    """The draft policy of ``config.decoder``, built as the registry says (jf_ray.decoding.registry)."""
+    return policy_builder(config.decoder)(config)
 
 
 class DecodingEngine:
-    def __init__(self, model, eos_token_ids: list[int], max_batch_size: int = 8, pad_token_id: int = 0):
+    def __init__(
+        self,
+        model,
+        eos_token_ids: list[int],
+        max_batch_size: int = 8,
+        pad_token_id: int = 0,
+        cost_curve: CostCurve | None = None,
+    ):
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -67,6 +67,9 @@ class DecodingEngine:
         self.cache = RaggedKVCache(self.device)
         self.last_batch_size = 0
         self.forward_s = 0.0  # time spent inside the model; wall time minus this is the engine's overhead
+        self._cost_curve = cost_curve  # measured on first use by an ``auto`` request when not given
+        self.overhead_ms = 0.0  # running average of a decoding step's time outside the model (auto plans with it)
+        self.last_plan: DraftPlan | None = None  # the load-aware plan of the last forward, if any
 
     # -- requests ------------------------------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], config: DecodeConfig) -> None:
@@ -142,13 +145,39 @@ class DecodingEngine:
         self.cache.append_rows(fresh)
         self.running.extend(admitted)
 
-    def _decode(self) -> None:
+    @property
+    def cost_curve(self) -> CostCurve:
+        """ms per forward by rows and query width: given, or measured now (once) up to this engine's limits."""
+        if self._cost_curve is None:
+            widths = [r.config.block_size for r in self.running if isinstance(r.policy, AutoPolicy)]
+            self._cost_curve = measure_cost_curve(self.model, self.max_batch_size, max([64, *widths]))
+        return self._cost_curve
+
+    def _plan(self) -> None:
+        """Lay out every running request's segments; ``auto`` drafts are sized last, knowing the others."""
+        sized = [req for req in self.running if isinstance(req.policy, AutoPolicy)]
         for req in self.running:  # every running request is unfinished here (see step)
             # The verification budget (pool_size candidates) is shared by the batch: extra candidate rows buy
             # tokens per forward when the hardware has idle parallelism, and only cost time once the batch
             # already fills it.
             req.verify_budget = req.config.pool_size // len(self.running)
-            req.segments = req.policy.plan(req)
+            if not isinstance(req.policy, AutoPolicy):
+                req.segments = req.policy.plan(req)
+        self.last_plan = None
+        if sized:
+            others = [sum(len(s.tokens) for s in r.segments) for r in self.running if r not in sized]
+            rows = [(req.policy.acceptance, req.policy.longest_draft(req)) for req in sized]
+            self.last_plan = plan_drafts(self.cost_curve, rows, len(others), max(others, default=1), self.overhead_ms)
+            for req, length in zip(sized, self.last_plan.lengths):
+                req.policy.resize(req, length)
+                req.segments = req.policy.plan(req)
+        for req in self.running:
+            req.stats.draft_hist[len(req.segments[0].tokens)] += 1
+            req.stats.query_tokens += sum(len(s.tokens) for s in req.segments)
+
+    def _decode(self) -> None:
+        started, forward_before = time.perf_counter(), self.forward_s
+        self._plan()
         query = build_query([r.segments for r in self.running], self.cache.valid, self.dtype, self.pad_token_id)
         slots_before = self.cache.num_slots
         logits = self._forward(query, self.cache)
@@ -166,6 +195,8 @@ class DecodingEngine:
             self.cache.commit(b, slots_before + offset, count)
             req.outputs = []
         self.cache.maybe_compact()
+        outside_ms = (time.perf_counter() - started - (self.forward_s - forward_before)) * 1000.0
+        self.overhead_ms = 0.8 * self.overhead_ms + 0.2 * outside_ms
 
     def _forward(self, query, cache: RaggedKVCache) -> torch.Tensor:
         self.last_batch_size = query.input_ids.shape[0]
@@ -210,9 +241,12 @@ def generate(
     eos_token_ids: list[int],
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
+    cost_curve: CostCurve | None = None,
 ) -> list[DecodeResult]:
-    """Decode every prompt with ``config``, ``batch_size`` at a time (continuous batching); results in order."""
-    engine = DecodingEngine(model, eos_token_ids, max_batch_size=batch_size)
+    """Decode every prompt with ``config``, ``batch_size`` at a time (continuous batching); results in order.
+
+    ``cost_curve`` serves the ``auto`` decoder (measured on first use when not given)."""
+    engine = DecodingEngine(model, eos_token_ids, max_batch_size=batch_size, cost_curve=cost_curve)
     for i, prompt in enumerate(prompts):
         engine.add(str(i), prompt, config)
     results: dict[int, DecodeResult] = {}

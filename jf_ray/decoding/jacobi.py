@@ -14,7 +14,7 @@ from __future__ import annotations
 from jf_ray.decoding.acceptance import Verdict
 from jf_ray.decoding.query import Segment
 from jf_ray.decoding.request import RequestState
-from jf_ray.decoding.types import BlockTrajectory
+from jf_ray.decoding.types import BlockTrajectory, DecodeConfig
 
 
 class JacobiPolicy:
@@ -92,3 +92,16 @@ class RollingJacobiPolicy(JacobiPolicy):
         refreshed = predictions[verdict.accepted :]  # guesses for the positions after the new head
         self.block_start = len(req.generated) - 1  # the window starts at the head
         self.tail = refreshed + req.context_sample(self.n - 1 - len(refreshed))
+
+
+# Builders named in jf_ray.decoding.registry.
+def ar(config: DecodeConfig) -> JacobiPolicy:
+    return JacobiPolicy(block_size=1)
+
+
+def jacobi(config: DecodeConfig) -> JacobiPolicy:
+    return JacobiPolicy(config.block_size, record=config.record_trajectory)
+
+
+def rolling(config: DecodeConfig) -> RollingJacobiPolicy:
+    return RollingJacobiPolicy(config.block_size)

@@ -12,6 +12,7 @@ import numpy as np
 
 from jf_ray.decoding.query import Segment
 from jf_ray.decoding.request import RequestState
+from jf_ray.decoding.types import DecodeConfig
 
 
 def lookup_continuation(context: list[int], max_ngram: int, max_tokens: int) -> list[int]:
@@ -44,3 +45,8 @@ class LookupPolicy:
         if verdict.accepted > 1:
             req.stats.recycled_hits += 1
         req.accept(0, verdict)
+
+
+def lookup(config: DecodeConfig) -> LookupPolicy:
+    """Builder named in jf_ray.decoding.registry."""
+    return LookupPolicy(config.lookup_tokens or max(config.block_size - 1, 1), config.lookup_max_ngram)

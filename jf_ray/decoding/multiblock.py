@@ -24,6 +24,7 @@ from jf_ray.decoding.jacobi import JacobiPolicy
 from jf_ray.decoding.lookup import lookup_continuation
 from jf_ray.decoding.query import Segment
 from jf_ray.decoding.request import RequestState
+from jf_ray.decoding.types import DecodeConfig
 
 
 class NGramPool:
@@ -149,3 +150,8 @@ def _leading_matches(a: list[int], b: list[int]) -> int:
             break
         count += 1
     return count
+
+
+def multiblock(config: DecodeConfig) -> MultiBlockPolicy:
+    """Builder named in jf_ray.decoding.registry."""
+    return MultiBlockPolicy(config.block_size, config.num_blocks, config.pool_size, config.spawn_ratio)

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from jf_ray.config import StageConfig
+from jf_ray.decoding.registry import DECODER_NAMES, canonical
 
-DecoderName = Literal["ar", "jacobi", "rolling", "mr", "lookup"]
-DECODER_NAMES: tuple[str, ...] = ("ar", "jacobi", "rolling", "mr", "lookup")
+
+def _public_name(value: object) -> object:
+    return canonical(value) if isinstance(value, str) else value
+
+
+# A decoder's public name; aliases (``mr``) are accepted and replaced by it, unknown names name the choices.
+DecoderName = Annotated[Literal[DECODER_NAMES], BeforeValidator(_public_name)]
 FinishReason = Literal["stop", "length", "abort"]
 
 
@@ -26,16 +32,16 @@ class DecodeConfig(StageConfig):
 
     decoder: DecoderName = Field(
         "jacobi",
-        description="ar | jacobi | rolling (Jacobi, n tokens always in flight) | mr (multi-block + recycling) | lookup",
+        description=f"one of {', '.join(DECODER_NAMES)} (docs/load-aware-decoding.md for auto; mr = multiblock)",
     )
     block_size: int = Field(64, ge=1, description="Jacobi block size n (tokens refined in parallel)")
     max_new_tokens: int = Field(256, ge=1, description="cap on generated tokens per request")
-    num_blocks: int = Field(2, ge=1, description="mr: K, blocks in flight (1 real-active + K-1 pseudo-active)")
-    pool_size: int = Field(4, ge=0, description="mr: n-gram pool capacity = verification budget per step")
-    spawn_ratio: float = Field(0.85, gt=0.0, le=1.0, description="mr: spawn a block at ceil(r*n) accepted")
+    num_blocks: int = Field(2, ge=1, description="multiblock: K, blocks in flight (1 real-active + K-1 pseudo-active)")
+    pool_size: int = Field(4, ge=0, description="multiblock: n-gram pool capacity = verification budget per step")
+    spawn_ratio: float = Field(0.85, gt=0.0, le=1.0, description="multiblock: spawn a block at ceil(r*n) accepted")
     recycle_context: bool = Field(
         True,
-        description="mr: also draw candidates from the prompt + output (copying), not only rejected drafts",
+        description="multiblock: also draw candidates from the prompt + output (copying), not only rejected drafts",
     )
     lookup_tokens: int | None = Field(
         None, ge=1, description="lookup: max tokens copied per candidate (default block_size - 1)"
@@ -46,13 +52,6 @@ class DecodeConfig(StageConfig):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="sampling: nucleus mass (1 = off)")
     seed: int | None = Field(None, description="seed of draft initialisation and sampling")
     record_trajectory: bool = Field(False, description="jacobi: keep every draft state of every block")
-
-    @field_validator("decoder", mode="before")
-    @classmethod
-    def _known_decoder(cls, value: object) -> object:
-        if isinstance(value, str) and value not in DECODER_NAMES:
-            raise ValueError(f"unknown decoder {value!r}; choose one of {', '.join(DECODER_NAMES)}")
-        return value
 
     @model_validator(mode="after")
     def _trajectory_needs_jacobi(self) -> DecodeConfig:
@@ -79,6 +78,8 @@ class DecodeStats:
     prefill_tokens: int = 0
     accepted_hist: Counter = field(default_factory=Counter)  # tokens gained by one forward -> count
     recycled_hits: int = 0  # forwards where a recycled/looked-up candidate beat the plain draft
+    draft_hist: Counter = field(default_factory=Counter)  # main draft length (head included) -> decoding forwards
+    query_tokens: int = 0  # tokens this request put into decoding forwards (its share of their width)
 
     @property
     def tpf(self) -> float:
@@ -96,6 +97,8 @@ class DecodeStats:
             prefill_tokens=self.prefill_tokens + other.prefill_tokens,
             accepted_hist=self.accepted_hist + other.accepted_hist,
             recycled_hits=self.recycled_hits + other.recycled_hits,
+            draft_hist=self.draft_hist + other.draft_hist,
+            query_tokens=self.query_tokens + other.query_tokens,
         )
 
     def to_dict(self) -> dict:
@@ -108,6 +111,8 @@ class DecodeStats:
             "prefill_tokens": self.prefill_tokens,
             "accepted_hist": {str(k): v for k, v in sorted(self.accepted_hist.items())},
             "recycled_hits": self.recycled_hits,
+            "draft_hist": {str(k): v for k, v in sorted(self.draft_hist.items())},
+            "query_tokens": self.query_tokens,
         }
 
 

@@ -6,9 +6,9 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
-from jf_ray.bench import BENCH_DECODERS
 from jf_ray.config import Location, ModelLocation, StageConfig
-from jf_ray.decoding.types import DECODER_NAMES, DecodeConfig
+from jf_ray.decoding.registry import BENCH_NAMES, DECODER_NAMES, canonical
+from jf_ray.decoding.types import DecodeConfig, DecoderName
 
 Task = Literal["math", "code"]
 BENCHMARK_PROMPTS: dict[str, int] = {"math": 64, "code": 32}  # per task, where the config names none
@@ -105,7 +105,7 @@ class EvalSettings(StageConfig):
         description="decoders of the final benchmark; 'generate' adds transformers' greedy "
         "model.generate as a reference outside jf-ray's engine",
     )
-    round_decoder: str = Field(
+    round_decoder: DecoderName = Field(
         "ar",
         description="decoder of the per-round quality evaluation (greedy decoders give the same outputs; "
         "batched AR is the quickest)",
@@ -137,10 +137,7 @@ class EvalSettings(StageConfig):
     @field_validator("decoders")
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
-        unknown = [d for d in value if d not in BENCH_DECODERS]
-        if unknown:
-            raise ValueError(f"unknown decoders {unknown}; choose from {list(BENCH_DECODERS)}")
-        return value
+        return [canonical(name, BENCH_NAMES) for name in value]  # aliases (mr) become public names
 
 
 class PipelineConfig(StageConfig):

@@ -3,7 +3,7 @@
 ``jf_ray.serving:app`` (an application builder, alias of ``build_app``) is what ``serve run`` and
 ``serve deploy`` import::
 
-    serve run jf_ray.serving:app model=/path/to/checkpoint decode.decoder=mr
+    serve run jf_ray.serving:app model=/path/to/checkpoint decode.decoder=multiblock
 
 Modules: ``protocol`` (OpenAI bodies, errors), ``config`` (ServeConfig), ``scheduler`` (continuous batching
 thread), ``detokenizer`` (text deltas, stop strings), ``generation`` (one request's life), ``service``

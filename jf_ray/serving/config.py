@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from jf_ray.config import ModelLocation, StageConfig
+from jf_ray.config import Location, ModelLocation, StageConfig
 from jf_ray.decoding.types import DecodeConfig
 
 
@@ -43,9 +43,14 @@ class ServeConfig(StageConfig):
     dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     decode: DecodeConfig = Field(
-        default_factory=lambda: DecodeConfig(decoder="mr"),
+        default_factory=lambda: DecodeConfig(decoder="auto"),
         description="default decoding of this deployment (decoder, block size, ...); requests may override "
         "decoder, temperature, top_p, top_k and seed",
+    )
+    cost_curve: Location | None = Field(
+        None,
+        description="JSON of the forward cost curve the auto decoder plans with ({batch_sizes, widths, ms}, as in "
+        "`jf-ray bench` output); default: measured when the replica starts (docs/load-aware-decoding.md)",
     )
     max_batch_size: int = Field(8, ge=1, description="requests decoded together in one forward")
     max_queued_requests: int = Field(

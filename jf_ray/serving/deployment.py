@@ -182,7 +182,7 @@ def deployment_options(config: ServeConfig) -> dict:
 
 
 def build_app(args: dict[str, Any] | ServeConfig):
-    """Serve application builder: ``serve run jf_ray.serving:app model=/path/to/ckpt decode.decoder=mr``."""
+    """Serve application builder: ``serve run jf_ray.serving:app model=/path/to/ckpt decode.decoder=multiblock``."""
     config = args if isinstance(args, ServeConfig) else parse_app_args(args)
     logger.info("building app for %s (decoder %s)", config.model, config.decode.decoder)
     return JacobiDecoderDeployment.options(**deployment_options(config)).bind(config.model_dump())

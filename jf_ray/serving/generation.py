@@ -22,7 +22,9 @@ from jf_ray.serving.scheduler import BatchScheduler
 class RequestObserver(Protocol):
     def on_first_token(self, decoder: str, ttft_s: float) -> None: ...
 
-    def on_request_done(self, decoder: str, status: str, latency_s: float, tokens: int, forwards: int) -> None: ...
+    def on_request_done(
+        self, decoder: str, status: str, latency_s: float, tokens: int, forwards: int, draft_hist: dict | None = None
+    ) -> None: ...
 
 
 @dataclass
@@ -41,6 +43,8 @@ class _Tally:
     steps: int = 0
     batch_sum: int = 0
     accepted_hist: dict | None = None
+    draft_hist: dict | None = None
+    query_tokens: int = 0
     first_token_at: float | None = None
 
     def add(self, event) -> bool:
@@ -51,6 +55,8 @@ class _Tally:
         self.batch_sum += event.batch_size
         self.forwards = out.stats.forwards
         self.accepted_hist = {str(k): v for k, v in sorted(out.stats.accepted_hist.items())}
+        self.draft_hist = {str(k): v for k, v in sorted(out.stats.draft_hist.items())}
+        self.query_tokens = out.stats.query_tokens
         if self.first_token_at is None and out.new_token_ids:
             self.first_token_at = time.perf_counter()
             return True
@@ -66,6 +72,8 @@ class _Tally:
             accepted_hist=self.accepted_hist or {},
             mean_batch_size=round(self.batch_sum / self.steps, 3) if self.steps else 0.0,
             decoder=decoder,
+            draft_hist=self.draft_hist or {},
+            query_tokens=self.query_tokens,
         )
 
 
@@ -116,7 +124,7 @@ async def stream_text(
         scheduler.abort(request.request_id)  # frees the slot; a no-op when the engine already finished it
         if observer is not None:
             latency = time.perf_counter() - request.created_at
-            observer.on_request_done(decoder, status, latency, tally.tokens, tally.forwards)
+            observer.on_request_done(decoder, status, latency, tally.tokens, tally.forwards, tally.draft_hist)
 
 
 async def collect_text(chunks: AsyncIterator[TextChunk]) -> tuple[str, str, Usage]:

@@ -14,6 +14,7 @@ LATENCY_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.
 TPF_BUCKETS = [1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0]
 TOKENS_PER_S_BUCKETS = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
+DRAFT_BUCKETS = [1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128]
 
 # name -> (kind, description, extra tag keys); the dashboard and the tests read this table.
 METRICS = {
@@ -24,6 +25,8 @@ METRICS = {
     "requests": ("counter", "finished requests by status (ok, aborted, error)", ("status",)),
     "completion_tokens": ("counter", "generated tokens", ()),
     "forwards": ("counter", "model forwards spent on requests (per request, prefill included)", ()),
+    "request_draft_length": ("histogram", "mean draft length (head included) of a request's decoding forwards", ()),
+    "draft_tokens": ("counter", "draft tokens put into decoding forwards (auto: the width it chose)", ()),
     "batch_size": ("histogram", "requests in one engine step (one shared forward)", ()),
     "running_requests": ("gauge", "requests in the engine's running batch after the last step", ()),
     "queue_length": ("gauge", "requests waiting for a batch slot after the last step", ()),
@@ -35,6 +38,7 @@ _BUCKETS = {
     "time_to_first_token_s": LATENCY_BUCKETS_S,
     "request_tokens_per_s": TOKENS_PER_S_BUCKETS,
     "request_tokens_per_forward": TPF_BUCKETS,
+    "request_draft_length": DRAFT_BUCKETS,
     "batch_size": BATCH_BUCKETS,
     "step_latency_s": LATENCY_BUCKETS_S,
 }
@@ -69,8 +73,15 @@ class ServingMetrics:
     def on_first_token(self, decoder: str, ttft_s: float) -> None:
         self._m["time_to_first_token_s"].observe(ttft_s, tags={"decoder": decoder})
 
-    def on_request_done(self, decoder: str, status: str, latency_s: float, tokens: int, forwards: int) -> None:
+    def on_request_done(
+        self, decoder: str, status: str, latency_s: float, tokens: int, forwards: int, draft_hist: dict | None = None
+    ) -> None:
         tags = {"decoder": decoder}
+        decoding = sum((draft_hist or {}).values())
+        if decoding:
+            drafted = sum(int(length) * count for length, count in draft_hist.items())
+            self._m["request_draft_length"].observe(drafted / decoding, tags=tags)
+            self._m["draft_tokens"].inc(drafted, tags=tags)
         self._m["request_latency_s"].observe(latency_s, tags={**tags, "status": status})
         self._m["requests"].inc(1, tags={**tags, "status": status})
         if tokens:

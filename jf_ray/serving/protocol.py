@@ -76,7 +76,7 @@ class _Request(BaseModel):
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported; must be 0")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported; must be 0")
     user: str | None = Field(None, description="end-user id (logged only)")
-    decoder: DecoderName | None = Field(None, description="extension: ar | jacobi | rolling | mr | lookup")
+    decoder: DecoderName | None = Field(None, description="extension: a jf-ray decoder name (jf_ray.decoding.registry)")
 
     @field_validator("logprobs")
     @classmethod
@@ -193,6 +193,8 @@ class Usage(BaseModel):
     accepted_hist: dict[str, int] = Field(description="tokens gained by one forward -> number of forwards")
     mean_batch_size: float = Field(description="mean number of requests sharing this request's forwards")
     decoder: str = Field(description="decoder that served the request")
+    draft_hist: dict[str, int] = Field({}, description="draft length (head included) -> decoding forwards")
+    query_tokens: int = Field(0, description="tokens this request put into decoding forwards (its width budget)")
 
 
 def new_id(prefix: str) -> str:

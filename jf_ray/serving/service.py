@@ -45,7 +45,11 @@ class CompletionService:
         self.context_length = context_length(self.model)
         self.vocab_size = int(self.model.config.vocab_size)
         self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
-        engine = DecodingEngine(self.model, self.eos_token_ids, max_batch_size=config.max_batch_size)
+        engine = DecodingEngine(
+            self.model, self.eos_token_ids, max_batch_size=config.max_batch_size, cost_curve=load_cost_curve(config)
+        )
+        if config.decode.decoder == "auto":  # measured now (where not loaded), not in the first request
+            logger.info("auto decoder: forward cost curve %s", engine.cost_curve.to_dict())
         self.scheduler = BatchScheduler(
             engine, config.max_batch_size, config.max_queued_requests, step_observer
         ).start()
@@ -168,3 +172,13 @@ async def run_to_end(service: CompletionService, request: PreparedRequest):
     from jf_ray.serving.generation import collect_text
 
     return await collect_text(service.start(request))
+
+
+def load_cost_curve(config: ServeConfig):
+    """The auto decoder's forward cost curve from ``config.cost_curve``; None means measure it."""
+    if config.cost_curve is None:
+        return None
+    from jf_ray.decoding.planner import CostCurve
+    from jf_ray.storage import read_json
+
+    return CostCurve.from_dict(read_json(config.cost_curve))

@@ -1,0 +1,108 @@
+"""The load-aware decoder ``auto``: rolling Jacobi whose window the engine sizes before every forward.
+
+The engine asks :func:`jf_ray.decoding.planner.plan_drafts` for every ``auto`` request's draft length, from
+the forward cost curve of its hardware (:func:`measure_cost_curve`, or one loaded from a file) and each
+request's :class:`~jf_ray.decoding.planner.AcceptanceEstimate`. Only verified tokens are committed, as in
+every Jacobi decoder, so greedy output is greedy AR and sampling keeps the model's distribution whatever the
+lengths chosen. See docs/load-aware-decoding.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from jf_ray.decoding.cache import RaggedKVCache
+from jf_ray.decoding.jacobi import RollingJacobiPolicy
+from jf_ray.decoding.planner import AcceptanceEstimate, CostCurve, candidate_widths
+from jf_ray.decoding.query import Segment, build_query, prefill_query
+from jf_ray.decoding.request import RequestState
+from jf_ray.decoding.types import DecodeConfig
+from jf_ray.modeling import attention_backends
+
+logger = logging.getLogger(__name__)
+
+MEASURED_CONTEXT = 32  # tokens already cached in every row while a forward is timed
+MAX_MEASURED_BATCH = 64  # larger batches are extrapolated (proportionally: no free rows assumed)
+
+
+class AutoPolicy(RollingJacobiPolicy):
+    def __init__(self, longest: int):
+        super().__init__(longest)
+        self.longest = longest
+        self.acceptance = AcceptanceEstimate()
+
+    def longest_draft(self, req: RequestState) -> int:
+        return max(1, min(self.longest, req.budget))
+
+    def resize(self, req: RequestState, length: int) -> None:
+        """Draft ``length`` tokens (head included) in the next forward; a longer window is topped up with
+        context samples, a shorter one keeps its first guesses."""
+        self.n = length
+        if self.tail is not None and len(self.tail) < length - 1:
+            self.tail = self.tail + req.context_sample(length - 1 - len(self.tail))
+
+    def update(self, req: RequestState) -> None:
+        verdict = req.verify(0)
+        self.acceptance.observe(len(req.segments[0].tokens), verdict.accepted)
+        if not req.accept(0, verdict):
+            self.advance(req, verdict, req.outputs[0].predictions)
+
+
+def auto(config: DecodeConfig) -> AutoPolicy:
+    """Builder named in jf_ray.decoding.registry: drafts of at most ``block_size`` tokens."""
+    return AutoPolicy(config.block_size)
+
+
+@torch.inference_mode()
+def measure_cost_curve(model, max_batch: int, max_width: int, repeats: int = 2) -> CostCurve:
+    """Time decoding forwards over a grid of batch sizes and query widths (powers of two) on this hardware.
+
+    Each cell is the fastest of ``repeats`` forwards after one untimed one, every row holding
+    ``MEASURED_CONTEXT`` cached tokens; the speculative slots are dropped after each forward.
+    """
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    batch_sizes = candidate_widths(min(max_batch, MAX_MEASURED_BATCH))
+    widths = candidate_widths(max_width)
+    start, ms = time.perf_counter(), []
+    for rows in batch_sizes:
+        cache = RaggedKVCache(device, num_rows=rows)
+        context = torch.randint(0, 100, (rows, MEASURED_CONTEXT)).tolist()
+        _forward(model, prefill_query(context, dtype, device), cache, device)
+        cache.valid[:] = True
+        ms.append([_time_width(model, cache, rows, width, repeats, dtype, device) for width in widths])
+    curve = CostCurve(batch_sizes, widths, ms)
+    logger.info("measured the forward cost curve in %.2fs: %s", time.perf_counter() - start, curve.to_dict())
+    return curve
+
+
+def _time_width(model, cache: RaggedKVCache, rows: int, width: int, repeats: int, dtype, device) -> float:
+    segments = [[Segment([1] * width, MEASURED_CONTEXT)] for _ in range(rows)]
+    best = float("inf")
+    for attempt in range(repeats + 1):
+        query = build_query(segments, cache.valid, dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        _forward(model, query, cache, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if attempt:  # the first forward of a shape is not timed (allocation, kernel choice)
+            best = min(best, (time.perf_counter() - begin) * 1000.0)
+        cache.crop_tail()
+    return best
+
+
+def _forward(model, query, cache: RaggedKVCache, device) -> None:
+    with attention_backends(device):
+        model(
+            input_ids=query.input_ids,
+            position_ids=query.position_ids,
+            attention_mask=query.attention_mask,
+            past_key_values=cache.kv,
+            use_cache=True,
+        )
+    cache.extend_slots(query.input_ids.shape[1])

@@ -1,0 +1,83 @@
+"""The load-aware ``auto`` decoder in the engine: exact under any plan, and the plan follows the load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import cycle_qwen2, random_qwen2
+
+from jf_ray.decoding import DecodeConfig, DecodingEngine, generate
+from jf_ray.decoding.auto import measure_cost_curve
+from jf_ray.decoding.planner import CostCurve
+
+BATCHES, WIDTHS = [1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 32, 64]
+
+
+def knee_curve(tokens: int) -> CostCurve:
+    """Flat up to ``tokens`` query tokens per forward, then proportional: long drafts alone, AR when full."""
+    return CostCurve(BATCHES, WIDTHS, [[10.0 * max(1.0, b * w / tokens) for w in WIDTHS] for b in BATCHES])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_qwen2(seed=0)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 200, (n,), generator=gen).tolist() for n in (1, 3, 5, 9, 17, 26, 40, 2, 11, 33, 6, 20)]
+
+
+@pytest.fixture(scope="module")
+def ar_outputs(model, prompts):
+    return [r.token_ids for r in generate(model, prompts, DecodeConfig(decoder="ar", max_new_tokens=60), [], 4)]
+
+
+@pytest.mark.parametrize("knee", [8, 64, 4096])
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_auto_equals_ar_under_every_load(model, prompts, ar_outputs, knee, batch_size):
+    count = 3 if batch_size == 1 else len(prompts)  # batch 1: a few prompts suffice, each decodes alone
+    config = DecodeConfig(decoder="auto", block_size=32, max_new_tokens=60)
+    results = generate(model, prompts[:count], config, [], batch_size, cost_curve=knee_curve(knee))
+    assert [r.token_ids for r in results] == ar_outputs[:count]
+    assert all(r.stats.tokens == 60 and r.stats.forwards <= 60 for r in results)
+
+
+@pytest.mark.parametrize("eos_at", [0, 5, 21])
+def test_auto_stops_at_eos_anywhere_with_many_rows(model, prompts, ar_outputs, eos_at):
+    eos = ar_outputs[6][eos_at]
+    config = DecodeConfig(decoder="auto", block_size=16, max_new_tokens=60)
+    results = generate(model, prompts, config, [eos], 8, cost_curve=knee_curve(64))
+    for result, reference in zip(results, ar_outputs):
+        expected = reference[: reference.index(eos) + 1] if eos in reference else reference
+        assert result.token_ids == expected
+        assert result.finish_reason == ("stop" if eos in reference else "length")
+
+
+def test_drafts_follow_the_load():
+    """On a model whose drafts are accepted, one request drafts long; sixteen at once draft short or AR."""
+    model = cycle_qwen2()
+    prompts = [[i % 12, (i + 1) % 12, (i + 2) % 12] for i in range(16)]
+    config = DecodeConfig(decoder="auto", block_size=32, max_new_tokens=48)
+    ar = generate(model, prompts, config.model_copy(update={"decoder": "ar"}), [], 16)
+    alone = generate(model, prompts[:1], config, [], 1, cost_curve=knee_curve(64))
+    crowded = generate(model, prompts, config, [], 16, cost_curve=knee_curve(64))
+    assert alone[0].token_ids == ar[0].token_ids and [r.token_ids for r in crowded] == [r.token_ids for r in ar]
+    longest_alone = max(alone[0].stats.draft_hist)
+    longest_crowded = max(max(r.stats.draft_hist) for r in crowded)
+    assert longest_alone == 32 and longest_crowded <= 8
+    assert alone[0].stats.tpf > 3.0
+    assert alone[0].stats.query_tokens >= sum(n * c for n, c in alone[0].stats.draft_hist.items())
+
+
+def test_engine_measures_a_cost_curve_and_records_its_plan(model, prompts):
+    curve = measure_cost_curve(model, max_batch=4, max_width=8, repeats=1)
+    assert curve.batch_sizes == [1, 2, 4] and curve.widths == [1, 2, 4, 8]
+    assert all(ms > 0 for row in curve.ms for ms in row)
+    engine = DecodingEngine(model, [], max_batch_size=2)
+    engine.add("a", prompts[0], DecodeConfig(decoder="auto", block_size=8, max_new_tokens=10))
+    engine.add("b", prompts[1], DecodeConfig(decoder="jacobi", block_size=4, max_new_tokens=10))
+    engine.step()
+    assert engine.last_plan is not None and 1 <= engine.last_plan.width <= 8
+    assert engine.cost_curve.batch_sizes == [1, 2] and engine.cost_curve.widths[-1] == 64
