@@ -80,4 +80,5 @@ def test_engine_measures_a_cost_curve_and_records_its_plan(model, prompts):
     engine.add("b", prompts[1], DecodeConfig(decoder="jacobi", block_size=4, max_new_tokens=10))
     engine.step()
     assert engine.last_plan is not None and 1 <= engine.last_plan.width <= 8
-    assert engine.cost_curve.batch_sizes == [1, 2] and engine.cost_curve.widths[-1] == 64
+    curve = engine.ensure_cost_curve()  # measured by the first step, up to the batch and 64 tokens wide
+    assert curve.batch_sizes == [1, 2] and curve.widths[-1] == 64

@@ -148,9 +148,9 @@ def test_cli_bench_reports_every_decoder_exact_vs_ar_with_repeats(micro_checkpoi
     )
     assert code == 0
     report = json.loads(out.read_text())
-    assert report["config"]["repeats"] == 2 and set(report["results"]) == {"jacobi", "mr"}
+    assert report["config"]["repeats"] == 2 and set(report["results"]) == {"jacobi", "multiblock"}  # mr: alias
     # an untimed warm-up of every decoder, then the timed runs interleaved
-    assert calls == ["ar", "jacobi", "mr"] + ["ar", "jacobi", "mr", "ar", "jacobi", "mr"]
+    assert calls == ["ar", "jacobi", "multiblock"] + ["ar", "jacobi", "multiblock", "ar", "jacobi", "multiblock"]
     for row in report["results"].values():
         assert row["exact_match_vs_ar"] == 1.0 and row["tpf"] >= 1.0 and row["speedup_vs_ar"] > 0
         low, high = row["speedup_vs_ar_range"]

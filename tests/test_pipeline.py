@@ -17,7 +17,7 @@ from jf_ray.pipeline import PipelineConfig, run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
-DECODERS = ["ar", "jacobi", "rolling", "mr", "lookup", "generate"]
+DECODERS = ["ar", "jacobi", "rolling", "multiblock", "lookup", "generate"]
 BENCH_FIELDS = ["tokens", "forwards", "tpf", "tokens_per_s", "wall_s", "exact_match_vs_ar"]
 
 pytestmark = pytest.mark.slow
@@ -60,7 +60,7 @@ def test_smoke_report_holds_every_row(finished_run):
     assert report["rounds"][1]["model"] != report["rounds"][0]["model"]
     assert len(report["training"]) == 2 and all(c["steps"] for c in report["training"])
     markdown = (run_dir / "report.md").read_text()
-    assert "| round 2 (n=16) | mr |" in markdown
+    assert "| round 2 (n=16) | multiblock |" in markdown
     assert "Benchmark: greedy, n=16, pool_size 2, batch 2" in markdown
     quality = [rnd["math"] for rnd in report["round_eval"]]
     assert [q["n"] for q in quality] == [3, 3, 3] and all(0.0 <= q["accuracy"] <= 1.0 for q in quality)
@@ -113,7 +113,7 @@ def test_a_stage_killed_midway_is_redone_on_resume(tiny_base, tmp_path, ray_sess
     pairs = list(zip(table["prompt_id"].to_pylist(), table["block_index"].to_pylist()))
     assert len(pairs) == len(set(pairs))  # no block recorded twice
     assert {pid for pid, _ in pairs} == {f"math-{i:05d}" for i in range(24)} | {f"code-{i:05d}" for i in range(4)}
-    assert json.loads((run_dir / "report.json").read_text())["rounds"][2]["eval"]["math"]["mr"]["tpf"] >= 1.0
+    assert json.loads((run_dir / "report.json").read_text())["rounds"][2]["eval"]["math"]["multiblock"]["tpf"] >= 1.0
 
 
 def test_ray_job_submit_runs_the_smoke_job(tiny_base, tmp_path, ray_session):

@@ -134,7 +134,7 @@ def test_service_greedy_decoders_equal_transformers_ar(service, reference):
 
     prompt_ids = reference.tokenizer(PROMPT)["input_ids"]
     expected = reference.greedy(prompt_ids, 48)
-    for decoder in ("ar", "jacobi", "rolling", "mr", "lookup"):
+    for decoder in ("ar", "jacobi", "rolling", "multiblock", "lookup", "auto"):
         text, finish, usage = run(
             run_to_end(service, completion(service, prompt=PROMPT, max_tokens=48, decoder=decoder))
         )
@@ -297,13 +297,14 @@ def test_models_and_health(server, client):
 
 def test_completions_greedy_equal_ar_for_every_decoder(client, reference):
     expected = reference.greedy(reference.tokenizer(PROMPT)["input_ids"], 64)
-    for decoder in (None, "ar", "jacobi", "mr"):
+    for decoder in (None, "ar", "jacobi", "mr", "auto"):
         extra = {"decoder": decoder} if decoder else {}
         out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=64, temperature=0, extra_body=extra)
         assert out.choices[0].text == reference.text(expected), decoder
         usage = out.usage.model_dump()
         assert usage["completion_tokens"] == len(expected)
-        assert usage["decoder"] == (decoder or "mr")
+        assert usage["decoder"] == {None: "auto", "mr": "multiblock"}.get(decoder, decoder)  # auto: the default
+        assert sum(usage["draft_hist"].values()) == usage["forwards"] - 1  # every forward after the prefill
         assert usage["forwards"] >= 1 and usage["tokens_per_forward"] == pytest.approx(
             usage["completion_tokens"] / usage["forwards"], abs=1e-3
         )

@@ -107,7 +107,7 @@ def test_response_bodies_have_openai_shape():
         tokens_per_forward=2.0,
         accepted_hist={"2": 2},
         mean_batch_size=1.5,
-        decoder="mr",
+        decoder="multiblock",
     )
     body = protocol.chat_body("id1", "m", "hi", "stop", usage)
     assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == "hi"

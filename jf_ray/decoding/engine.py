@@ -145,8 +145,7 @@ class DecodingEngine:
         self.cache.append_rows(fresh)
         self.running.extend(admitted)
 
-    @property
-    def cost_curve(self) -> CostCurve:
+    def ensure_cost_curve(self) -> CostCurve:
         """ms per forward by rows and query width: given, or measured now (once) up to this engine's limits."""
         if self._cost_curve is None:
             widths = [r.config.block_size for r in self.running if isinstance(r.policy, AutoPolicy)]
@@ -165,9 +164,11 @@ class DecodingEngine:
                 req.segments = req.policy.plan(req)
         self.last_plan = None
         if sized:
-            others = [sum(len(s.tokens) for s in r.segments) for r in self.running if r not in sized]
+            fixed = [req for req in self.running if not isinstance(req.policy, AutoPolicy)]
+            others = [sum(len(s.tokens) for s in req.segments) for req in fixed]
             rows = [(req.policy.acceptance, req.policy.longest_draft(req)) for req in sized]
-            self.last_plan = plan_drafts(self.cost_curve, rows, len(others), max(others, default=1), self.overhead_ms)
+            curve = self._cost_curve  # measured by _decode before its clock started
+            self.last_plan = plan_drafts(curve, rows, len(others), max(others, default=1), self.overhead_ms)
             for req, length in zip(sized, self.last_plan.lengths):
                 req.policy.resize(req, length)
                 req.segments = req.policy.plan(req)
@@ -176,6 +177,8 @@ class DecodingEngine:
             req.stats.query_tokens += sum(len(s.tokens) for s in req.segments)
 
     def _decode(self) -> None:
+        if any(isinstance(req.policy, AutoPolicy) for req in self.running):
+            self.ensure_cost_curve()  # a measurement is not the engine's overhead: done before the clock starts
         started, forward_before = time.perf_counter(), self.forward_s
         self._plan()
         query = build_query([r.segments for r in self.running], self.cache.valid, self.dtype, self.pad_token_id)

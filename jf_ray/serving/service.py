@@ -49,7 +49,7 @@ class CompletionService:
             self.model, self.eos_token_ids, max_batch_size=config.max_batch_size, cost_curve=load_cost_curve(config)
         )
         if config.decode.decoder == "auto":  # measured now (where not loaded), not in the first request
-            logger.info("auto decoder: forward cost curve %s", engine.cost_curve.to_dict())
+            logger.info("auto decoder: forward cost curve %s", engine.ensure_cost_curve().to_dict())
         self.scheduler = BatchScheduler(
             engine, config.max_batch_size, config.max_queued_requests, step_observer
         ).start()
