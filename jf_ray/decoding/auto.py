@@ -57,11 +57,12 @@ def auto(config: DecodeConfig) -> AutoPolicy:
 
 
 @torch.inference_mode()
-def measure_cost_curve(model, max_batch: int, max_width: int, repeats: int = 2) -> CostCurve:
+def measure_cost_curve(model, max_batch: int, max_width: int, repeats: int = 3) -> CostCurve:
     """Time decoding forwards over a grid of batch sizes and query widths (powers of two) on this hardware.
 
     Each cell is the fastest of ``repeats`` forwards after one untimed one, every row holding
-    ``MEASURED_CONTEXT`` cached tokens; the speculative slots are dropped after each forward.
+    ``MEASURED_CONTEXT`` cached tokens; the speculative slots are dropped after each forward. The grid is
+    then made monotone by :func:`lower_envelope`.
     """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -74,9 +75,24 @@ def measure_cost_curve(model, max_batch: int, max_width: int, repeats: int = 2) 
         _forward(model, prefill_query(context, dtype, device), cache, device)
         cache.valid[:] = True
         ms.append([_time_width(model, cache, rows, width, repeats, dtype, device) for width in widths])
-    curve = CostCurve(batch_sizes, widths, ms)
+    curve = CostCurve(batch_sizes, widths, lower_envelope(ms))
     logger.info("measured the forward cost curve in %.2fs: %s", time.perf_counter() - start, curve.to_dict())
     return curve
+
+
+def lower_envelope(ms: list[list[float]]) -> list[list[float]]:
+    """Each cell lowered to the cheapest cell with at least as many rows and tokens.
+
+    A forward with more work is never cheaper, and on a shared machine timing noise only adds time, so the
+    cheapest timing of any larger shape bounds a smaller shape's cost from above.
+    """
+    out = [row[:] for row in ms]
+    for i in reversed(range(len(out))):
+        for j in reversed(range(len(out[i]))):
+            right = out[i][j + 1] if j + 1 < len(out[i]) else float("inf")
+            below = out[i + 1][j] if i + 1 < len(out) else float("inf")
+            out[i][j] = min(out[i][j], right, below)
+    return out
 
 
 def _time_width(model, cache: RaggedKVCache, rows: int, width: int, repeats: int, dtype, device) -> float:
