@@ -303,7 +303,7 @@ def test_completions_greedy_equal_ar_for_every_decoder(client, reference):
         assert out.choices[0].text == reference.text(expected), decoder
         usage = out.usage.model_dump()
         assert usage["completion_tokens"] == len(expected)
-        assert usage["decoder"] == {None: "auto", "mr": "multiblock"}.get(decoder, decoder)  # auto: the default
+        assert usage["decoder"] == {None: "multiblock", "mr": "multiblock"}.get(decoder, decoder)  # server: mr
         assert sum(usage["draft_hist"].values()) == usage["forwards"] - 1  # every forward after the prefill
         assert usage["forwards"] >= 1 and usage["tokens_per_forward"] == pytest.approx(
             usage["completion_tokens"] / usage["forwards"], abs=1e-3
