@@ -119,8 +119,9 @@ def test_benchmark_decode_settings_are_checked_at_load():
 
 
 def test_benchmark_decoders_are_checked_at_load():
-    cfg = PipelineConfig.from_dict({"evaluation": {"decoders": ["ar", "rolling", "generate"]}})
-    assert cfg.evaluation.decoders == ["ar", "rolling", "generate"]
+    cfg = PipelineConfig.from_dict({"evaluation": {"decoders": ["ar", "rolling", "mr", "auto", "generate"]}})
+    assert cfg.evaluation.decoders == ["ar", "rolling", "multiblock", "auto", "generate"]  # mr: an alias
+    assert PipelineConfig.from_dict({"evaluation": {"round_decoder": "mr"}}).evaluation.round_decoder == "multiblock"
     with pytest.raises(ValueError, match="generat'"):
         PipelineConfig.from_dict({"evaluation": {"decoders": ["ar", "generat"]}})
 
