@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 MEASURED_CONTEXT = 32  # tokens already cached in every row while a forward is timed
 MAX_MEASURED_BATCH = 64  # larger batches are extrapolated (proportionally: no free rows assumed)
+PAST_THE_KNEE = 4.0  # a row of the grid stops being timed once a forward costs this many times its 1-wide one
 
 
 class AutoPolicy(RollingJacobiPolicy):
@@ -61,8 +62,10 @@ def measure_cost_curve(model, max_batch: int, max_width: int, repeats: int = 3) 
     """Time decoding forwards over a grid of batch sizes and query widths (powers of two) on this hardware.
 
     Each cell is the fastest of ``repeats`` forwards after one untimed one, every row holding
-    ``MEASURED_CONTEXT`` cached tokens; the speculative slots are dropped after each forward. The grid is
-    then made monotone by :func:`lower_envelope`.
+    ``MEASURED_CONTEXT`` cached tokens; the speculative slots are dropped after each forward. Once a width
+    costs ``PAST_THE_KNEE`` times the 1-wide forward, wider ones are extrapolated in proportion to their
+    tokens (which keeps the measurement short for a large model on a CPU). The grid is then made monotone
+    by :func:`lower_envelope`.
     """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -71,10 +74,16 @@ def measure_cost_curve(model, max_batch: int, max_width: int, repeats: int = 3) 
     start, ms = time.perf_counter(), []
     for rows in batch_sizes:
         cache = RaggedKVCache(device, num_rows=rows)
-        context = torch.randint(0, 100, (rows, MEASURED_CONTEXT)).tolist()
+        context = torch.randint(0, model.config.vocab_size, (rows, MEASURED_CONTEXT)).tolist()
         _forward(model, prefill_query(context, dtype, device), cache, device)
         cache.valid[:] = True
-        ms.append([_time_width(model, cache, rows, width, repeats, dtype, device) for width in widths])
+        row: list[float] = []
+        for width in widths:
+            if row and row[-1] > PAST_THE_KNEE * row[0]:  # compute-bound: the cost grows with the tokens
+                row.append(row[-1] * width / widths[len(row) - 1])
+            else:
+                row.append(_time_width(model, cache, rows, width, repeats, dtype, device))
+        ms.append(row)
     curve = CostCurve(batch_sizes, widths, lower_envelope(ms))
     logger.info("measured the forward cost curve in %.2fs: %s", time.perf_counter() - start, curve.to_dict())
     return curve
