@@ -58,6 +58,7 @@ def run(args) -> int:
         f"(consistency {metrics.get('loss_consistency'):.4f}, ar {metrics.get('loss_ar'):.4f}), "
         f"{metrics.get('tokens_per_s'):.0f} tokens/s"
     )
+    print(f"model: {summary['model']}")
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"metrics log: {summary['metrics_log']}")
     return 0

@@ -17,6 +17,7 @@ from jf_ray.storage.dataset import (
     check_columns,
     iter_dataset,
     read_dataset,
+    read_dataset_rows,
     read_manifest,
 )
 from jf_ray.storage.dirs import download_dir, upload_dir
@@ -48,6 +49,7 @@ __all__ = [
     "local_path",
     "read_bytes",
     "read_dataset",
+    "read_dataset_rows",
     "read_json",
     "read_manifest",
     "read_table",
