@@ -31,6 +31,7 @@ from jf_ray.storage.io import (
     write_json_atomic,
     write_table_atomic,
 )
+from jf_ray.storage.preflight import check_writable, check_writable_file
 from jf_ray.storage.uri import exists, fs_and_path, is_local, join_uri, local_path
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "DatasetWriter",
     "VersionedSchema",
     "check_columns",
+    "check_writable",
+    "check_writable_file",
     "delete_file",
     "download_dir",
     "exists",
