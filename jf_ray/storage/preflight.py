@@ -17,8 +17,6 @@ import tempfile
 import uuid
 from pathlib import Path
 
-import pyarrow.fs as pafs
-
 from jf_ray.errors import UserInputError
 from jf_ray.storage.io import delete_file, write_bytes_atomic
 from jf_ray.storage.uri import fs_and_path, is_local, join_uri, local_path
@@ -29,7 +27,7 @@ PROBE_PREFIX = ".jf-preflight-"
 
 # pyarrow reports S3 failures as OSError("... AWS Error <CODE> during <operation> operation: ...").
 _AWS_CAUSES = {
-    "NO_SUCH_BUCKET": "the bucket does not exist",
+    "NO_SUCH_BUCKET": "bucket {bucket!r} does not exist",
     "ACCESS_DENIED": "access denied (wrong credentials, or they may not write to this bucket)",
     "INVALID_ACCESS_KEY_ID": "the server does not know the access key ID (wrong AWS_ACCESS_KEY_ID?)",
     "SIGNATURE_DOES_NOT_MATCH": "the secret key does not match the access key ID (wrong AWS_SECRET_ACCESS_KEY?)",
@@ -46,50 +44,51 @@ _NO_CREDENTIALS = (
 def check_writable(uri: str, role: str = "output location") -> None:
     """Raise :class:`UserInputError` unless files can be created and deleted under directory ``uri``;
     ``role`` says which setting the location came from (``run_dir``, ``--out``)."""
-    if is_local(uri):
-        _check_local_dir(Path(local_path(uri)), uri, role)
-    else:
-        _check_object_store(uri, role)
-    logger.debug("%s %s is writable", role, uri)
+    _check_directory(uri, f"{role} {uri}")
 
 
 def check_writable_file(uri: str, role: str = "output file") -> None:
     """:func:`check_writable` for the directory a single output file will go to."""
     parent = str(Path(local_path(uri)).parent) if is_local(uri) else uri.rstrip("/").rsplit("/", 1)[0]
-    check_writable(parent, role)
+    _check_directory(parent, f"{role} {uri}")
 
 
-def _check_local_dir(path: Path, uri: str, role: str) -> None:
+def _check_directory(uri: str, named: str) -> None:
+    """``named``: the setting and location as the user gave them, for the message."""
+    if is_local(uri):
+        _check_local_dir(Path(local_path(uri)), named)
+    else:
+        _check_object_store(uri, named)
+    logger.debug("%s is writable", named)
+
+
+def _check_local_dir(path: Path, named: str) -> None:
     existing = next(parent for parent in (path, *path.parents) if parent.exists())
     if not existing.is_dir():
-        raise UserInputError(f"cannot write {role} {uri}: {existing} is a file, not a directory")
+        raise UserInputError(f"cannot write {named}: {existing} is a file, not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserInputError(f"cannot write {role} {uri}: cannot create {path}: {exc.strerror or exc}") from None
+        raise UserInputError(f"cannot write {named}: cannot create {path}: {exc.strerror or exc}") from None
     try:
         handle, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=path)
         os.close(handle)
         os.unlink(probe)
     except OSError as exc:
-        raise UserInputError(
-            f"cannot write {role} {uri}: cannot create files in {path}: {exc.strerror or exc}"
-        ) from None
+        raise UserInputError(f"cannot write {named}: cannot create files in {path}: {exc.strerror or exc}") from None
 
 
-def _check_object_store(uri: str, role: str) -> None:
+def _check_object_store(uri: str, named: str) -> None:
     if not _credentials_found():
-        raise UserInputError(f"cannot write {role} {uri}: {_NO_CREDENTIALS}")
-    filesystem, path = fs_and_path(uri)
-    bucket = path.split("/", 1)[0]
+        raise UserInputError(f"cannot write {named}: {_NO_CREDENTIALS}")
+    # The probe write, not a HEAD of the bucket: HEAD answers 403 without a body for wrong keys and
+    # missing buckets alike, a PUT names the cause.
+    probe = join_uri(uri, f"{PROBE_PREFIX}{uuid.uuid4().hex}")
     try:
-        if filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
-            raise UserInputError(f"cannot write {role} {uri}: bucket {bucket!r} does not exist")
-        probe = join_uri(uri, f"{PROBE_PREFIX}{uuid.uuid4().hex}")
         write_bytes_atomic(probe, b"")
         delete_file(probe, missing_ok=False)
     except OSError as exc:
-        raise UserInputError(f"cannot write {role} {uri}: {_aws_cause(exc)}") from None
+        raise UserInputError(f"cannot write {named}: {_aws_cause(exc, uri)}") from None
 
 
 def _credentials_found() -> bool:
@@ -100,9 +99,9 @@ def _credentials_found() -> bool:
     return botocore.session.Session().get_credentials() is not None
 
 
-def _aws_cause(exc: OSError) -> str:
+def _aws_cause(exc: OSError, uri: str) -> str:
     text = str(exc)
     match = re.search(r"AWS Error ([A-Z_]+)", text)
     if match and match.group(1) in _AWS_CAUSES:
-        return _AWS_CAUSES[match.group(1)]
+        return _AWS_CAUSES[match.group(1)].format(bucket=fs_and_path(uri)[1].split("/", 1)[0])
     return text.splitlines()[0] if text else type(exc).__name__
