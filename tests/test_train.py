@@ -203,6 +203,25 @@ def test_resume_from_a_checkpoint_continues_exactly(tiny_setup, tmp_path, model_
         torch.testing.assert_close(a, b, msg=name, atol=0, rtol=0)
 
 
+def test_tied_embeddings_stay_tied_in_a_narrower_dtype(tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64
+    )
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, tie_word_embeddings=True, **shape))
+    optimizer = build_optimizer(model, TrainConfig(model="m", data="d", out="o", steps=1))
+    scheduler = build_scheduler(optimizer, 1, 0.0)
+    save_checkpoint(tmp_path, model, None, optimizer, scheduler, LoopState(), {}, True, model_dtype=torch.bfloat16)
+    with safe_open(tmp_path / "model" / "model.safetensors", "pt") as weights:
+        assert "lm_head.weight" not in weights.keys(), "the tied matrix is stored once"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.bfloat16)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight.to(torch.bfloat16))
+
+
 def test_consumers_fetch_only_the_model_files_of_an_s3_checkpoint(tiny_setup, s3_bucket, tmp_path, monkeypatch):
     from jf_ray.modeling import load_model, local_model_path
     from jf_ray.storage import upload_dir

@@ -101,8 +101,7 @@ def save_checkpoint(
 
 def save_model_files(directory: Path, model, tokenizer, state_dict: dict, dtype: torch.dtype) -> None:
     """A plain Hugging Face model directory with the weights cast to ``dtype`` (nothing else in it)."""
-    weights = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state_dict.items()}
-    model.save_pretrained(directory, state_dict=weights)
+    model.save_pretrained(directory, state_dict=_cast(state_dict, dtype))
     # save_pretrained writes the dtype of the module's parameters (the fp32 master copy) into config.json;
     # the file must name the dtype the weights are stored in.
     config = copy.deepcopy(model.config)
@@ -128,6 +127,20 @@ def load_training_state(directory: str | Path, model, optimizer, scheduler) -> L
     scheduler.load_state_dict(trainer_state["scheduler"])
     logger.info("resumed from %s at step %d", directory, trainer_state["step"])
     return LoopState(step=int(trainer_state["step"]), tokens=float(trainer_state["tokens"]))
+
+
+def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors cast to ``dtype``; tensors that shared memory (tied embeddings) still share it, so
+    save_pretrained stores them once."""
+    cast: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            out[name] = tensor
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        out[name] = cast.setdefault(key, tensor.to(dtype))
+    return out
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
