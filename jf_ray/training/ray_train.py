@@ -117,7 +117,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
     import ray.train.torch
 
     from jf_ray.modeling import set_torch_threads
-    from jf_ray.training.checkpoint import MODEL_DIR
+    from jf_ray.training.checkpoint import MODEL_DIR, load_training_state
     from jf_ray.training.data import MicroBatchStream, load_packed_sequences
     from jf_ray.training.loop import LoopState, build_optimizer, build_scheduler, run_loop
 
@@ -144,8 +144,6 @@ def train_loop_per_worker(config_dict: dict) -> None:
     scheduler = build_scheduler(optimizer, total_steps, config.warmup_ratio)
     state = LoopState()
     if resume_dir is not None:
-        from jf_ray.training.checkpoint import load_training_state
-
         state = load_training_state(resume_dir, model, optimizer, scheduler)
         shutil.rmtree(resume_dir, ignore_errors=True)
     reporter = Reporter(config, model, tokenizer, optimizer, scheduler, total_steps, rank, model_dtype)
