@@ -1,7 +1,9 @@
 """Loading any Hugging Face causal LM and its tokenizer, and turning prompts into token ids.
 
 Accepts a local checkpoint directory, a ``file://`` URI, an object-store URI (``s3://``; downloaded to a
-local cache first) or a hub name where the network allows it: the loading code is the same.
+local cache first) or a hub name where the network allows it: the loading code is the same. A training
+checkpoint keeps its model files in a ``model/`` subdirectory beside the optimizer state
+(docs/checkpoints.md); given the checkpoint root, the loaders use (and download) ``model/`` only.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 DType = Literal["auto", "fp32", "bf16", "fp16"]
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODEL_SUBDIR = "model"  # the Hugging Face files of a training checkpoint (jf_ray.training.checkpoint)
+CONFIG_FILE = "config.json"
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -57,16 +61,27 @@ def local_model_path(model: str) -> str:
     if "://" in model:
         from jf_ray.storage import download_dir
 
-        return str(download_dir(model))
+        return str(download_dir(model_files_uri(model)))
     path = Path(model).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
+        if not (path / CONFIG_FILE).is_file() and (path / MODEL_SUBDIR / CONFIG_FILE).is_file():
+            path = path / MODEL_SUBDIR
+        if not (path / CONFIG_FILE).is_file():
             raise UserInputError(f"model path {path} has no config.json (not a Hugging Face checkpoint)")
         return str(path)
     looks_like_hub_name = model.count("/") == 1 and not model.startswith((".", "/", "~"))
     if not looks_like_hub_name:
         raise UserInputError(f"model path not found: {model}")
     return model
+
+
+def model_files_uri(uri: str) -> str:
+    """``uri`` itself when it holds a model, its ``model/`` when it is a training checkpoint's root."""
+    from jf_ray.storage import exists, join_uri
+
+    if not exists(join_uri(uri, CONFIG_FILE)) and exists(join_uri(uri, MODEL_SUBDIR, CONFIG_FILE)):
+        return join_uri(uri, MODEL_SUBDIR)
+    return uri
 
 
 def load_tokenizer(model: str):

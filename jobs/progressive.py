@@ -27,10 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     from jf_ray.errors import UserInputError
     from jf_ray.pipeline import PipelineConfig, run_pipeline
     from jf_ray.raycluster import prepare_local_ray
+    from jf_ray.storage import check_writable
 
     try:
         cfg = PipelineConfig.load(args.config, args.overrides)
         prepare_local_ray(cfg.ray_address)  # before ray is first imported
+        check_writable(cfg.run_dir, "run_dir")  # a missing bucket or bad credentials fail now, not after a stage
         result = run_pipeline(cfg, rerun=args.rerun)
     except (ConfigError, UserInputError) as exc:
         print(f"progressive: error: {exc}", file=sys.stderr)

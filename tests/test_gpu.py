@@ -179,8 +179,11 @@ def test_ray_train_on_a_gpu_worker_lowers_the_loss_in_bf16(strategy, micro_check
     summary = train(config)
     log = [json.loads(line) for line in read_bytes(summary["metrics_log"]).decode().splitlines()]
     assert [entry["step"] for entry in log] == list(range(1, 9))
-    trained = load_model(summary["checkpoint"], dtype="fp32", device="cuda")
-    assert next(trained.parameters()).dtype == torch.float32, "fp32 master weights are saved, not bf16"
+    from jf_ray.modeling import local_model_path
+    from jf_ray.training.checkpoint import declared_dtype
+
+    trained = load_model(summary["model"], dtype="fp32", device="cuda")
+    assert declared_dtype(local_model_path(summary["model"])) == torch.float32, "the model's own dtype, not bf16"
     sequences = load_packed_sequences(config.data)
     before = dataset_loss(load_model(config.model, dtype="fp32", device="cpu"), sequences)
     after = dataset_loss(trained.cpu(), sequences)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,27 +89,50 @@ def dataset_loss(model, sequences: list[TrainSequence]) -> dict[str, float]:
     }
 
 
-def test_stream_shards_evenly_and_is_a_function_of_the_step(tiny_setup):
-    sequences = load_packed_sequences(tiny_setup["data"])
-    assert len(sequences) == 12
-    config = config_for(tiny_setup, micro_batch_size=2, grad_accum=2, epochs=2)
-    ranks = [MicroBatchStream(sequences[:11], config, rank, 2) for rank in (0, 1)]
-    assert ranks[0].per_worker == ranks[1].per_worker == 5  # 11 // 2, remainder dropped
-    assert ranks[0].micro_per_epoch == 3 and ranks[0].total_steps() == 3  # ceil(2 * 3 / 2)
-    seen = [set(ranks[r]._worker_order(0)) for r in (0, 1)]
-    assert not seen[0] & seen[1], "workers share sequences within an epoch"
-    again = MicroBatchStream(sequences[:11], config, 0, 2)
-    for step in range(3):
-        for a, b in zip(ranks[0](step), again(step)):
-            assert torch.equal(a.input_ids, b.input_ids)
-    assert ranks[0]._worker_order(0) != ranks[0]._worker_order(1), "epochs reshuffle"
+def test_each_worker_reads_only_the_shards_holding_its_rows(tiny_setup, tmp_path):
+    import shutil
+
+    from jf_ray.storage import DatasetError
+
+    whole = load_packed_sequences(tiny_setup["data"])
+    assert len(whole) == 12
+    ranks = [load_packed_sequences(tiny_setup["data"], rank, 3) for rank in range(3)]
+    assert [len(r) for r in ranks] == [4, 4, 4]
+    assert [s.prompt_ids for r in ranks for s in r] == [s.prompt_ids for s in whole], "contiguous, disjoint"
+    assert [len(r) for r in (load_packed_sequences(tiny_setup["data"], rank, 5) for rank in range(5))] == [2] * 5
+    # part-0 holds rows 0-6, part-1 rows 7-11: with part-1 corrupt, rank 0 (rows 0-3) never notices
+    copy = tmp_path / "packed"
+    shutil.copytree(tiny_setup["root"] / "packed", copy)
+    (copy / "shards" / "part-1.parquet").write_bytes(b"not parquet")
+    assert [s.prompt_ids for s in load_packed_sequences(f"file://{copy}", 0, 3)] == [s.prompt_ids for s in ranks[0]]
+    with pytest.raises(DatasetError, match="part-1"):
+        load_packed_sequences(f"file://{copy}", 2, 3)
+
+
+def step_fingerprints(stream: MicroBatchStream, steps: range) -> list[list[list[int]]]:
+    return [[batch.input_ids.flatten().tolist() for batch in stream(step)] for step in steps]
+
+
+def test_a_resumed_worker_sees_the_batches_of_an_uninterrupted_one(tiny_setup):
+    """Per rank, steps 0-4 (10 micro-batches of 2 over 6 rows: three epoch boundaries) in one go equal
+    steps 0-1, then a fresh stream (a restarted worker re-reading its rows) from step 2 on."""
+    config = config_for(tiny_setup, micro_batch_size=2, grad_accum=2, epochs=3)
+    for rank in (0, 1):
+        straight = MicroBatchStream(load_packed_sequences(tiny_setup["data"], rank, 2), config, rank)
+        assert straight.micro_per_epoch == 3 and straight.total_steps() == 5  # ceil(3 * 3 / 2)
+        restarted = MicroBatchStream(load_packed_sequences(tiny_setup["data"], rank, 2), config, rank)
+        uninterrupted = step_fingerprints(straight, range(5))
+        assert step_fingerprints(straight, range(2)) + step_fingerprints(restarted, range(2, 5)) == uninterrupted
+        assert straight.epoch_order(0) != straight.epoch_order(1), "epochs reshuffle"
+    first = [MicroBatchStream(load_packed_sequences(tiny_setup["data"], r, 2), config, r) for r in (0, 1)]
+    assert step_fingerprints(first[0], range(1)) != step_fingerprints(first[1], range(1)), "ranks differ"
 
 
 def test_anchor_sequences_ride_along_at_the_configured_ratio(tiny_setup):
     anchors = [anchor_from_record({"input_ids": list(range(1, 20 + i))}, None, 16, False) for i in range(5)]
     assert all(len(a) == 16 and a.is_anchor for a in anchors)
     config = config_for(tiny_setup, micro_batch_size=2, anchor="unused.jsonl", anchor_ratio=0.75)
-    stream = MicroBatchStream(load_packed_sequences(tiny_setup["data"]), config, 0, 1, anchors=anchors)
+    stream = MicroBatchStream(load_packed_sequences(tiny_setup["data"]), config, 0, anchors=anchors)
     counts = [stream.micro_batch(i).anchor_labels.ne(-100).sum().item() // 15 for i in range(8)]
     assert sum(counts) == 12  # 0.75 anchors per packed sequence, 2 packed sequences per micro-batch, 8 batches
     with pytest.raises(ValueError, match="anchor"):
@@ -119,7 +143,7 @@ def train_in_process(setup, steps: int, stop: int | None = None, model=None, res
     """Run the plain loop for a ``steps``-step schedule, up to step ``stop``; optionally resume first."""
     config = config_for(setup, steps=steps)
     model = model or random_qwen2(seed=0, vocab_size=VOCAB).train()
-    stream = MicroBatchStream(load_packed_sequences(setup["data"]), config, 0, 1)
+    stream = MicroBatchStream(load_packed_sequences(setup["data"]), config, 0)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, steps, config.warmup_ratio)
     state = LoopState()
@@ -151,17 +175,73 @@ def test_plain_loop_lowers_the_jacobi_forcing_loss(tiny_setup):
     assert all(m["tokens_per_s"] > 0 and m["consistency_pairs"] > 0 for m in logged)
 
 
-def test_resume_from_a_checkpoint_continues_exactly(tiny_setup, tmp_path):
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+def test_resume_from_a_checkpoint_continues_exactly(tiny_setup, tmp_path, model_dtype):
+    """fp32 training of a model stored in fp32 or bf16: ``model/`` holds the weights in that dtype and
+    nothing but model files; resuming (from ``model/`` + ``trainer/``) continues bit for bit."""
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     straight, _, _, _ = train_in_process(tiny_setup, steps=6)
     interrupted, optimizer, scheduler, _ = train_in_process(tiny_setup, steps=6, stop=3)
-    save_checkpoint(tmp_path, interrupted, None, optimizer, scheduler, LoopState(step=3), {}, is_writer=True)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).train()
+    state = LoopState(step=3)
+    save_checkpoint(
+        tmp_path, interrupted, None, optimizer, scheduler, state, {}, is_writer=True, model_dtype=model_dtype
+    )
+    model_dir = tmp_path / "model"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    with safe_open(model_dir / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {model_dtype}
+    assert json.loads((model_dir / "config.json").read_text())["dtype"] == str(model_dtype).removeprefix("torch.")
+    stored_apart = sorted(p.name for p in (tmp_path / "trainer").iterdir())
+    master = ["master.safetensors"] if model_dtype != torch.float32 else []
+    assert stored_apart == sorted(["optimizer.safetensors", "trainer_state.json", *master])
+    reloaded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
     resumed, _, _, logged = train_in_process(tiny_setup, steps=6, model=reloaded, resume_from=tmp_path)
     assert [m["step"] for m in logged] == [4, 5, 6]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name, atol=0, rtol=0)
+
+
+def test_tied_embeddings_stay_tied_in_a_narrower_dtype(tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64
+    )
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, tie_word_embeddings=True, **shape))
+    optimizer = build_optimizer(model, TrainConfig(model="m", data="d", out="o", steps=1))
+    scheduler = build_scheduler(optimizer, 1, 0.0)
+    save_checkpoint(tmp_path, model, None, optimizer, scheduler, LoopState(), {}, True, model_dtype=torch.bfloat16)
+    with safe_open(tmp_path / "model" / "model.safetensors", "pt") as weights:
+        assert "lm_head.weight" not in weights.keys(), "the tied matrix is stored once"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.bfloat16)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight.to(torch.bfloat16))
+
+
+def test_consumers_fetch_only_the_model_files_of_an_s3_checkpoint(tiny_setup, s3_bucket, tmp_path, monkeypatch):
+    from jf_ray.modeling import load_model, local_model_path
+    from jf_ray.storage import upload_dir
+
+    monkeypatch.setenv("JF_CACHE_DIR", str(tmp_path / "cache"))
+    model, optimizer, scheduler, _ = train_in_process(tiny_setup, steps=2)
+    save_checkpoint(tmp_path / "ckpt", model, None, optimizer, scheduler, LoopState(step=2), {}, is_writer=True)
+    upload_dir(tmp_path / "ckpt", f"{s3_bucket}/run/checkpoint-000002")
+    for uri in (f"{s3_bucket}/run/checkpoint-000002", f"{s3_bucket}/run/checkpoint-000002/model"):
+        local = local_model_path(uri)
+        assert sorted(p.name for p in Path(local).iterdir() if not p.name.startswith(".")) == [
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+        ]
+    assert not list((tmp_path / "cache").rglob("*optimizer*")), "the optimizer state was downloaded"
+    loaded = load_model(f"{s3_bucket}/run/checkpoint-000002", dtype="fp32", device="cpu")
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+    assert Path(local_model_path(str(tmp_path / "ckpt"))) == tmp_path / "ckpt" / "model", "a local root resolves too"
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +277,7 @@ def test_two_worker_ray_run_lowers_the_loss_and_its_checkpoint_loads(ray_run):
 
     config, summary, packed = ray_run
     assert summary["checkpoint"] == f"{config.out}/ray2/checkpoint-000006"
+    assert summary["model"] == f"{summary['checkpoint']}/model"
     assert summary["metrics"]["step"] == 6 and summary["metrics"]["tokens_per_s"] > 0
     assert read_json(f"{config.out}/ray2/summary.json")["checkpoint"] == summary["checkpoint"]
     log = [json.loads(line) for line in read_bytes(summary["metrics_log"]).decode().splitlines()]
@@ -206,8 +287,8 @@ def test_two_worker_ray_run_lowers_the_loss_and_its_checkpoint_loads(ray_run):
     # both workers' tokens are counted: one step covers 2 micro-batches of 2 sequences
     assert log[0]["tokens"] > 2 * max(s.num_tokens for s in packed)
 
-    trained = load_model(summary["checkpoint"], dtype="fp32", device="cpu")
-    assert load_tokenizer(summary["checkpoint"]).eos_token_id is not None, "the tokenizer travels with it"
+    trained = load_model(summary["model"], dtype="fp32", device="cpu")
+    assert load_tokenizer(summary["model"]).eos_token_id is not None, "the tokenizer travels with it"
     sequences = load_packed_sequences(config.data)
     before = dataset_loss(load_model(config.model, dtype="fp32", device="cpu"), sequences)
     after = dataset_loss(trained, sequences)
@@ -293,10 +374,10 @@ def test_fsdp_on_two_ranks_matches_a_single_process_and_saves_full_weights(tmp_p
         "cpu",
         lambda s, m: None,
     )
-    sharded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     for (name, expected), got in zip(reference.state_dict().items(), sharded.state_dict().values()):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=name)
-    assert json.loads((tmp_path / "trainer_state.json").read_text())["step"] == 3
+    assert json.loads((tmp_path / "trainer" / "trainer_state.json").read_text())["step"] == 3
 
 
 def test_anchor_records_from_text_and_prompt_answer_pairs(micro_checkpoint, tmp_path):

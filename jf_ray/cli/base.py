@@ -49,7 +49,9 @@ def run_build(args: argparse.Namespace) -> int:
 
     from jf_ray.basemodel.build import build_base_uri, read_build_info_uri
     from jf_ray.basemodel.presets import overrides_from_yaml
+    from jf_ray.storage import check_writable
 
+    check_writable(args.out, "--out")
     overrides = (overrides_from_yaml(args.config) if args.config else []) + list(args.overrides)
     uri = build_base_uri(
         args.out,
@@ -68,8 +70,10 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from jf_ray.storage import check_writable_file
     from jf_ray.workloads import load_examples, write_examples
 
+    check_writable_file(args.out, "--out")
     examples = load_examples(args.task, args.split, args.n, seed=args.seed)
     count = write_examples(args.out, examples)
     print(f"wrote {count} {args.task}/{args.split} examples to {args.out}")

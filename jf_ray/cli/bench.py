@@ -46,7 +46,10 @@ def run(args: argparse.Namespace) -> int:
     from jf_ray.cli.common import decode_config_from_args
     from jf_ray.modeling import encode_prompt, eos_token_ids, load_model, load_tokenizer, set_torch_threads
     from jf_ray.prompts import read_prompts
+    from jf_ray.storage import check_writable_file
 
+    if args.json_out:
+        check_writable_file(args.json_out, "--json")
     set_torch_threads(args.threads)
     texts = [p.text for p in read_prompts(args.prompts)][: args.num_prompts]
     config = decode_config_from_args(args)

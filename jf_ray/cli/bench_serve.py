@@ -91,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
     import platform
 
     from jf_ray.serving.loadtest import run_load
+    from jf_ray.storage import check_writable_file
 
+    if args.json_out:
+        check_writable_file(args.json_out, "--json")
     prompts = _prompts(args.prompts)
     config, stop = (None, None) if args.url else _start_local(local_config(args), args.ray_cpus)
     url = args.url or f"http://{config.host}:{config.port}"

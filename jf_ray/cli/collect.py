@@ -67,9 +67,12 @@ def build_config(args):
 
 
 def run(args) -> int:
+    from jf_ray.storage import check_writable
     from jf_ray.trajectories.collect import collect
 
-    summary = collect(build_config(args))
+    config = build_config(args)
+    check_writable(config.out, "--out")
+    summary = collect(config)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -32,7 +32,10 @@ def run(args: argparse.Namespace) -> int:
     from jf_ray.cli.common import decode_config_from_args
     from jf_ray.evaluation import DEFAULT_MAX_NEW_TOKENS, EvalConfig, evaluate
     from jf_ray.modeling import set_torch_threads
+    from jf_ray.storage import check_writable_file
 
+    if args.json_out:
+        check_writable_file(args.json_out, "--json")
     set_torch_threads(args.threads)
     if args.max_new_tokens is None:
         args.max_new_tokens = DEFAULT_MAX_NEW_TOKENS[args.task]

@@ -64,8 +64,11 @@ def config_from_args(config_class, args: argparse.Namespace, field_flags, rename
 def run(args) -> int:
     from jf_ray.packing.config import PackConfig
     from jf_ray.packing.ray_pack import pack
+    from jf_ray.storage import check_writable
 
-    summary = pack(config_from_args(PackConfig, args, _FIELD_FLAGS))
+    config = config_from_args(PackConfig, args, _FIELD_FLAGS)
+    check_writable(config.out, "--out")
+    summary = pack(config)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

@@ -45,10 +45,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from jf_ray.storage import check_writable
     from jf_ray.training.config import TrainConfig
     from jf_ray.training.ray_train import train
 
-    summary = train(config_from_args(TrainConfig, args, _FIELD_FLAGS, _RENAMES))
+    config = config_from_args(TrainConfig, args, _FIELD_FLAGS, _RENAMES)
+    check_writable(config.out, "--out")
+    summary = train(config)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -58,6 +61,7 @@ def run(args) -> int:
         f"(consistency {metrics.get('loss_consistency'):.4f}, ar {metrics.get('loss_ar'):.4f}), "
         f"{metrics.get('tokens_per_s'):.0f} tokens/s"
     )
+    print(f"model: {summary['model']}")
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"metrics log: {summary['metrics_log']}")
     return 0

@@ -40,7 +40,8 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
 
 
 def model_of(outputs: dict, round_index: int) -> str:
-    return outputs["base"]["model"] if round_index == 0 else outputs[f"round{round_index}.train"]["checkpoint"]
+    """The model files of round ``round_index`` (a trained checkpoint's ``model/``, never its optimizer state)."""
+    return outputs["base" if round_index == 0 else f"round{round_index}.train"]["model"]
 
 
 def base_stage(cfg: PipelineConfig) -> dict:

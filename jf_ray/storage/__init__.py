@@ -17,6 +17,7 @@ from jf_ray.storage.dataset import (
     check_columns,
     iter_dataset,
     read_dataset,
+    read_dataset_rows,
     read_manifest,
 )
 from jf_ray.storage.dirs import download_dir, upload_dir
@@ -30,6 +31,7 @@ from jf_ray.storage.io import (
     write_json_atomic,
     write_table_atomic,
 )
+from jf_ray.storage.preflight import check_writable, check_writable_file
 from jf_ray.storage.uri import exists, fs_and_path, is_local, join_uri, local_path
 
 __all__ = [
@@ -37,6 +39,8 @@ __all__ = [
     "DatasetWriter",
     "VersionedSchema",
     "check_columns",
+    "check_writable",
+    "check_writable_file",
     "delete_file",
     "download_dir",
     "exists",
@@ -48,6 +52,7 @@ __all__ = [
     "local_path",
     "read_bytes",
     "read_dataset",
+    "read_dataset_rows",
     "read_json",
     "read_manifest",
     "read_table",

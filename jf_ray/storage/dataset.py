@@ -279,6 +279,32 @@ def _manifest_arrow_schema(manifest: dict) -> pa.Schema:
         raise DatasetError(f"manifest has no readable arrow_schema: {exc}") from None
 
 
+def read_dataset_rows(
+    dataset_uri: str,
+    start: int,
+    stop: int,
+    schema: VersionedSchema | None = None,
+    columns: Sequence[str] | None = None,
+) -> pa.Table:
+    """Rows ``start:stop`` of the dataset in manifest order, reading (and verifying) only the shards that
+    hold them: a reader that needs a slice never downloads the rest."""
+    manifest = read_manifest(dataset_uri, schema)
+    check_columns(_manifest_arrow_schema(manifest), list(columns or []), f"reader of {dataset_uri}")
+    if not 0 <= start <= stop <= manifest["num_rows"]:
+        raise DatasetError(f"{dataset_uri}: rows {start}:{stop} outside its {manifest['num_rows']} rows")
+    tables, first = [], 0
+    for shard in manifest["shards"]:
+        end = first + shard["rows"]
+        if first < stop and start < end:
+            table = _read_verified_shard(dataset_uri, shard, manifest["schema"], columns)
+            tables.append(table.slice(max(start - first, 0), min(stop, end) - max(start, first)))
+        first = end
+    if not tables:
+        empty = _manifest_arrow_schema(manifest).empty_table()
+        return empty.select(list(columns)) if columns else empty
+    return pa.concat_tables(tables)
+
+
 def read_dataset(
     dataset_uri: str,
     required_columns: Sequence[str] | None = None,

@@ -1,10 +1,13 @@
-"""Training data for one worker: packed sequences + anchor sequences -> a deterministic micro-batch stream.
+"""Training data for one worker: its own rows of the packed data + anchor sequences -> a deterministic
+micro-batch stream.
 
-Every worker reads the packed dataset (validated against schema "jf_ray.packed") and derives its share from
-a seeded permutation per epoch: the same ``(seed, epoch)`` gives every worker the same order, worker ``r``
-takes items ``r, r + W, ...`` and every worker gets the same count (the remainder is dropped), so DDP ranks
-always run the same number of steps. Micro-batch ``i`` is a pure function of ``i``; resuming at step ``s``
-simply continues at micro-batch ``s * grad_accum``, with the same data an uninterrupted run would have seen.
+Worker ``r`` of ``W`` owns the contiguous rows ``r*P .. (r+1)*P - 1`` of the packed dataset (schema
+"jf_ray.packed", rows in manifest order), ``P = N // W`` (the remainder is dropped, so DDP ranks always run
+the same number of steps), and reads only the shards holding them
+(:func:`jf_ray.storage.read_dataset_rows`). The rows stay in Arrow memory and become sequences one
+micro-batch at a time. Each epoch visits a worker's rows in a permutation seeded by ``(seed, epoch, rank)``.
+Micro-batch ``i`` is a pure function of ``i``: resuming at step ``s`` simply continues at micro-batch
+``s * grad_accum``, with the same data an uninterrupted run would have seen.
 
 Anchor sequences (``{"text"}``, ``{"prompt", "answer"}`` or ``{"input_ids"}`` per JSONL line) ride along:
 micro-batch ``i`` gets ``floor((i+1) r b) - floor(i r b)`` of them for ratio ``r`` and micro-batch size ``b``,
@@ -16,25 +19,55 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 
+import pyarrow as pa
+
 from jf_ray.errors import UserInputError
-from jf_ray.packing.schema import PACKED_SCHEMA, TRAIN_COLUMNS
+from jf_ray.packing.schema import PACKED_SCHEMA
 from jf_ray.training.batches import PackedBatch, TrainSequence, collate
 from jf_ray.training.config import TrainConfig
 
+SEQUENCE_COLUMNS = ["prompt_ids", "noisy_blocks", "clean_blocks"]
 
-def load_packed_sequences(uri: str) -> list[TrainSequence]:
-    from jf_ray.storage import read_dataset
 
-    table = read_dataset(uri, required_columns=TRAIN_COLUMNS, schema=PACKED_SCHEMA, columns=TRAIN_COLUMNS)
-    sequences = [
-        TrainSequence(row["prompt_ids"], row["noisy_blocks"], row["clean_blocks"])
-        for row in table.select(["prompt_ids", "noisy_blocks", "clean_blocks"]).to_pylist()
-    ]
-    if not sequences:
+class PackedRows:
+    """Packed sequences held as an Arrow table (a few bytes per token, not Python lists of ints)."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table.select(SEQUENCE_COLUMNS)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, index: int) -> TrainSequence:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        row = self.table.slice(index, 1).to_pylist()[0]
+        return TrainSequence(row["prompt_ids"], row["noisy_blocks"], row["clean_blocks"])
+
+    def __iter__(self) -> Iterator[TrainSequence]:
+        return (self[index] for index in range(len(self)))
+
+
+def worker_row_range(num_rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(start, stop)`` of the rows worker ``rank`` owns (see the module docstring)."""
+    if num_rows < world_size:
+        raise UserInputError(f"{num_rows} packed sequences cannot feed {world_size} workers")
+    per_worker = num_rows // world_size
+    return rank * per_worker, (rank + 1) * per_worker
+
+
+def load_packed_sequences(uri: str, rank: int = 0, world_size: int = 1) -> PackedRows:
+    """The packed rows worker ``rank`` of ``world_size`` trains on (all of them by default)."""
+    from jf_ray.storage import read_dataset_rows, read_manifest
+
+    start, stop = worker_row_range(read_manifest(uri, PACKED_SCHEMA)["num_rows"], rank, world_size)
+    rows = PackedRows(read_dataset_rows(uri, start, stop, schema=PACKED_SCHEMA, columns=SEQUENCE_COLUMNS))
+    if not len(rows):
         raise UserInputError(f"packed dataset {uri} has no sequences")
-    return sequences
+    return rows
 
 
 def anchor_from_record(record: dict, tokenizer, max_tokens: int, ar_on_prompt: bool) -> TrainSequence:
@@ -82,20 +115,19 @@ class MicroBatchStream:
 
     def __init__(
         self,
-        sequences: list[TrainSequence],
+        sequences: Sequence[TrainSequence],
         config: TrainConfig,
         rank: int,
-        world_size: int,
         anchors: list[TrainSequence] | None = None,
         pad_token_id: int = 0,
     ):
-        if len(sequences) < world_size:
-            raise UserInputError(f"{len(sequences)} packed sequences cannot feed {world_size} workers")
+        """``sequences``: this worker's own rows (:func:`load_packed_sequences` with its rank)."""
+        if not len(sequences):
+            raise UserInputError("a training worker got no packed sequences")
         self.sequences, self.anchors = sequences, anchors or []
-        self.config, self.rank, self.world_size = config, rank, world_size
+        self.config, self.rank = config, rank
         self.pad_token_id = pad_token_id
-        self.per_worker = len(sequences) // world_size
-        self.micro_per_epoch = math.ceil(self.per_worker / config.micro_batch_size)
+        self.micro_per_epoch = math.ceil(len(sequences) / config.micro_batch_size)
 
     def total_steps(self) -> int:
         if self.config.steps is not None:
@@ -109,7 +141,7 @@ class MicroBatchStream:
     def micro_batch(self, index: int) -> PackedBatch:
         epoch, offset = divmod(index, self.micro_per_epoch)
         size = self.config.micro_batch_size
-        order = self._worker_order(epoch)[offset * size : (offset + 1) * size]
+        order = self.epoch_order(epoch)[offset * size : (offset + 1) * size]
         items = [self.sequences[i] for i in order] + self._anchors_for(index)
         return collate(
             items,
@@ -120,11 +152,12 @@ class MicroBatchStream:
         )
 
     @lru_cache(maxsize=2)  # noqa: B019 - one dataset per worker process, lives as long as it
-    def _worker_order(self, epoch: int) -> list[int]:
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The order in which epoch ``epoch`` visits this worker's rows."""
         order = list(range(len(self.sequences)))
         if self.config.shuffle:
-            random.Random(f"{self.config.seed}:epoch:{epoch}").shuffle(order)
-        return order[self.rank :: self.world_size][: self.per_worker]
+            random.Random(f"{self.config.seed}:epoch:{epoch}:rank:{self.rank}").shuffle(order)
+        return order
 
     def _anchors_for(self, index: int) -> list[TrainSequence]:
         if not self.anchors or self.config.anchor_ratio <= 0:

@@ -2,10 +2,12 @@
 
 * Workers: DDP (gloo on CPU, nccl on GPU) or FSDP2 (``fully_shard`` per decoder layer) for models that do
   not fit one GPU; bf16 autocast on GPU; ``torch.set_num_threads`` = the CPUs Ray gave each worker.
-* Checkpoints: Hugging Face directories (:mod:`jf_ray.training.checkpoint`) reported to Ray Train, which
-  uploads them under ``<out>/<run_name>/checkpoint-<step>`` (``file://`` or ``s3://``) and keeps the last
-  ``keep_checkpoints``. Re-running with the same ``out`` and ``run_name`` resumes from the latest one:
-  Ray Train V2 restores its checkpoint list from storage and ``get_checkpoint()`` hands it to the workers.
+* Data: each worker reads only its own rows of the packed dataset (:mod:`jf_ray.training.data`).
+* Checkpoints: ``model/`` (Hugging Face files) and ``trainer/`` (optimizer, schedule, step) directories
+  (:mod:`jf_ray.training.checkpoint`, docs/checkpoints.md) reported to Ray Train, which uploads them under
+  ``<out>/<run_name>/checkpoint-<step>`` (``file://`` or ``s3://``) and keeps the last ``keep_checkpoints``.
+  Re-running with the same ``out`` and ``run_name`` resumes from the latest one: Ray Train V2 restores its
+  checkpoint list from storage and ``get_checkpoint()`` hands it to the workers.
 * Metrics: every ``log_every`` steps to ``<out>/<run_name>/metrics.jsonl`` (rewritten atomically at
   checkpoints and at the end), every ``report_every`` steps to the Ray Train reporter. Ray Train V2 keeps in
   ``Result.metrics`` only metrics reported with a checkpoint, so the last step is always reported with one.
@@ -33,12 +35,14 @@ SUMMARY_FILE = "summary.json"
 
 def train(config: TrainConfig) -> dict:
     """Run training on the current (or a new local) Ray cluster; returns the summary also written to
-    ``<out>/<run_name>/summary.json``: final metrics, checkpoint URI, tokens/s."""
+    ``<out>/<run_name>/summary.json``: final metrics, ``model`` (the URI of the model files, what consumers
+    load), ``checkpoint`` (the checkpoint root, what a resume reads), tokens/s."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jf_ray.raycluster import init_ray
     from jf_ray.storage import fs_and_path, join_uri, write_json_atomic
+    from jf_ray.training.checkpoint import MODEL_DIR
 
     check_inputs(config)
     init_ray()
@@ -62,15 +66,17 @@ def train(config: TrainConfig) -> dict:
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {config.run_name} finished without a checkpoint")
+    checkpoint = checkpoint_uri(config.out, storage_path, result.checkpoint.path)
     summary = {
-        "checkpoint": checkpoint_uri(config.out, storage_path, result.checkpoint.path),
+        "model": join_uri(checkpoint, MODEL_DIR),
+        "checkpoint": checkpoint,
         "metrics": result.metrics,
         "wall_s": round(time.perf_counter() - started, 2),
         "run_uri": join_uri(config.out, config.run_name),
         "metrics_log": join_uri(config.out, config.run_name, METRICS_FILE),
     }
     write_json_atomic(join_uri(config.out, config.run_name, SUMMARY_FILE), summary)
-    logger.info("training done: %s", summary["checkpoint"])
+    logger.info("training done: %s", summary["model"])
     return summary
 
 
@@ -111,6 +117,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
     import ray.train.torch
 
     from jf_ray.modeling import set_torch_threads
+    from jf_ray.training.checkpoint import MODEL_DIR, load_training_state
     from jf_ray.training.data import MicroBatchStream, load_packed_sequences
     from jf_ray.training.loop import LoopState, build_optimizer, build_scheduler, run_loop
 
@@ -121,13 +128,14 @@ def train_loop_per_worker(config_dict: dict) -> None:
     torch.manual_seed(config.seed)
     device = ray.train.torch.get_device()
     resume_dir = _restore_checkpoint_dir()
-    model, tokenizer = load_model_for_training(resume_dir or config.model, config)
+    model, tokenizer, model_dtype = load_model_for_training(
+        resume_dir / MODEL_DIR if resume_dir else config.model, config
+    )
     model = wrap_model(model, config, device)
     stream = MicroBatchStream(
-        load_packed_sequences(config.data),
+        load_packed_sequences(config.data, rank, world),
         config,
         rank,
-        world,
         anchors=_anchors(config, tokenizer),
         pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0,
     )
@@ -136,11 +144,9 @@ def train_loop_per_worker(config_dict: dict) -> None:
     scheduler = build_scheduler(optimizer, total_steps, config.warmup_ratio)
     state = LoopState()
     if resume_dir is not None:
-        from jf_ray.training.checkpoint import load_training_state
-
         state = load_training_state(resume_dir, model, optimizer, scheduler)
         shutil.rmtree(resume_dir, ignore_errors=True)
-    reporter = Reporter(config, model, tokenizer, optimizer, scheduler, total_steps, rank)
+    reporter = Reporter(config, model, tokenizer, optimizer, scheduler, total_steps, rank, model_dtype)
     reporter.restore_log(state.step)
     logger.info("rank %d/%d: %d steps from step %d on %s", rank, world, total_steps, state.step, device)
     run_loop(model, stream, optimizer, scheduler, config, total_steps, state, device, reporter.on_step)
@@ -164,10 +170,12 @@ def _anchors(config: TrainConfig, tokenizer):
 
 
 def load_model_for_training(source: str | Path, config: TrainConfig):
-    """fp32 master weights (bf16 happens in autocast) and the tokenizer when the checkpoint has one."""
+    """fp32 master weights (bf16 happens in autocast), the tokenizer when the checkpoint has one, and the
+    dtype the checkpoint stores its weights in (trained checkpoints keep it)."""
     from transformers import AutoModelForCausalLM
 
     from jf_ray.modeling import load_tokenizer, local_model_path
+    from jf_ray.training.checkpoint import declared_dtype
 
     path = str(source) if isinstance(source, Path) else local_model_path(source)
     try:
@@ -183,7 +191,7 @@ def load_model_for_training(source: str | Path, config: TrainConfig):
     except (OSError, ValueError, UserInputError) as exc:
         logger.warning("no tokenizer next to %s (%s); checkpoints will hold the model only", source, exc)
         tokenizer = None
-    return model, tokenizer
+    return model, tokenizer, declared_dtype(path)
 
 
 def wrap_model(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.nn.Module:
@@ -211,10 +219,20 @@ def shard_model(model: torch.nn.Module, bf16: bool) -> torch.nn.Module:
 class Reporter:
     """Per-step metrics to Ray Train and the metrics log; checkpoints on schedule and at the last step."""
 
-    def __init__(self, config: TrainConfig, model, tokenizer, optimizer, scheduler, total_steps: int, rank: int):
+    def __init__(
+        self,
+        config: TrainConfig,
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        total_steps: int,
+        rank: int,
+        model_dtype: torch.dtype,
+    ):
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.total_steps, self.rank = total_steps, rank
+        self.total_steps, self.rank, self.model_dtype = total_steps, rank, model_dtype
         self.lines: list[str] = []
 
     @property
@@ -278,6 +296,7 @@ class Reporter:
                 state,
                 self.config.model_dump(mode="json"),
                 is_writer=self.rank == 0,
+                model_dtype=self.model_dtype,
             )
             checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state.step:06d}")
