@@ -17,6 +17,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jf_ray.config import parse_override, set_dotted
+from jf_ray.errors import UserInputError
 from jf_ray.serving import protocol
 from jf_ray.serving.config import ServeConfig
 from jf_ray.serving.generation import PreparedRequest, TextChunk, collect_text
@@ -31,6 +32,11 @@ api = FastAPI(title="jf-ray: Jacobi Forcing decoder, OpenAI-compatible")
 async def _api_error(_: Request, exc: APIError) -> JSONResponse:
     headers = {"Retry-After": "1"} if exc.status == 503 else None
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+@api.exception_handler(UserInputError)
+async def _user_input_error(_: Request, exc: UserInputError) -> JSONResponse:
+    return JSONResponse(protocol.invalid_request(str(exc)).body(), status_code=400)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -58,11 +64,11 @@ def sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
-def _text_chunk(rid: str, model: str, chat: bool, text: str, finish: str | None, usage=None) -> dict:
+def _text_chunk(rid: str, model: str, chat: bool, text: str, finish: str | None, usage=None, tokens=None) -> dict:
     if chat:
         delta = {"content": text} if text else {}
-        return protocol.chat_chunk(rid, model, delta, finish, usage)
-    return protocol.completion_chunk(rid, model, text, finish, usage)
+        return protocol.chat_chunk(rid, model, delta, finish, usage, protocol.chat_logprobs(tokens))
+    return protocol.completion_chunk(rid, model, text, finish, usage, protocol.completion_logprobs(tokens))
 
 
 @serve.deployment(name="JacobiDecoder")
@@ -139,9 +145,11 @@ class JacobiDecoderDeployment:
         if body.stream:
             events = self._sse_events(chunks, prepared.request_id, model, chat, body.include_usage_chunk)
             return StreamingResponse(events, media_type="text/event-stream")
-        text, finish, usage = await collect_text(chunks)
-        make = protocol.chat_body if chat else protocol.completion_body
-        return make(prepared.request_id, model, text, finish, usage)
+        text, finish, usage, tokens = await collect_text(chunks)
+        if chat:
+            return protocol.chat_body(prepared.request_id, model, text, finish, usage, protocol.chat_logprobs(tokens))
+        logprobs = protocol.completion_logprobs(tokens)
+        return protocol.completion_body(prepared.request_id, model, text, finish, usage, logprobs)
 
     async def _sse_events(
         self, chunks: AsyncIterator[TextChunk], rid: str, model: str, chat: bool, include_usage: bool
@@ -150,8 +158,8 @@ class JacobiDecoderDeployment:
             yield sse(protocol.chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
         try:
             async for chunk in chunks:
-                if chunk.text or chunk.finish_reason:
-                    yield sse(_text_chunk(rid, model, chat, chunk.text, chunk.finish_reason))
+                if chunk.text or chunk.finish_reason or chunk.logprobs:
+                    yield sse(_text_chunk(rid, model, chat, chunk.text, chunk.finish_reason, None, chunk.logprobs))
                 if chunk.finish_reason and include_usage:
                     yield sse(_text_chunk(rid, model, chat, "", None, chunk.usage))
         except Exception as exc:  # headers are sent: report in-band, as OpenAI does
