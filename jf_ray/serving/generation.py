@@ -113,15 +113,22 @@ async def stream_text(
     tally, status = _Tally(), "aborted"
     try:
         while True:
-            event = await queue.get()
-            if isinstance(event, Exception):
-                status = "error"
-                raise _as_api_error(event)
-            if tally.add(event) and observer is not None:
-                observer.on_first_token(decoder, tally.first_token_at - request.created_at)
-            if logprobs is not None:
-                logprobs.pending.extend(event.output.new_logprobs or [])
-            delta = detok.add(event.output.new_token_ids)
+            # Every step event already waiting is taken at once: when the engine outpaces this consumer (many
+            # streams, one event loop), its steps merge into one chunk instead of one chunk per step each.
+            events = [await queue.get()]
+            while not queue.empty():
+                events.append(queue.get_nowait())
+            new_ids = []
+            for event in events:
+                if isinstance(event, Exception):
+                    status = "error"
+                    raise _as_api_error(event)
+                if tally.add(event) and observer is not None:
+                    observer.on_first_token(decoder, tally.first_token_at - request.created_at)
+                if logprobs is not None:
+                    logprobs.pending.extend(event.output.new_logprobs or [])
+                new_ids += event.output.new_token_ids
+            delta = detok.add(new_ids)
             finish = "stop" if delta.stopped else _openai_finish(event.output)
             if finish is None:
                 if delta.text or delta.token_offsets:
