@@ -46,6 +46,9 @@ class AutoscalingSettings(StageConfig):
     )
     upscale_delay_s: float = Field(10.0, ge=0, description="load must stay high this long before upscaling")
     downscale_delay_s: float = Field(60.0, ge=0, description="load must stay low this long before downscaling")
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="window over which Serve averages the ongoing requests it scales on"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingSettings:

@@ -26,6 +26,7 @@ from jf_ray.serving.protocol import APIError, ChatCompletionRequest, CompletionR
 logger = logging.getLogger(__name__)
 
 api = FastAPI(title="jf-ray: Jacobi Forcing decoder, OpenAI-compatible")
+REPLICA_HEADER = "x-jf-ray-replica"
 
 
 @api.exception_handler(APIError)
@@ -85,6 +86,7 @@ class JacobiDecoderDeployment:
         # Ray gives the replica num_cpus cores; more torch threads than that fight other processes.
         set_torch_threads(max(1, int(self.config.num_cpus)))
         replica = serve.get_replica_context().replica_id.unique_id
+        self.headers = {REPLICA_HEADER: replica}  # which replica answered: for debugging and the scaling tests
         self.metrics = ServingMetrics(self.config.served_model_name, replica)
         self.service = CompletionService(self.config, self.metrics, self.metrics)
 
@@ -144,12 +146,14 @@ class JacobiDecoderDeployment:
         model = self.service.model_name
         if body.stream:
             events = self._sse_events(chunks, prepared.request_id, model, chat, body.include_usage_chunk)
-            return StreamingResponse(events, media_type="text/event-stream")
+            return StreamingResponse(events, media_type="text/event-stream", headers=self.headers)
         text, finish, usage, tokens = await collect_text(chunks)
         if chat:
-            return protocol.chat_body(prepared.request_id, model, text, finish, usage, protocol.chat_logprobs(tokens))
-        logprobs = protocol.completion_logprobs(tokens)
-        return protocol.completion_body(prepared.request_id, model, text, finish, usage, logprobs)
+            out = protocol.chat_body(prepared.request_id, model, text, finish, usage, protocol.chat_logprobs(tokens))
+        else:
+            logprobs = protocol.completion_logprobs(tokens)
+            out = protocol.completion_body(prepared.request_id, model, text, finish, usage, logprobs)
+        return JSONResponse(out, headers=self.headers)
 
     async def _sse_events(
         self, chunks: AsyncIterator[TextChunk], rid: str, model: str, chat: bool, include_usage: bool
