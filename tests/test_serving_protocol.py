@@ -393,3 +393,15 @@ def test_serve_cli_bad_input_exits_2(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert main(["serve", "--model", str(tmp_path), "--set", "max_batch_size=0"]) == 2
     assert "max_batch_size" in capsys.readouterr().err
+
+
+def test_bench_serve_reports_served_over_offline_ar():
+    from jf_ray.cli.bench_serve import served_over_offline
+
+    results = [
+        {"decoder": "ar", "concurrency": 16, "throughput_tokens_per_s": 500.0},
+        {"decoder": "mr", "concurrency": 16, "throughput_tokens_per_s": 700.0},
+        {"decoder": "ar", "concurrency": 4, "throughput_tokens_per_s": 300.0},
+    ]
+    assert served_over_offline(results, {"16": 1000.0}) == {"16": 0.5}  # AR only; no offline figure at 4
+    assert served_over_offline(results, {}) == {}
