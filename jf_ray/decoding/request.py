@@ -145,7 +145,8 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[To
     if not tokens:
         return []
     logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    rows, token_ids = torch.arange(len(tokens), device=logp.device), torch.tensor(tokens, device=logp.device)
+    chosen = logp[rows, token_ids].tolist()
     if top:
         values, ids = torch.topk(logp, top, dim=-1)
         best = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
