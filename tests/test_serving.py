@@ -135,7 +135,7 @@ def test_service_greedy_decoders_equal_transformers_ar(service, reference):
     prompt_ids = reference.tokenizer(PROMPT)["input_ids"]
     expected = reference.greedy(prompt_ids, 48)
     for decoder in ("ar", "jacobi", "rolling", "multiblock", "lookup", "auto"):
-        text, finish, usage = run(
+        text, finish, usage, _ = run(
             run_to_end(service, completion(service, prompt=PROMPT, max_tokens=48, decoder=decoder))
         )
         assert text == reference.text(expected), decoder
@@ -184,11 +184,15 @@ def test_closing_a_stream_frees_its_batch_slot(service):
 def test_stop_string_ends_the_text_before_it(service):
     from jf_ray.serving.service import run_to_end
 
-    full, _, _ = run(run_to_end(service, completion(service, prompt=PROMPT, max_tokens=40)))
+    full, _, _, _ = run(run_to_end(service, completion(service, prompt=PROMPT, max_tokens=40)))
     stop = full[12:15]
-    text, finish, usage = run(run_to_end(service, completion(service, prompt=PROMPT, max_tokens=40, stop=[stop])))
+    request = completion(service, prompt=PROMPT, max_tokens=40, stop=[stop], logprobs=0)
+    text, finish, usage, tokens = run(run_to_end(service, request))
     assert text == full[: full.index(stop)]
     assert finish == "stop" and usage.completion_tokens < 40
+    # logprobs cover exactly the tokens whose text starts before the stop string
+    assert tokens and all(t.offset < len(text) for t in tokens)
+    assert "".join(t.text for t in tokens).startswith(text)
 
 
 def test_generation_ends_at_eos_with_finish_reason_stop(checkpoint, reference, tmp_path):
@@ -209,7 +213,9 @@ def test_generation_ends_at_eos_with_finish_reason_stop(checkpoint, reference, t
     svc = CompletionService(ServeConfig(model=str(copy)))
     try:
         for decoder in ("ar", "mr"):
-            text, finish, usage = run(run_to_end(svc, completion(svc, prompt=PROMPT, max_tokens=40, decoder=decoder)))
+            text, finish, usage, _ = run(
+                run_to_end(svc, completion(svc, prompt=PROMPT, max_tokens=40, decoder=decoder))
+            )
             assert (text, finish, usage.completion_tokens) == (
                 reference.text(expected),
                 "stop",
@@ -217,6 +223,41 @@ def test_generation_ends_at_eos_with_finish_reason_stop(checkpoint, reference, t
             )
     finally:
         svc.shutdown()
+
+
+def decode_with_logprobs(model, eos_ids, prompt_ids, **config) -> tuple[list[int], list]:
+    from jf_ray.decoding import DecodeConfig, DecodingEngine
+
+    engine = DecodingEngine(model, eos_ids, max_batch_size=2)
+    engine.add("r", prompt_ids, DecodeConfig(max_new_tokens=40, block_size=8, logprobs=3, **config))
+    tokens, logprobs = [], []
+    while engine.has_work:
+        for out in engine.step():
+            tokens += out.new_token_ids
+            logprobs += out.new_logprobs
+    return tokens, logprobs
+
+
+def test_logprobs_of_every_decoder_equal_a_plain_forward_greedy_and_sampled(service, reference):
+    """Each token's logprob comes from the forward that verified it, under an exact prefix: so it equals the
+    log-softmax of one plain forward over prompt + output at that position, for Jacobi drafts as for AR."""
+    model, eos = service.model, service.eos_token_ids
+    prompt_ids = reference.tokenizer(PROMPT)["input_ids"]
+    ar_tokens, _ = decode_with_logprobs(model, eos, prompt_ids, decoder="ar")
+    assert ar_tokens == reference.greedy(prompt_ids, 40)
+    for decoder in ("ar", "jacobi", "rolling", "mr", "lookup"):
+        for sampling in ({}, {"temperature": 1.0, "top_p": 0.9, "seed": 5}):
+            tokens, logprobs = decode_with_logprobs(model, eos, prompt_ids, decoder=decoder, **sampling)
+            if not sampling:
+                assert tokens == ar_tokens, decoder  # greedy Jacobi == greedy AR, token for token
+            with torch.no_grad():
+                plain = torch.log_softmax(model(torch.tensor([prompt_ids + tokens])).logits[0].float(), -1)
+            rows = plain[len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(tokens)]
+            assert [lp.token_id for lp in logprobs] == tokens
+            got = torch.tensor([lp.logprob for lp in logprobs])
+            assert torch.allclose(got, rows[torch.arange(len(tokens)), torch.tensor(tokens)], atol=1e-4), decoder
+            top_ids = [[t for t, _ in lp.top] for lp in logprobs]
+            assert top_ids == torch.topk(rows, 3, dim=-1).indices.tolist(), decoder
 
 
 # ------------------------------------------------------------------------- Serve app over real HTTP
@@ -362,6 +403,9 @@ def test_sampling_with_a_seed_is_reproducible(client):
         ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 161}, 400, "max_tokens"),
         ("/v1/completions", {"model": "tiny", "prompt": "x " * 60, "max_tokens": 150}, 400, "max_tokens"),
         ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "decoder": "beam"}, 400, "decoder"),
+        ("/v1/completions", {"model": "tiny", "prompt": [5, 99999]}, 400, "prompt"),  # the engine's check
+        ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "ignore_eos": True}, 400, "ignore_eos"),
+        ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "best_of": 3}, 400, "best_of"),
         ("/v1/completions", {"model": "other", "prompt": PROMPT}, 404, "model"),
         ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
         (
@@ -379,6 +423,60 @@ def test_bad_input_is_a_4xx_with_an_openai_error_body(server, path, body, status
     assert got["error"]["param"] == param
     status, health = http(server, "/health", key=None)
     assert status == 200 and health["status"] == "ok"
+
+
+def test_unsupported_fields_are_refused_through_the_openai_client(client):
+    import openai
+
+    messages = [{"role": "user", "content": "hello"}]
+    calls = {
+        "response_format": lambda: client.chat.completions.create(
+            model="tiny", messages=messages, response_format={"type": "json_object"}
+        ),
+        "tools": lambda: client.chat.completions.create(
+            model="tiny", messages=messages, tools=[{"type": "function", "function": {"name": "f"}}]
+        ),
+        "logit_bias": lambda: client.completions.create(model="tiny", prompt=PROMPT, logit_bias={"5": 10}),
+    }
+    for field, call in calls.items():
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        assert info.value.body["param"] == field and field in info.value.body["message"]
+
+
+def test_logprobs_over_http_completions_and_chat_streamed_or_not(client, reference):
+    prompt_ids = reference.tokenizer(PROMPT)["input_ids"]
+    expected = reference.greedy(prompt_ids, 24)
+    out = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=24, logprobs=2, extra_body={"decoder": "mr"}
+    )
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(expected) == len(lp.token_logprobs) == len(lp.text_offset)
+    assert all(v <= 0 for v in lp.token_logprobs)
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)  # keyed by text: byte pieces may collide
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    ar = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, logprobs=2, extra_body={"decoder": "ar"})
+    assert ar.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs, abs=1e-4)
+    streamed = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, logprobs=2, stream=True))
+    streamed_lp = [
+        v for c in streamed if c.choices and c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs
+    ]
+    assert streamed_lp == pytest.approx(lp.token_logprobs, abs=1e-4)
+
+    messages = [{"role": "user", "content": "hello"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(t.top_logprobs[0].logprob >= t.logprob - 1e-6 for t in content)
+    parts = list(
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, logprobs=True, stream=True)
+    )
+    streamed_chat = [
+        t.logprob for p in parts if p.choices and p.choices[0].logprobs for t in p.choices[0].logprobs.content
+    ]
+    assert streamed_chat == pytest.approx([t.logprob for t in content], abs=1e-4)
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4)
+    assert plain.choices[0].logprobs is None
 
 
 def test_api_key_is_required(server):

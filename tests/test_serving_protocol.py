@@ -13,6 +13,7 @@ import yaml
 from jf_ray.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 
 REPO = Path(__file__).resolve().parents[1]
+MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 def bad_request(cls, payload) -> APIError:
@@ -55,7 +56,9 @@ def test_completion_request_accepts_openai_shapes_and_ignores_unknown_fields():
         ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
         ({"model": "m", "prompt": [1, -2]}, "prompt"),
         ({"model": "m", "prompt": "x", "n": 2}, "n"),
-        ({"model": "m", "prompt": "x", "logprobs": 3}, "logprobs"),
+        ({"model": "m", "prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"model": "m", "prompt": "x", "logprobs": True}, "logprobs"),
+        ({"model": "m", "prompt": "x", "top_logprobs": 2}, "top_logprobs"),
         ({"model": "m", "prompt": "x", "stop": ["a"] * 17}, "stop"),
         ({"model": "m", "prompt": "x", "stop": [""]}, "stop"),
         ({"model": "m", "prompt": "x", "stream": "yes"}, "stream"),
@@ -65,6 +68,54 @@ def test_completion_request_accepts_openai_shapes_and_ignores_unknown_fields():
 )
 def test_completion_request_rejections_name_the_field(payload, param):
     assert bad_request(CompletionRequest, payload).param == param
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("response_format", {"type": "json_object"}),
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("tool_choice", "auto"),
+        ("logit_bias", {"50256": -100}),
+        ("best_of", 2),
+        ("ignore_eos", True),
+        ("min_tokens", 4),
+        ("repetition_penalty", 1.2),
+        ("guided_json", {"type": "object"}),
+    ],
+)
+def test_fields_we_cannot_honour_are_a_400_naming_them(field, value):
+    for cls, base in ((CompletionRequest, {"prompt": "x"}), (ChatCompletionRequest, {"messages": MESSAGES})):
+        err = bad_request(cls, {"model": "m", **base, field: value})
+        assert err.param == field and field in err.message and err.code == "unsupported_field"
+
+
+def test_values_that_ask_for_nothing_are_accepted():
+    neutral = {"response_format": {"type": "text"}, "logit_bias": {}, "best_of": 1, "ignore_eos": False, "tools": []}
+    assert parse_request(CompletionRequest, {"model": "m", "prompt": "x", **neutral}).top_logprobs_count is None
+    chat = parse_request(ChatCompletionRequest, {"model": "m", "messages": MESSAGES, "tool_choice": "none"})
+    assert chat.top_logprobs_count is None
+
+
+def test_logprobs_fields():
+    assert parse_request(CompletionRequest, {"model": "m", "prompt": "x", "logprobs": 0}).top_logprobs_count == 0
+    assert parse_request(CompletionRequest, {"model": "m", "prompt": "x", "logprobs": 5}).top_logprobs_count == 5
+    chat = {"model": "m", "messages": MESSAGES}
+    assert parse_request(ChatCompletionRequest, {**chat, "logprobs": True}).top_logprobs_count == 0
+    assert parse_request(ChatCompletionRequest, {**chat, "logprobs": True, "top_logprobs": 3}).top_logprobs_count == 3
+    assert parse_request(ChatCompletionRequest, {**chat, "logprobs": False}).top_logprobs_count is None
+    assert bad_request(ChatCompletionRequest, {**chat, "top_logprobs": 3}).param == "top_logprobs"
+    assert bad_request(ChatCompletionRequest, {**chat, "logprobs": True, "top_logprobs": 21}).param == "top_logprobs"
+
+
+def test_default_model_name_keeps_hub_orgs_and_names_checkpoints_by_their_run():
+    from jf_ray.serving.config import ServeConfig, default_model_name
+
+    assert default_model_name("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    assert default_model_name("s3://bucket/runs/s7/checkpoint-000800") == "s7/checkpoint-000800"
+    assert default_model_name("/data/runs/s7/checkpoint-000800/model") == "s7/checkpoint-000800/model"
+    assert default_model_name("file:///models/my-coder/") == "my-coder"
+    assert ServeConfig(model="Qwen/Qwen2.5-0.5B", model_name="coder").served_model_name == "coder"
 
 
 def test_body_must_be_an_object():
@@ -136,17 +187,32 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>")
 
 
-def stream(tokenizer, text: str, stops: list[str], step: int) -> tuple[str, bool]:
+def stream(tokenizer, text: str, stops: list[str], step: int, ids: list[int] | None = None) -> tuple[str, bool]:
+    """Feed ``text``'s tokens (and EOS) ``step`` at a time; check every released token's offset on the way."""
     from jf_ray.serving.detokenizer import IncrementalDetokenizer
 
-    ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-    detok, parts = IncrementalDetokenizer(tokenizer, stops), []
+    if ids is None:
+        ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    detok, parts, offsets = IncrementalDetokenizer(tokenizer, stops), [], []
     for start in range(0, len(ids), step):
         delta = detok.add(ids[start : start + step])
         parts.append(delta.text)
+        offsets += delta.token_offsets
         if delta.stopped:
-            return "".join(parts), True
-    return "".join(parts) + detok.flush(), False
+            break
+    else:
+        rest = detok.flush()
+        parts.append(rest.text)
+        offsets += rest.token_offsets
+    out, stopped = "".join(parts), detok.stopped
+    # Offsets are where each released token's text starts; every token is released at the end, unless a stop
+    # cut it: then exactly the tokens whose text begins before the stop.
+    assert offsets == sorted(offsets) and all(o <= len(out) for o in offsets)
+    if not stopped:
+        assert len(offsets) == len(ids)
+    else:
+        assert len(offsets) < len(ids) and all(o < len(out) for o in offsets)
+    return out, stopped
 
 
 @pytest.mark.parametrize("step", [1, 2, 5])
@@ -162,6 +228,36 @@ def test_stop_string_cuts_before_it_even_across_steps(tokenizer, step):
     assert stream(tokenizer, text, ["zzz", "ends"], step) == ("hello world, the stop word ", True)
     # A held-back prefix of a stop string that never completes is released at the end.
     assert stream(tokenizer, "the sto", ["stop"], step) == ("the sto", False)
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 64])
+def test_stop_strings_with_multibyte_characters(tokenizer, step):
+    text = "naïve café — the ✓ mark ends here"  # byte tokens: characters span token boundaries
+    assert stream(tokenizer, text, ["✓"], step) == ("naïve café — the ", True)
+    assert stream(tokenizer, text, ["é —"], step) == ("naïve caf", True)
+    assert stream(tokenizer, text, ["ï"], step) == ("na", True)
+    assert stream(tokenizer, text, ["—x"], step) == (text, False)  # a prefix held back, then released
+
+
+def test_token_offsets_follow_the_text(tokenizer):
+    from jf_ray.serving.detokenizer import IncrementalDetokenizer
+
+    ids = tokenizer("héllo ✓ world")["input_ids"]
+    detok = IncrementalDetokenizer(tokenizer)
+    released = [detok.add([i]).token_offsets for i in ids]
+    pieces = [tokenizer.decode(ids[:k]) for k in range(len(ids) + 1)]
+    complete = [k for k in range(len(ids)) if "\ufffd" not in pieces[k + 1]]
+    # A token whose bytes end mid-character waits for the token that completes it; then both go together.
+    assert [k for k, r in enumerate(released) if r] == complete
+    flat = [o for r in released for o in r]
+    assert len(flat) == len(ids) and flat[0] == 0 and flat[-1] == len(pieces[-2].rstrip("\ufffd"))
+
+
+def test_a_character_cut_by_the_token_cap_ends_as_a_replacement_character(tokenizer):
+    ids = tokenizer("ab ✓")["input_ids"]
+    cut = ids[:-1]  # "✓" is several byte tokens: drop the last one
+    assert stream(tokenizer, "", [], 1, ids=cut) == (tokenizer.decode(cut), False)
+    assert tokenizer.decode(cut).endswith("\ufffd")
 
 
 def test_held_back_prefix():
@@ -297,3 +393,15 @@ def test_serve_cli_bad_input_exits_2(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert main(["serve", "--model", str(tmp_path), "--set", "max_batch_size=0"]) == 2
     assert "max_batch_size" in capsys.readouterr().err
+
+
+def test_bench_serve_reports_served_over_offline_ar():
+    from jf_ray.cli.bench_serve import served_over_offline
+
+    results = [
+        {"decoder": "ar", "concurrency": 16, "throughput_tokens_per_s": 500.0},
+        {"decoder": "mr", "concurrency": 16, "throughput_tokens_per_s": 700.0},
+        {"decoder": "ar", "concurrency": 4, "throughput_tokens_per_s": 300.0},
+    ]
+    assert served_over_offline(results, {"16": 1000.0}) == {"16": 0.5}  # AR only; no offline figure at 4
+    assert served_over_offline(results, {}) == {}

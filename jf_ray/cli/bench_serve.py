@@ -2,7 +2,9 @@
 
 Starts the app locally unless ``--url`` is given, then for every decoder (chosen per request, so all cells
 use the same replica and model) and every concurrency runs a closed-loop load and writes one JSON report:
-throughput, p50/p99 latency and time to first token, tokens per forward, errors.
+throughput, p50/p99 latency and time to first token, tokens per forward, errors. With ``--model`` it first
+decodes the same requests offline with AR at batch = concurrency, in this process with the replica's CPU
+share (before the app starts), so ``served_over_offline_ar`` measures what the serving path costs.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ def register(subparsers) -> None:
     parser.add_argument("--port", type=positive_int, default=8000, help="port of the local app")
     parser.add_argument("--ray-cpus", type=positive_int, default=None, help="CPUs of a locally started cluster")
     parser.add_argument("--json", dest="json_out", default=None, help="write the report here (path or URI)")
+    parser.add_argument(
+        "--no-offline", dest="offline", action="store_false", help="skip the offline batch-N AR reference"
+    )
     parser.set_defaults(func=run)
 
 
@@ -96,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json_out:
         check_writable_file(args.json_out, "--json")
     prompts = _prompts(args.prompts)
+    offline = offline_ar(args, prompts) if args.offline and args.model else {}
     config, stop = (None, None) if args.url else _start_local(local_config(args), args.ray_cpus)
     url = args.url or f"http://{config.host}:{config.port}"
     model = args.model_name or (config.served_model_name if config else None) or _served_model(url, args.api_key)
@@ -150,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
         },  # other work on the box skews timings
         "results": results,
         "speedup_vs_ar": speedups(results),
+        "offline_ar": offline,
+        "served_over_offline_ar": served_over_offline(results, offline),
     }
     if args.json_out:
         from jf_ray.storage import write_json_atomic
@@ -168,6 +176,40 @@ def speedups(results: list[dict]) -> dict:
         if r["decoder"] != "ar" and base:
             out.setdefault(r["decoder"], {})[str(r["concurrency"])] = round(r["throughput_tokens_per_s"] / base, 3)
     return out
+
+
+def offline_ar(args: argparse.Namespace, prompts: list[str]) -> dict:
+    """Offline AR tokens/s per concurrency: the bench's requests decoded in one engine at batch = concurrency,
+    with as many torch threads as a replica gets (its num_cpus)."""
+    from jf_ray.bench import run_decoder
+    from jf_ray.decoding import DecodeConfig
+    from jf_ray.modeling import encode_prompt, eos_token_ids, load_model, load_tokenizer, set_torch_threads
+
+    config = local_config(args)
+    set_torch_threads(max(1, int(config.num_cpus)))
+    tokenizer = load_tokenizer(config.model)
+    model = load_model(config.model, dtype=config.dtype, device=config.device)
+    eos = eos_token_ids(model, tokenizer)
+    encoded = [encode_prompt(tokenizer, p, use_chat_template=args.endpoint == "chat") for p in prompts]
+    decode = DecodeConfig(decoder="ar", max_new_tokens=args.max_tokens)
+    out = {}
+    for concurrency in args.concurrency:
+        batch = [encoded[i % len(encoded)] for i in range(concurrency * args.requests_per_client)]
+        run_decoder(model, batch[:concurrency], decode.model_copy(update={"max_new_tokens": 8}), eos, concurrency)
+        run = run_decoder(model, batch, decode, eos, concurrency)
+        tokens = sum(len(r.token_ids) for r in run.results)
+        out[str(concurrency)] = round(tokens / run.wall_s, 2)
+        print(f"offline ar batch={concurrency:<3} {out[str(concurrency)]:>8.1f} tok/s", flush=True)
+    return out
+
+
+def served_over_offline(results: list[dict], offline: dict) -> dict:
+    """Served AR tokens/s over offline AR tokens/s at the same concurrency (1.0 = the serving path is free)."""
+    return {
+        str(r["concurrency"]): round(r["throughput_tokens_per_s"] / offline[str(r["concurrency"])], 3)
+        for r in results
+        if r["decoder"] == "ar" and offline.get(str(r["concurrency"]))
+    }
 
 
 def print_row(r) -> None:

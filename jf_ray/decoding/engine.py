@@ -23,7 +23,7 @@ from jf_ray.decoding.planner import CostCurve, DraftPlan, plan_drafts
 from jf_ray.decoding.query import build_query, prefill_query
 from jf_ray.decoding.registry import policy_builder
 from jf_ray.decoding.request import RequestState, SegmentOutput
-from jf_ray.decoding.types import DecodeConfig, DecodeResult, DecodeStats, FinishReason
+from jf_ray.decoding.types import DecodeConfig, DecodeResult, DecodeStats, FinishReason, TokenLogprob
 from jf_ray.errors import UserInputError
 from jf_ray.modeling import attention_backends
 
@@ -38,6 +38,7 @@ class StepOutput:
     finish_reason: FinishReason | None
     stats: DecodeStats
     result: DecodeResult | None = None  # set when finished
+    new_logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for logprobs
 
 
 def make_policy(config: DecodeConfig):
@@ -141,7 +142,7 @@ class DecodingEngine:
             fresh.commit(b, 0, len(req.prompt_ids))
             req.log_forward()
             req.stats.prefill_tokens = len(req.prompt_ids)
-            req.extend([req.first_token(logits[b, len(req.prompt_ids) - 1])])
+            req.start(logits[b, len(req.prompt_ids) - 1])
         self.cache.append_rows(fresh)
         self.running.extend(admitted)
 
@@ -218,13 +219,14 @@ class DecodingEngine:
 
     def _output(self, req: RequestState) -> StepOutput:
         new = req.generated[req.emitted :]
+        logprobs = req.logprobs[req.emitted :] if req.config.logprobs is not None else None
         req.emitted = len(req.generated)
         result = None
         if req.finished:
             req.close()
             trajectory = req.policy.trajectory(req) if req.config.record_trajectory else None
             result = DecodeResult(list(req.generated), req.finish_reason, req.stats, trajectory)
-        return StepOutput(req.request_id, new, req.finished, req.finish_reason, req.stats, result)
+        return StepOutput(req.request_id, new, req.finished, req.finish_reason, req.stats, result, logprobs)
 
     def _drop_finished(self) -> None:
         keep = [b for b, req in enumerate(self.running) if not req.finished]

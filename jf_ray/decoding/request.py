@@ -14,7 +14,7 @@ import torch
 
 from jf_ray.decoding.acceptance import Verdict, filter_probs, greedy_verify, speculative_verify
 from jf_ray.decoding.query import Segment
-from jf_ray.decoding.types import DecodeConfig, DecodeStats, FinishReason
+from jf_ray.decoding.types import DecodeConfig, DecodeStats, FinishReason, TokenLogprob
 
 
 @dataclass
@@ -48,6 +48,7 @@ class RequestState:
     kv_commit: tuple[int, int] | None = None  # (query offset, count) to mark valid after this step
     emitted: int = 0  # tokens already reported to the caller
     verify_budget: int = 0  # recycled candidates this request may verify in the next forward (set by the engine)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when config.logprobs
 
     def __post_init__(self) -> None:
         seed = self.config.seed
@@ -93,6 +94,10 @@ class RequestState:
         probs = filter_probs(last_logits[None], self.config.temperature, self.config.top_k, self.config.top_p)
         return int(torch.multinomial(probs[0], 1, generator=self.generator))
 
+    def start(self, last_logits: torch.Tensor) -> None:
+        """Commit the first token, chosen from the prefill's last logits."""
+        self.extend([self.first_token(last_logits)], last_logits[None])
+
     def accept(self, segment_index: int, verdict: Verdict) -> bool:
         """Commit the verified prefix of a segment plus the next head; apply EOS and the token cap.
 
@@ -100,13 +105,17 @@ class RequestState:
         head stays uncached. Returns True when the request is finished.
         """
         tokens = self.segments[segment_index].tokens
-        kept = self.extend(tokens[1 : verdict.accepted] + [verdict.next_head])
+        # Row j of the segment's logits predicted the j-th kept token, under a verified prefix: exactly AR's.
+        kept = self.extend(tokens[1 : verdict.accepted] + [verdict.next_head], self.outputs[segment_index].logits)
         # kept[:-1] sit at segment offsets 1..len(kept)-1, the old head at offset 0.
         self.kv_commit = (self.offsets[segment_index], len(kept))
         return self.finished
 
-    def extend(self, new_tokens: list[int]) -> list[int]:
-        """Append ``new_tokens`` (the last one becomes the head), cut at EOS and at the token cap."""
+    def extend(self, new_tokens: list[int], logits: torch.Tensor | None = None) -> list[int]:
+        """Append ``new_tokens`` (the last one becomes the head), cut at EOS and at the token cap.
+
+        ``logits`` [>= len(new_tokens), V]: row j is the distribution token j was chosen from (for logprobs).
+        """
         kept = []
         for token in new_tokens[: max(self.budget, 0)]:
             kept.append(token)
@@ -114,6 +123,8 @@ class RequestState:
                 self.finish_reason = "stop"
                 break
         self.generated.extend(kept)
+        if self.config.logprobs is not None and logits is not None:
+            self.logprobs.extend(token_logprobs(logits[: len(kept)], kept, self.config.logprobs))
         self.stats.accepted_hist[len(kept)] += 1
         if not self.finished and self.budget <= 0:
             self.finish_reason = "length"
@@ -127,3 +138,18 @@ class RequestState:
             self.finish_reason = reason
         self.stats.tokens = len(self.generated)
         self.stats.wall_s = time.perf_counter() - self.started_at
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Log-softmax of each row of ``logits`` [len(tokens), V] at its token, plus the ``top`` best entries."""
+    if not tokens:
+        return []
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    rows, token_ids = torch.arange(len(tokens), device=logp.device), torch.tensor(tokens, device=logp.device)
+    chosen = logp[rows, token_ids].tolist()
+    if top:
+        values, ids = torch.topk(logp, top, dim=-1)
+        best = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        best = [[] for _ in tokens]
+    return [TokenLogprob(t, lp, b) for t, lp, b in zip(tokens, chosen, best)]

@@ -52,6 +52,13 @@ class DecodeConfig(StageConfig):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="sampling: nucleus mass (1 = off)")
     seed: int | None = Field(None, description="seed of draft initialisation and sampling")
     record_trajectory: bool = Field(False, description="jacobi: keep every draft state of every block")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="record each generated token's log-probability and this many most likely alternatives "
+        "(None = off); read from the logits of the forward that verified the token",
+    )
 
     @model_validator(mode="after")
     def _trajectory_needs_jacobi(self) -> DecodeConfig:
@@ -62,6 +69,15 @@ class DecodeConfig(StageConfig):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of one generated token under the model (raw logits: before temperature, top-k, top-p)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens at that position, most likely first
 
 
 @dataclass

@@ -6,10 +6,34 @@ tests build; the deployment receives it whole, so every knob is visible in one p
 
 from __future__ import annotations
 
+import re
+
 from pydantic import Field, model_validator
 
 from jf_ray.config import Location, ModelLocation, StageConfig
 from jf_ray.decoding.types import DecodeConfig
+
+# Directory names that say what a directory is, not which model it holds (training checkpoints, exports).
+_GENERIC_DIR = re.compile(r"(checkpoint|ckpt|step|epoch)[-_]?\d+|model|hf|final|latest|best|export", re.I)
+
+
+def default_model_name(model: str) -> str:
+    """What clients call ``model`` when no name is configured.
+
+    A hub id (``Qwen/Qwen2.5-0.5B``) stays whole: the org is part of the name. A path or URI is named by its
+    last component, with the parents' names joined in front while the component is generic:
+    ``s3://b/runs/s7/checkpoint-000800`` -> ``s7/checkpoint-000800``.
+    """
+    is_path = "://" in model or model.startswith(("/", ".", "~"))
+    if not is_path:
+        return model
+    parts = [p for p in model.split("://", 1)[-1].split("/") if p]
+    if not parts:
+        return model
+    name = [parts.pop()]
+    while parts and _GENERIC_DIR.fullmatch(name[0]):
+        name.insert(0, parts.pop())
+    return "/".join(name)
 
 
 class AutoscalingSettings(StageConfig):
@@ -22,6 +46,9 @@ class AutoscalingSettings(StageConfig):
     )
     upscale_delay_s: float = Field(10.0, ge=0, description="load must stay high this long before upscaling")
     downscale_delay_s: float = Field(60.0, ge=0, description="load must stay low this long before downscaling")
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="window over which Serve averages the ongoing requests it scales on"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingSettings:
@@ -38,7 +65,9 @@ class ServeConfig(StageConfig):
 
     model: ModelLocation = Field(..., description="checkpoint: local dir, file:// or s3:// URI (HF format)")
     model_name: str | None = Field(
-        None, description="name clients pass as `model` (default: last path component of `model`)"
+        None,
+        description="name clients pass as `model` (default: a hub id as given, org included; a checkpoint "
+        "path's last component, with its parent's name before a generic one such as checkpoint-000800)",
     )
     dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
@@ -87,7 +116,7 @@ class ServeConfig(StageConfig):
     def served_model_name(self) -> str:
         if self.model_name:
             return self.model_name
-        return self.model.rstrip("/").rsplit("/", 1)[-1] or self.model
+        return default_model_name(self.model)
 
     @property
     def max_ongoing_requests(self) -> int:

@@ -17,6 +17,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jf_ray.config import parse_override, set_dotted
+from jf_ray.errors import UserInputError
 from jf_ray.serving import protocol
 from jf_ray.serving.config import ServeConfig
 from jf_ray.serving.generation import PreparedRequest, TextChunk, collect_text
@@ -25,12 +26,18 @@ from jf_ray.serving.protocol import APIError, ChatCompletionRequest, CompletionR
 logger = logging.getLogger(__name__)
 
 api = FastAPI(title="jf-ray: Jacobi Forcing decoder, OpenAI-compatible")
+REPLICA_HEADER = "x-jf-ray-replica"
 
 
 @api.exception_handler(APIError)
 async def _api_error(_: Request, exc: APIError) -> JSONResponse:
     headers = {"Retry-After": "1"} if exc.status == 503 else None
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+@api.exception_handler(UserInputError)
+async def _user_input_error(_: Request, exc: UserInputError) -> JSONResponse:
+    return JSONResponse(protocol.invalid_request(str(exc)).body(), status_code=400)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -58,11 +65,11 @@ def sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
-def _text_chunk(rid: str, model: str, chat: bool, text: str, finish: str | None, usage=None) -> dict:
+def _text_chunk(rid: str, model: str, chat: bool, text: str, finish: str | None, usage=None, tokens=None) -> dict:
     if chat:
         delta = {"content": text} if text else {}
-        return protocol.chat_chunk(rid, model, delta, finish, usage)
-    return protocol.completion_chunk(rid, model, text, finish, usage)
+        return protocol.chat_chunk(rid, model, delta, finish, usage, protocol.chat_logprobs(tokens))
+    return protocol.completion_chunk(rid, model, text, finish, usage, protocol.completion_logprobs(tokens))
 
 
 @serve.deployment(name="JacobiDecoder")
@@ -79,6 +86,7 @@ class JacobiDecoderDeployment:
         # Ray gives the replica num_cpus cores; more torch threads than that fight other processes.
         set_torch_threads(max(1, int(self.config.num_cpus)))
         replica = serve.get_replica_context().replica_id.unique_id
+        self.headers = {REPLICA_HEADER: replica}  # which replica answered: for debugging and the scaling tests
         self.metrics = ServingMetrics(self.config.served_model_name, replica)
         self.service = CompletionService(self.config, self.metrics, self.metrics)
 
@@ -138,10 +146,14 @@ class JacobiDecoderDeployment:
         model = self.service.model_name
         if body.stream:
             events = self._sse_events(chunks, prepared.request_id, model, chat, body.include_usage_chunk)
-            return StreamingResponse(events, media_type="text/event-stream")
-        text, finish, usage = await collect_text(chunks)
-        make = protocol.chat_body if chat else protocol.completion_body
-        return make(prepared.request_id, model, text, finish, usage)
+            return StreamingResponse(events, media_type="text/event-stream", headers=self.headers)
+        text, finish, usage, tokens = await collect_text(chunks)
+        if chat:
+            out = protocol.chat_body(prepared.request_id, model, text, finish, usage, protocol.chat_logprobs(tokens))
+        else:
+            logprobs = protocol.completion_logprobs(tokens)
+            out = protocol.completion_body(prepared.request_id, model, text, finish, usage, logprobs)
+        return JSONResponse(out, headers=self.headers)
 
     async def _sse_events(
         self, chunks: AsyncIterator[TextChunk], rid: str, model: str, chat: bool, include_usage: bool
@@ -150,8 +162,8 @@ class JacobiDecoderDeployment:
             yield sse(protocol.chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
         try:
             async for chunk in chunks:
-                if chunk.text or chunk.finish_reason:
-                    yield sse(_text_chunk(rid, model, chat, chunk.text, chunk.finish_reason))
+                if chunk.text or chunk.finish_reason or chunk.logprobs:
+                    yield sse(_text_chunk(rid, model, chat, chunk.text, chunk.finish_reason, None, chunk.logprobs))
                 if chunk.finish_reason and include_usage:
                     yield sse(_text_chunk(rid, model, chat, "", None, chunk.usage))
         except Exception as exc:  # headers are sent: report in-band, as OpenAI does

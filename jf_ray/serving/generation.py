@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from jf_ray.decoding.types import DecodeConfig
+from jf_ray.decoding.types import DecodeConfig, TokenLogprob
+from jf_ray.errors import UserInputError
 from jf_ray.serving.detokenizer import IncrementalDetokenizer
-from jf_ray.serving.protocol import Usage
+from jf_ray.serving.protocol import Usage, invalid_request
 from jf_ray.serving.scheduler import BatchScheduler
 
 
@@ -28,10 +29,21 @@ class RequestObserver(Protocol):
 
 
 @dataclass
+class TokenInfo:
+    """A generated token as the API reports it under ``logprobs``."""
+
+    text: str  # the token decoded alone (a piece of a multi-byte character decodes to U+FFFD)
+    logprob: float
+    offset: int  # where the token's text starts in the completion
+    top: list[tuple[str, float]]  # most likely tokens at its position (text, logprob), most likely first
+
+
+@dataclass
 class TextChunk:
     text: str
     finish_reason: str | None = None  # "stop" | "length" on the last chunk
     usage: Usage | None = None  # on the last chunk
+    logprobs: list[TokenInfo] | None = None  # the tokens this chunk's text releases, when asked for
 
 
 @dataclass
@@ -101,24 +113,38 @@ async def stream_text(
     """
     decoder = request.decode.decoder
     detok = IncrementalDetokenizer(tokenizer, request.stop_strings)
+    logprobs = _Logprobs(tokenizer) if request.decode.logprobs is not None else None
     tally, status = _Tally(), "aborted"
     try:
         while True:
-            event = await queue.get()
-            if isinstance(event, Exception):
-                status = "error"
-                raise event
-            if tally.add(event) and observer is not None:
-                observer.on_first_token(decoder, tally.first_token_at - request.created_at)
-            delta = detok.add(event.output.new_token_ids)
+            # Every step event already waiting is taken at once: when the engine outpaces this consumer (many
+            # streams, one event loop), its steps merge into one chunk instead of one chunk per step each.
+            events = [await queue.get()]
+            while not queue.empty():
+                events.append(queue.get_nowait())
+            new_ids = []
+            for event in events:
+                if isinstance(event, Exception):
+                    status = "error"
+                    raise _as_api_error(event)
+                if tally.add(event) and observer is not None:
+                    observer.on_first_token(decoder, tally.first_token_at - request.created_at)
+                if logprobs is not None:
+                    logprobs.pending.extend(event.output.new_logprobs or [])
+                new_ids += event.output.new_token_ids
+            delta = detok.add(new_ids)
             finish = "stop" if delta.stopped else _openai_finish(event.output)
             if finish is None:
-                if delta.text:
-                    yield TextChunk(delta.text)
+                if delta.text or delta.token_offsets:
+                    yield TextChunk(delta.text, logprobs=logprobs and logprobs.release(delta.token_offsets))
                 continue
             status = "ok"
-            text = delta.text if delta.stopped else delta.text + detok.flush()
-            yield TextChunk(text, finish, tally.usage(len(request.prompt_ids), decoder))
+            offsets = delta.token_offsets
+            if not delta.stopped:
+                rest = detok.flush()
+                delta.text, offsets = delta.text + rest.text, offsets + rest.token_offsets
+            usage = tally.usage(len(request.prompt_ids), decoder)
+            yield TextChunk(delta.text, finish, usage, logprobs and logprobs.release(offsets))
             return
     finally:
         scheduler.abort(request.request_id)  # frees the slot; a no-op when the engine already finished it
@@ -127,13 +153,42 @@ async def stream_text(
             observer.on_request_done(decoder, status, latency, tally.tokens, tally.forwards, tally.draft_hist)
 
 
-async def collect_text(chunks: AsyncIterator[TextChunk]) -> tuple[str, str, Usage]:
-    """Run a chunk stream to its end: (text, finish_reason, usage)."""
-    parts, last = [], None
+class _Logprobs:
+    """Token logprobs received from the engine, handed out as the detokenizer releases their tokens."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.pending: list[TokenLogprob] = []
+        self._texts: dict[int, str] = {}
+
+    def release(self, offsets: list[int]) -> list[TokenInfo]:
+        taken, self.pending = self.pending[: len(offsets)], self.pending[len(offsets) :]
+        return [
+            TokenInfo(self._text(lp.token_id), lp.logprob, offset, [(self._text(t), v) for t, v in lp.top])
+            for lp, offset in zip(taken, offsets)
+        ]
+
+    def _text(self, token_id: int) -> str:
+        if token_id not in self._texts:
+            self._texts[token_id] = self.tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+        return self._texts[token_id]
+
+
+def _as_api_error(error: Exception) -> Exception:
+    """The engine's verdict on bad input is the client's fault (4xx); anything else stays a server error."""
+    if isinstance(error, UserInputError):
+        return invalid_request(str(error))
+    return error
+
+
+async def collect_text(chunks: AsyncIterator[TextChunk]) -> tuple[str, str, Usage, list[TokenInfo] | None]:
+    """Run a chunk stream to its end: (text, finish_reason, usage, logprobs or None)."""
+    parts, tokens, last = [], [], None
     async for chunk in chunks:
         parts.append(chunk.text)
+        tokens.extend(chunk.logprobs or [])
         last = chunk
-    return "".join(parts), last.finish_reason, last.usage
+    return "".join(parts), last.finish_reason, last.usage, tokens if last.logprobs is not None else None
 
 
 def _openai_finish(output) -> str | None:

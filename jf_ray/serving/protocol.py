@@ -2,8 +2,9 @@
 
 Requests are validated strictly (``"5"`` is not an integer) so that a wrong type is a 400 naming the field;
 fields we do not know are ignored, as OpenAI clients send optional extras. Fields we know but cannot honour
-(``n > 1``, ``logprobs``, penalties) are rejected instead of silently ignored. ``decoder`` and ``top_k``
-are extensions: the decoder can be chosen per request.
+(``n > 1``, penalties, tools, ``response_format``, ``logit_bias`` ... see :data:`UNSUPPORTED_FIELDS`) are
+rejected with a 400 naming the field instead of being silently ignored. ``decoder`` and ``top_k`` are
+extensions: the decoder can be chosen per request. docs/serving.md lists the fields.
 """
 
 from __future__ import annotations
@@ -17,6 +18,34 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from jf_ray.decoding.types import DecoderName
 
 MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+
+# Fields of the OpenAI (and vLLM) APIs this server cannot honour -> values that ask for nothing (allowed).
+# Any other value is a 400 naming the field: a client must not believe a constraint was applied.
+_OFF = (None, False, 0, 0.0, "", [], {})
+UNSUPPORTED_FIELDS: dict[str, tuple] = {
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "logit_bias": (None, {}),
+    "best_of": (None, 1),
+    "ignore_eos": (None, False),
+    "min_tokens": (None, 0),
+    "repetition_penalty": (None, 1, 1.0),
+    "min_p": _OFF,
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1, 1.0),
+    "guided_json": _OFF,
+    "guided_regex": _OFF,
+    "guided_choice": _OFF,
+    "guided_grammar": _OFF,
+    "prediction": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "web_search_options": (None,),
+}
 
 
 class APIError(Exception):
@@ -72,18 +101,10 @@ class _Request(BaseModel):
     stream: bool = Field(False, description="answer with server-sent events")
     stream_options: StreamOptions | None = Field(None, description="include_usage: final usage chunk")
     n: int = Field(1, ge=1, le=1, description="only one choice per request is supported")
-    logprobs: Any | None = Field(None, description="not supported; must be absent")
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported; must be 0")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported; must be 0")
     user: str | None = Field(None, description="end-user id (logged only)")
     decoder: DecoderName | None = Field(None, description="extension: a jf-ray decoder name (jf_ray.decoding.registry)")
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: Any) -> Any:
-        if value not in (None, False, 0):
-            raise ValueError("logprobs are not supported")
-        return None
 
     @field_validator("stop")
     @classmethod
@@ -110,6 +131,9 @@ class CompletionRequest(_Request):
     """``POST /v1/completions``: one prompt, as text or as token ids."""
 
     prompt: str | list[str] | list[int] = Field(..., description="text, [text] or token ids")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="report each token's logprob and this many alternatives"
+    )
     echo: bool = Field(False, description="not supported; must be false")
     suffix: str | None = Field(None, description="not supported; must be absent")
 
@@ -133,6 +157,10 @@ class CompletionRequest(_Request):
         if self.suffix:
             raise ValueError("suffix is not supported")
         return self
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
 
 
 class ContentPart(BaseModel):
@@ -158,6 +186,10 @@ class ChatCompletionRequest(_Request):
 
     messages: list[ChatMessage] = Field(..., min_length=1, description="the conversation so far")
     max_completion_tokens: int | None = Field(None, ge=1, description="newer name of max_tokens")
+    logprobs: bool = Field(False, description="report each token's logprob")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per token (needs logprobs: true)"
+    )
 
     @model_validator(mode="after")
     def _non_empty(self) -> ChatCompletionRequest:
@@ -166,6 +198,10 @@ class ChatCompletionRequest(_Request):
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         return self
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def template_messages(self) -> list[dict]:
         # "developer" is OpenAI's newer name for the system turn; templates know only "system".
@@ -176,6 +212,13 @@ def parse_request(cls: type[_Request], payload: Any) -> _Request:
     """Validate a decoded JSON body; every problem becomes a 400 with an OpenAI error body."""
     if not isinstance(payload, dict):
         raise invalid_request("request body must be a JSON object")
+    for name, allowed in UNSUPPORTED_FIELDS.items():
+        if name in payload and not any(payload[name] == ok and type(payload[name]) is type(ok) for ok in allowed):
+            raise invalid_request(f"{name}: not supported by this server; leave it out", name, "unsupported_field")
+    if cls is ChatCompletionRequest and payload.get("top_logprobs") is not None and payload.get("logprobs") is not True:
+        raise invalid_request("top_logprobs: needs logprobs: true", "top_logprobs")
+    if cls is CompletionRequest and "top_logprobs" in payload:
+        raise invalid_request("top_logprobs: not a completions field; use logprobs: N", "top_logprobs")
     try:
         return cls.model_validate(payload)
     except ValidationError as exc:
@@ -205,20 +248,50 @@ def now() -> int:
     return int(time.time())
 
 
-def completion_body(rid: str, model: str, text: str, finish: str | None, usage: Usage | None) -> dict:
+def completion_logprobs(tokens: list | None, text_start: int = 0) -> dict | None:
+    """Legacy completions shape; ``tokens`` are generation.TokenInfo, offsets relative to the completion."""
+    if tokens is None:
+        return None
+    return {
+        "tokens": [t.text for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [dict(t.top) for t in tokens],
+        "text_offset": [text_start + t.offset for t in tokens],
+    }
+
+
+def chat_logprobs(tokens: list | None) -> dict | None:
+    """Chat shape: one entry per token with its UTF-8 bytes and its alternatives."""
+    if tokens is None:
+        return None
+
+    def entry(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {
+        "content": [{**entry(t.text, t.logprob), "top_logprobs": [entry(a, v) for a, v in t.top]} for t in tokens],
+        "refusal": None,
+    }
+
+
+def completion_body(
+    rid: str, model: str, text: str, finish: str | None, usage: Usage | None, logprobs: dict | None = None
+) -> dict:
     body = {
         "id": rid,
         "object": "text_completion",
         "created": now(),
         "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}],
     }
     if usage is not None:
         body["usage"] = usage.model_dump()
     return body
 
 
-def chat_body(rid: str, model: str, text: str, finish: str | None, usage: Usage | None) -> dict:
+def chat_body(
+    rid: str, model: str, text: str, finish: str | None, usage: Usage | None, logprobs: dict | None = None
+) -> dict:
     body = {
         "id": rid,
         "object": "chat.completion",
@@ -229,7 +302,7 @@ def chat_body(rid: str, model: str, text: str, finish: str | None, usage: Usage 
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
                 "finish_reason": finish,
-                "logprobs": None,
+                "logprobs": logprobs,
             }
         ],
     }
@@ -238,8 +311,17 @@ def chat_body(rid: str, model: str, text: str, finish: str | None, usage: Usage 
     return body
 
 
-def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, usage: Usage | None = None) -> dict:
-    choices = [] if usage is not None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+def chat_chunk(
+    rid: str,
+    model: str,
+    delta: dict,
+    finish: str | None,
+    usage: Usage | None = None,
+    logprobs: dict | None = None,
+) -> dict:
+    choices = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]
+    if usage is not None:
+        choices = []
     body = {
         "id": rid,
         "object": "chat.completion.chunk",
@@ -252,8 +334,10 @@ def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, usage: Usa
     return body
 
 
-def completion_chunk(rid: str, model: str, text: str, finish: str | None, usage: Usage | None = None) -> dict:
-    body = completion_body(rid, model, text, finish, usage)
+def completion_chunk(
+    rid: str, model: str, text: str, finish: str | None, usage: Usage | None = None, logprobs: dict | None = None
+) -> dict:
+    body = completion_body(rid, model, text, finish, usage, logprobs)
     if usage is not None:
         body["choices"] = []
     return body

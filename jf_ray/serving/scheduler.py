@@ -194,19 +194,24 @@ class BatchScheduler:
         batch_size = self.engine.last_batch_size  # rows of the step's forward (prefill or decode)
         self.stats.steps += 1
         self.stats.batch_size_hist[batch_size] += 1
-        for out in outputs:
-            self._deliver(out, batch_size)
+        self._deliver(outputs, batch_size)
         if self.observer is not None:
             self.observer.on_step(batch_size, self.engine.num_running, self.queue_length, step_s)
 
-    def _deliver(self, out, batch_size: int) -> None:
+    def _deliver(self, outputs: list, batch_size: int) -> None:
+        """Hand a step's outputs to their handlers: one wake-up per event loop, not one per request."""
+        per_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._wakeup:
-            stream = self._streams.get(out.request_id)
-            if stream is not None and out.finished:
-                del self._streams[out.request_id]
-                self.stats.finished += 1
-        if stream is not None:  # None: aborted by its handler meanwhile
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, StepEvent(out, batch_size))
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:  # aborted by its handler meanwhile
+                    continue
+                if out.finished:
+                    del self._streams[out.request_id]
+                    self.stats.finished += 1
+                per_loop.setdefault(stream.loop, []).append((stream.queue, StepEvent(out, batch_size)))
+        for loop, items in per_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _fail_all(self, error: Exception) -> None:
         with self._wakeup:
@@ -217,3 +222,8 @@ class BatchScheduler:
             except Exception:  # the engine may not know it (never admitted); nothing to free then
                 logger.debug("abort of %s after failure raised", request_id, exc_info=True)
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, StepEvent]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)

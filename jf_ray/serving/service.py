@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from jf_ray.decoding.types import DecodeConfig
+from jf_ray.errors import UserInputError
 from jf_ray.serving.config import ServeConfig
 from jf_ray.serving.generation import PreparedRequest, RequestObserver, TextChunk, stream_text
 from jf_ray.serving.protocol import (
@@ -43,15 +44,14 @@ class CompletionService:
         self.tokenizer = load_tokenizer(config.model)
         self.model = load_model(config.model, dtype=config.dtype, device=config.device)
         self.context_length = context_length(self.model)
-        self.vocab_size = int(self.model.config.vocab_size)
         self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
-        engine = DecodingEngine(
+        self.engine = DecodingEngine(
             self.model, self.eos_token_ids, max_batch_size=config.max_batch_size, cost_curve=load_cost_curve(config)
         )
         if config.decode.decoder == "auto":  # measured now (where not loaded), not in the first request
-            logger.info("auto decoder: forward cost curve %s", engine.ensure_cost_curve().to_dict())
+            logger.info("auto decoder: forward cost curve %s", self.engine.ensure_cost_curve().to_dict())
         self.scheduler = BatchScheduler(
-            engine, config.max_batch_size, config.max_queued_requests, step_observer
+            self.engine, config.max_batch_size, config.max_queued_requests, step_observer
         ).start()
         self.request_observer = request_observer
         logger.info(
@@ -79,9 +79,6 @@ class CompletionService:
             prompt_ids = self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
         else:
             prompt_ids = list(request.prompt)
-            bad = [t for t in prompt_ids if t >= self.vocab_size]
-            if bad:
-                raise invalid_request(f"prompt: token id {bad[0]} >= vocabulary size {self.vocab_size}", "prompt")
         return self._prepare(new_id("cmpl"), prompt_ids, request, "prompt")
 
     def prepare_chat(self, request: ChatCompletionRequest) -> PreparedRequest:
@@ -105,10 +102,15 @@ class CompletionService:
         overrides = {k: getattr(request, k) for k in _DECODE_OVERRIDES if getattr(request, k) is not None}
         decode = self.config.decode.model_dump()
         decode.update(overrides, max_new_tokens=max_tokens, record_trajectory=False)
+        decode["logprobs"] = request.top_logprobs_count
         try:
             config = DecodeConfig.model_validate(decode)
         except ValueError as exc:
             raise invalid_request(f"invalid decoding settings: {exc}") from None
+        try:  # the engine's own checks (read-only, so safe outside its thread): a 400 before any header
+            self.engine.validate(prompt_ids, config)
+        except UserInputError as exc:
+            raise invalid_request(f"{prompt_field}: {exc}", prompt_field) from None
         return PreparedRequest(request_id, prompt_ids, config, request.stop_strings)
 
     def _max_tokens(self, prompt_tokens: int, requested: int | None, prompt_field: str) -> int:
