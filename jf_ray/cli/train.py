@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from jf_ray.cli.common import join_or_start_ray
 from jf_ray.cli.pack import add_config_options, config_from_args
 
 _FIELD_FLAGS = (
@@ -48,7 +49,9 @@ def run(args) -> int:
     from jf_ray.training.config import TrainConfig
     from jf_ray.training.ray_train import train
 
-    summary = train(config_from_args(TrainConfig, args, _FIELD_FLAGS, _RENAMES))
+    config = config_from_args(TrainConfig, args, _FIELD_FLAGS, _RENAMES)
+    join_or_start_ray(args)
+    summary = train(config)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
