@@ -77,7 +77,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     except (ConnectionError, RuntimeError, ValueError) as exc:
         if address is None:
             raise
-        raise RayAddressError(f"cannot join the Ray cluster at {address}: {exc}") from exc
+        auth = os.environ.get("RAY_AUTH_MODE", "default")
+        hint = f"it answers but refused this client (RAY_AUTH_MODE={auth}); a cluster with token auth needs "
+        hint += "RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN"
+        raise RayAddressError(f"cannot join the Ray cluster at {address}: {exc}; {hint}") from exc
     logger.info("ray: %s", "started a local cluster" if address is None else "joined " + address)
     return ctx
 

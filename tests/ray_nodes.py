@@ -129,6 +129,15 @@ def node_ip_address() -> str:
         return sock.getsockname()[0]
 
 
+def installed_jf_ray() -> list[str]:
+    """The directory of the jf_ray that this Python imports without PYTHONPATH (an installed copy), if any."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = "import importlib.util as u; s = u.find_spec('jf_ray'); print(s.origin if s and s.origin else '')"
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd="/", capture_output=True, text=True)
+    origin = done.stdout.strip()
+    return [str(Path(origin).parent)] if origin else []
+
+
 def wait_for(predicate, timeout: float, interval: float = 1.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
