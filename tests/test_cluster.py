@@ -172,7 +172,8 @@ def test_smoke_job_on_a_multinode_cluster_with_s3(multinode_cluster, moto_s3_end
     the report in S3; the worker nodes see none of the driver's files."""
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=moto_s3_endpoint, region_name="us-east-1")
+    keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    s3 = boto3.client("s3", endpoint_url=moto_s3_endpoint, region_name="us-east-1", **keys)
     s3.create_bucket(Bucket="jf-multinode")
     env = {k: v for k, v in multinode_cluster.env.items()} | {
         "RAY_ADDRESS": multinode_cluster.dashboard_url,
