@@ -62,6 +62,8 @@ class LocalRayCluster:
         dropped = ("RAY_ADDRESS", "PYTHONPATH", "AWS_EC2_METADATA_DISABLED")
         self.env = {k: v for k, v in os.environ.items() if k not in dropped}
         self.env |= {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_USAGE_STATS_ENABLED": "0"} | env
+        # `python` in a job's entrypoint is the node's own: this interpreter's environment, as in an image
+        self.env["PATH"] = f"{Path(sys.executable).parent}:{self.env['PATH']}"
         self.ip = node_ip_address()
         self.port, self.dashboard_port = free_port(), free_port()
         self.nodes: list[Node] = []

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ray_nodes import LocalRayCluster, free_port, wait_for
 
 from jf_ray.raycluster import LOCAL_CLUSTER_ENV, ClusterTooSmall, prepare_local_ray, require_fit
 
@@ -25,8 +26,6 @@ def run_cli(args: list[str], env: dict | None = None, timeout: float = 300) -> s
 
 
 def closed_port() -> int:
-    from ray_nodes import free_port
-
     return free_port()  # bound and released: nothing listens there
 
 
@@ -87,8 +86,6 @@ def test_requests_are_sized_to_the_cluster_or_fail_naming_them(ray_session):
 @pytest.mark.slow
 def test_token_auth_cluster_is_joined_with_its_token(micro_checkpoint, tmp_path):
     """A head with RAY_AUTH_MODE=token: `jf-ray collect --address` runs on it with the token, exits 2 without."""
-    from ray_nodes import LocalRayCluster
-
     token = os.urandom(16).hex()
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     cluster = LocalRayCluster(f"/tmp/rc_{os.getpid() % 100000}t", auth, [], head_cpus=1)
@@ -154,16 +151,20 @@ def submit_from_docs(tag: str, env: dict, timeout: float = 1500) -> subprocess.C
     return done
 
 
-def actor_nodes(cluster, class_part: str) -> list[str]:
-    """Names of the nodes (h, w0, w1) on which actors whose class name contains ``class_part`` ran."""
+def actor_nodes(cluster, class_part: str, alive: bool = False) -> list[str]:
+    """Names of the nodes (h, w0, ...) on which actors whose class name contains ``class_part`` ran (or run)."""
     from ray.util.state import list_actors, list_nodes
 
     names = {
-        n.node_id: next(k for k in ("h", "w0", "w1") if k in n.resources_total)
-        for n in list_nodes(address=cluster.dashboard_url)
+        n.node_id: next(node.name for node in cluster.nodes if node.name in n.resources_total)
+        for n in list_nodes(address=cluster.dashboard_url, limit=1000)
     }
     actors = list_actors(address=cluster.dashboard_url, limit=10000, detail=True, raise_on_missing_output=False)
-    return [names[a.node_id] for a in actors if class_part in a.class_name and a.node_id in names]
+    return [
+        names[a.node_id]
+        for a in actors
+        if class_part in a.class_name and a.node_id in names and (a.state == "ALIVE" or not alive)
+    ]
 
 
 @pytest.mark.slow
@@ -190,3 +191,85 @@ def test_smoke_job_on_a_multinode_cluster_with_s3(multinode_cluster, moto_s3_end
     assert len(set(train_nodes)) == 2 and "h" not in train_nodes
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="jf-multinode", Prefix="smoke/report")["Contents"]]
     assert "smoke/report.json" in keys and "smoke/report.md" in keys
+
+
+def s3_keys(s3, bucket: str, prefix: str) -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+
+@pytest.mark.slow
+def test_faults_on_the_multinode_cluster(multinode_cluster, moto_s3_endpoint):
+    """One run, three faults: a worker node's raylet killed mid-collection (every prompt exactly once), a node
+    with a training worker killed mid-training (the resubmitted job resumes from the latest checkpoint in S3),
+    the driver stopped mid-run (the resubmitted job skips the finished stages). Each lost node is replaced by
+    a fresh one, as an autoscaler would. Prints the recovery times (docs/cluster.md)."""
+    import boto3
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from jf_ray.storage import read_dataset
+
+    keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    s3 = boto3.client("s3", endpoint_url=moto_s3_endpoint, region_name="us-east-1", **keys)
+    s3.create_bucket(Bucket="jf-faults")
+    cluster, client = multinode_cluster, JobSubmissionClient(multinode_cluster.dashboard_url)
+    entrypoint = "python jobs/progressive.py --config jobs/configs/smoke.yaml run_dir=s3://jf-faults/smoke "
+    entrypoint += "train.workers=2 rounds.0.steps=24 train.extra.checkpoint_every=2"
+
+    def submit() -> str:
+        return wait_for(lambda: _try_submit(client, entrypoint), 300, 5, "the job agent")
+
+    def done(stage: str) -> bool:
+        return bool(s3_keys(s3, "jf-faults", f"smoke/stages/{stage}.json"))
+
+    def finished(job: str) -> JobStatus:
+        status = client.get_job_status(job)
+        return status if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) else None
+
+    first = submit()
+    wait_for(lambda: s3_keys(s3, "jf-faults", "smoke/round1/trajectories/") or finished(first), 900, 0.5, "a shard")
+    assert not done("round1.collect"), "killed too late: collection had finished"
+    killed = time.monotonic()
+    cluster.kill_raylet(cluster.nodes[1])
+    cluster.add_worker(num_cpus=1)
+    wait_for(lambda: done("round1.collect") or finished(first), 900, 1, "collection after the node loss")
+    recovery = {"node lost mid-collection": time.monotonic() - killed}
+    assert done("round1.collect"), client.get_job_logs(first)[-3000:]
+
+    wait_for(lambda: s3_keys(s3, "jf-faults", "smoke/round1/train/checkpoint-") or finished(first), 900, 0.5, "a ckpt")
+    assert not done("round1.train"), "killed too late: training had finished"
+    train_node = next(n for n in cluster.nodes[2:] if n.name in actor_nodes(cluster, "TrainWorker", alive=True))
+    killed = time.monotonic()
+    cluster.kill_raylet(train_node)
+    cluster.add_worker(num_cpus=1)
+    assert wait_for(lambda: finished(first), 900, 1, "the job to fail") == JobStatus.FAILED
+    second = submit()
+    wait_for(lambda: "steps from step" in client.get_job_logs(second), 900, 1, "training to resume")
+    recovery["node lost mid-training (resubmitted)"] = time.monotonic() - killed
+    resumed = re.search(r"steps from step (\d+)", client.get_job_logs(second))
+    assert int(resumed.group(1)) >= 2  # from the latest checkpoint in S3, not from step 0
+
+    wait_for(lambda: done("round2.collect") or finished(second), 900, 1, "round 2")
+    client.stop_job(second)
+    stopped = time.monotonic()
+    wait_for(lambda: finished(second), 300, 1, "the driver to stop")
+    third = submit()
+    assert wait_for(lambda: finished(third), 1500, 2, "the last job") == JobStatus.SUCCEEDED
+    recovery["driver stopped (resubmitted, to the end)"] = time.monotonic() - stopped
+    logs = client.get_job_logs(third)
+    assert re.search(r"done: \d+ stages run, (\d+) skipped", logs).group(1) != "0"
+    assert "stage round1.collect done" not in logs and "stage round1.train done" not in logs
+    table = read_dataset("s3://jf-faults/smoke/round1/trajectories", required_columns=["prompt_id", "block_index"])
+    pairs = list(zip(table["prompt_id"].to_pylist(), table["block_index"].to_pylist()))
+    assert len(pairs) == len(set(pairs)) and len({pid for pid, _ in pairs}) == 12  # every prompt, exactly once
+    assert s3_keys(s3, "jf-faults", "smoke/report.md")
+    print("recovery (busy shared machine):", {k: f"{v:.0f}s" for k, v in recovery.items()})
+
+
+def _try_submit(client, entrypoint: str) -> str | None:
+    try:
+        return client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO)})
+    except RuntimeError as exc:  # the dashboard answers before its job agent is up
+        if "No available agent" in str(exc):
+            return None
+        raise
