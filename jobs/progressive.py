@@ -4,7 +4,8 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/progressive.py --config jobs/configs/smoke.yaml run_dir=/abs/path/runs/smoke
 
-Starts a local Ray cluster or joins the one in RAY_ADDRESS (set by ``ray job submit``). Re-running the same
+Joins the Ray cluster of ``--address`` or RAY_ADDRESS (set by ``ray job submit``), else starts a local one
+(docs/cluster.md). Re-running the same
 command resumes: finished stages are skipped. ``--rerun STAGE`` redoes a stage and everything after it.
 """
 
@@ -19,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="jobs/configs/default.yaml", help="YAML config of the run")
     parser.add_argument("--rerun", default=None, help="redo this stage and all after it (e.g. round1.train)")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (= ray_address=...; default RAY_ADDRESS)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run_dir=/tmp/run rounds.0.steps=50")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -30,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     from jf_ray.storage import check_writable
 
     try:
-        cfg = PipelineConfig.load(args.config, args.overrides)
+        overrides = args.overrides + ([f"ray_address={args.address}"] if args.address else [])
+        cfg = PipelineConfig.load(args.config, overrides)
         prepare_local_ray(cfg.ray_address)  # before ray is first imported
         check_writable(cfg.run_dir, "run_dir")  # a missing bucket or bad credentials fail now, not after a stage
         result = run_pipeline(cfg, rerun=args.rerun)

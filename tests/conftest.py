@@ -76,3 +76,34 @@ def micro_checkpoint(tmp_path_factory):
     from jf_ray.basemodel import build_base
 
     return build_base(tmp_path_factory.mktemp("base") / "micro", preset="micro", seed=0, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def multinode_cluster(moto_s3_endpoint, tmp_path_factory):
+    """A Ray head without CPUs and two 1-CPU worker nodes, each started by `ray start` with its own temp dir and
+    ports; the workers run in their own mount namespace where the checkout, the driver's scratch (pytest's
+    temp root, ~/.cache/jf_ray) and the head's temp dir are empty. Every node reaches the moto S3 server
+    through its own environment, as cloud nodes do through an instance profile. See tests/ray_nodes.py."""
+    import os
+    from pathlib import Path
+
+    from ray_nodes import LocalRayCluster, installed_jf_ray
+
+    s3_env = {
+        "JF_S3_ENDPOINT": moto_s3_endpoint,
+        "AWS_ENDPOINT_URL": moto_s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+    }
+    repo = Path(__file__).resolve().parents[1]
+    root = f"/tmp/rc_{os.getpid() % 100000}"  # short: Ray's unix socket paths must fit in ~107 characters
+    hidden = [str(repo), str(tmp_path_factory.getbasetemp()), str(Path.home() / ".cache" / "jf_ray"), root + "h"]
+    hidden += installed_jf_ray()  # the workers must run the code that `ray job submit --working-dir` ships
+    cluster = LocalRayCluster(root, s3_env, hidden, head_cpus=0)
+    try:
+        cluster.add_worker(num_cpus=1)
+        cluster.add_worker(num_cpus=1)
+        yield cluster
+    finally:
+        cluster.stop()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from jf_ray.cli.common import decoder_list, positive_int
+from jf_ray.cli.common import add_address_option, decoder_list, join_or_start_ray, positive_int
 
 DEFAULT_PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number.",
@@ -65,6 +65,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--no-offline", dest="offline", action="store_false", help="skip the offline batch-N AR reference"
     )
+    add_address_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         check_writable_file(args.json_out, "--json")
     prompts = _prompts(args.prompts)
     offline = offline_ar(args, prompts) if args.offline and args.model else {}
-    config, stop = (None, None) if args.url else _start_local(local_config(args), args.ray_cpus)
+    config, stop = (None, None) if args.url else _start_local(local_config(args), args)
     url = args.url or f"http://{config.host}:{config.port}"
     model = args.model_name or (config.served_model_name if config else None) or _served_model(url, args.api_key)
     results = []
@@ -235,19 +236,21 @@ def _served_model(url: str, api_key: str) -> str:
     return OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key, max_retries=0).models.list().data[0].id
 
 
-def _start_local(config, ray_cpus):
+def _start_local(config, args):
+    """Deploy the app on a cluster of our own (or the one ``--address`` names, leaving its other apps be)."""
+    started_cluster = join_or_start_ray(args, num_cpus=args.ray_cpus)  # before ray is imported
     import ray
     from ray import serve
 
-    from jf_ray.raycluster import init_ray
     from jf_ray.serving.deployment import build_app
 
-    init_ray(None, num_cpus=ray_cpus)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
 
     def stop() -> None:
-        serve.shutdown()
-        ray.shutdown()
+        serve.delete(config.app_name)
+        if started_cluster:
+            serve.shutdown()
+            ray.shutdown()
 
     return config, stop

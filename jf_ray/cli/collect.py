@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from jf_ray.cli.common import add_address_option, join_or_start_ray
+
 # Flags that map one-to-one onto CollectConfig fields (flag dest == field name).
 _FIELD_FLAGS = (
     ("--model", str, "checkpoint: local dir, file:// or s3:// URI"),
@@ -46,6 +48,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_address_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -71,6 +74,7 @@ def run(args) -> int:
     from jf_ray.trajectories.collect import collect
 
     config = build_config(args)
+    join_or_start_ray(args)
     check_writable(config.out, "--out")
     summary = collect(config)
     if args.json:

@@ -32,6 +32,29 @@ def decoder_list(text: str, allowed: tuple[str, ...] = DECODER_NAMES) -> list[st
     return [decoder_name(name, allowed) for name in names]
 
 
+def add_address_option(parser: argparse.ArgumentParser) -> None:
+    """``--address`` for every subcommand that runs on Ray (see docs/cluster.md)."""
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join: GCS host:port, ray://host:port or auto (default: RAY_ADDRESS, which "
+        "`ray job submit` sets; without either, a private local cluster is started)",
+    )
+
+
+def join_or_start_ray(args: argparse.Namespace, num_cpus: int | None = None) -> bool:
+    """Join ``--address`` (or RAY_ADDRESS) or start a local cluster, before anything else imports ray.
+
+    Returns True when this call started a local cluster (the command then owns its shutdown)."""
+    import sys
+
+    from jf_ray.raycluster import init_ray, resolve_address
+
+    running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    init_ray(args.address, num_cpus=num_cpus)
+    return not running and resolve_address(args.address) is None
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="HF checkpoint dir, file:// or s3:// URI, or hub name")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])

@@ -45,10 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jf_ray.raycluster import prepare_local_ray
-
     argv = sys.argv[1:] if argv is None else argv
-    prepare_local_ray("--ray-address" if any(a.startswith("--ray-address") for a in argv) else None)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

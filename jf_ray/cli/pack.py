@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from jf_ray.cli.common import add_address_option, join_or_start_ray
+
 # Flags that map one-to-one onto PackConfig fields (flag dest == field name).
 _FIELD_FLAGS = (
     ("--trajectories", str, "URI of the trajectory dataset (schema jf_ray.trajectories)"),
@@ -45,6 +47,7 @@ def add_config_options(parser: argparse.ArgumentParser, config_name: str, field_
         else:
             parser.add_argument(flag, type=kind, default=None, help=text)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_address_option(parser)
 
 
 def config_from_args(config_class, args: argparse.Namespace, field_flags, renames: dict | None = None):
@@ -67,6 +70,7 @@ def run(args) -> int:
     from jf_ray.storage import check_writable
 
     config = config_from_args(PackConfig, args, _FIELD_FLAGS)
+    join_or_start_ray(args)
     check_writable(config.out, "--out")
     summary = pack(config)
     if args.json:

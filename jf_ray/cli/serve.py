@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from jf_ray.cli.common import decoder_name, positive_int
+from jf_ray.cli.common import add_address_option, decoder_name, join_or_start_ray, positive_int
 from jf_ray.decoding.registry import describe
 
 
@@ -37,7 +37,7 @@ def register(subparsers) -> None:
         metavar="KEY=VALUE",
         help="any ServeConfig field, e.g. --set decode.num_blocks=3 (repeatable)",
     )
-    parser.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    add_address_option(parser)
     parser.add_argument("--ray-cpus", type=positive_int, default=None, help="CPUs of a locally started cluster")
     parser.set_defaults(func=run)
 
@@ -77,18 +77,16 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    import ray
-    from ray import serve
-
     from jf_ray.modeling import local_model_path
-    from jf_ray.raycluster import init_ray
-    from jf_ray.serving.deployment import build_app
 
     config = load_config(args)
     if "://" not in config.model or config.model.startswith("file://"):
         local_model_path(config.model)  # a missing local checkpoint is exit 2 now, not a dying replica later
-    started_cluster = not (args.address or ray.is_initialized())
-    init_ray(args.address, num_cpus=args.ray_cpus)
+    started_cluster = join_or_start_ray(args, num_cpus=args.ray_cpus)  # before ray is imported
+    from ray import serve
+
+    from jf_ray.serving.deployment import build_app
+
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

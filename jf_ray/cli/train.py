@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from jf_ray.cli.common import join_or_start_ray
 from jf_ray.cli.pack import add_config_options, config_from_args
 
 _FIELD_FLAGS = (
@@ -50,6 +51,7 @@ def run(args) -> int:
     from jf_ray.training.ray_train import train
 
     config = config_from_args(TrainConfig, args, _FIELD_FLAGS, _RENAMES)
+    join_or_start_ray(args)
     check_writable(config.out, "--out")
     summary = train(config)
     if args.json:

@@ -10,7 +10,7 @@ import logging
 
 from jf_ray.pipeline.config import PipelineConfig
 from jf_ray.pipeline.graph import GraphRun, invalidate_from, run_graph
-from jf_ray.pipeline.stages import build_stages
+from jf_ray.pipeline.stages import build_stages, check_cluster_fits
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +23,7 @@ def run_pipeline(cfg: PipelineConfig, rerun: str | None = None) -> GraphRun:
     if rerun:
         logger.info("invalidated stages: %s", ", ".join(invalidate_from(cfg.run_dir, stages, rerun)))
     init_ray(cfg.ray_address)
+    check_cluster_fits(cfg)
     return run_graph(cfg.run_dir, stages)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from jf_ray.pipeline.config import PipelineConfig
@@ -177,9 +176,32 @@ def train_config(cfg: PipelineConfig, k: int, outputs: dict):
 
 
 def _eval_resources(cfg: PipelineConfig) -> dict:
+    """One evaluation task: a GPU where collection uses them; else up to two train workers' CPUs, sized down
+    to the biggest node of the cluster it runs on (not this machine's cores: the driver may be elsewhere)."""
+    from jf_ray.raycluster import largest_cpus
+
     gpus = cfg.collect.num_gpus_per_worker
-    cpus = cfg.evaluation.threads or os.cpu_count() or 1
-    return {"num_gpus": gpus, "num_cpus": 1 if gpus else min(cpus, 2 * cfg.train.cpus_per_worker)}
+    if gpus:
+        return {"num_gpus": gpus, "num_cpus": 1}
+    wanted = min(cfg.evaluation.threads or 2 * cfg.train.cpus_per_worker, 2 * cfg.train.cpus_per_worker)
+    return {"num_gpus": 0, "num_cpus": max(1, min(wanted, int(largest_cpus())))}
+
+
+def check_cluster_fits(cfg: PipelineConfig) -> None:
+    """Fail at the start, naming the request and the nodes, when a stage asks for more than any node has:
+    Ray itself would wait forever on such a request (see docs/cluster.md)."""
+    from jf_ray.raycluster import require_fit
+
+    collect, train, evaluation = cfg.collect, cfg.train, _eval_resources(cfg)
+    require_fit(
+        {"CPU": collect.num_cpus_per_worker, "GPU": collect.num_gpus_per_worker},
+        "a collection actor (collect.num_cpus_per_worker, collect.num_gpus_per_worker)",
+    )
+    require_fit(
+        {"CPU": train.cpus_per_worker, "GPU": int(train.use_gpu)},
+        "a training worker (train.cpus_per_worker, train.use_gpu)",
+    )
+    require_fit({"CPU": evaluation["num_cpus"], "GPU": evaluation["num_gpus"]}, "an evaluation task")
 
 
 def _write_heldout(data_dir: str, name: str, task: str, n: int, seed: int) -> str:

@@ -40,7 +40,7 @@ def train(config: TrainConfig) -> dict:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from jf_ray.raycluster import init_ray
+    from jf_ray.raycluster import init_ray, require_fit
     from jf_ray.storage import fs_and_path, join_uri, write_json_atomic
     from jf_ray.training.checkpoint import MODEL_DIR
 
@@ -48,6 +48,7 @@ def train(config: TrainConfig) -> dict:
     init_ray()
     filesystem, storage_path = fs_and_path(config.out)
     resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
+    require_fit(resources, "a training worker")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config.model_dump(mode="json"),

@@ -100,7 +100,7 @@ def verify_exactly_once(out: str, prompts: list[Prompt]) -> int:
 
 def collect(config: CollectConfig, on_shard_done: Callable[[dict], None] | None = None) -> dict:
     """Collect trajectories as configured; returns a summary (counts, tokens/s, per-worker throughput)."""
-    from jf_ray.raycluster import init_ray
+    from jf_ray.raycluster import init_ray, require_fit
     from jf_ray.trajectories.ray_pool import PoolOptions, run_shards
 
     start = time.perf_counter()
@@ -122,6 +122,7 @@ def collect(config: CollectConfig, on_shard_done: Callable[[dict], None] | None 
     reports, retries = [], []
     if todo:
         init_ray(config.ray_address)
+        require_fit({"CPU": config.num_cpus_per_worker, "GPU": config.num_gpus_per_worker}, "a collection actor")
         options = PoolOptions(
             config.workers,
             config.num_cpus_per_worker,

@@ -24,6 +24,7 @@ from jf_ray.trajectories.worker import RecordSettings, ShardTask, ShardWorker
 logger = logging.getLogger(__name__)
 
 # Storage settings the driver was given travel to the actors (object store endpoint, credentials, caches).
+# Not AWS_EC2_METADATA_DISABLED: on a real cluster the actors' own instance profile must stay usable.
 FORWARDED_ENV_VARS = (
     "JF_S3_ENDPOINT",
     "AWS_ENDPOINT_URL",
@@ -33,7 +34,6 @@ FORWARDED_ENV_VARS = (
     "AWS_SESSION_TOKEN",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
-    "AWS_EC2_METADATA_DISABLED",
     "AWS_REQUEST_CHECKSUM_CALCULATION",
     "AWS_RESPONSE_CHECKSUM_VALIDATION",
     "JF_CACHE_DIR",
