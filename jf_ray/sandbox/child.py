@@ -14,9 +14,21 @@ import sys
 import traceback
 
 BLOCKED_MODULES = frozenset(
-    {"socket", "_socket", "ssl", "_ssl", "ctypes", "_ctypes", "subprocess", "_posixsubprocess", "multiprocessing",
-     "_multiprocessing", "pty", "resource"}
-)  # fmt: skip
+    {
+        "socket",
+        "_socket",
+        "ssl",
+        "_ssl",
+        "ctypes",
+        "_ctypes",
+        "subprocess",
+        "_posixsubprocess",
+        "multiprocessing",
+        "_multiprocessing",
+        "pty",
+        "resource",
+    }
+)
 REFUSED_PREFIXES = (
     "socket.",
     "subprocess.",
@@ -34,10 +46,27 @@ REFUSED_PREFIXES = (
     "resource.prlimit",
 )
 PATH_EVENTS = frozenset(
-    {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.symlink", "os.link",
-     "os.truncate", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.copymode", "shutil.copystat",
-     "shutil.move", "os.chflags", "os.mkfifo", "os.mknod"}
-)  # fmt: skip
+    {
+        "os.remove",
+        "os.rename",
+        "os.rmdir",
+        "os.mkdir",
+        "os.chmod",
+        "os.chown",
+        "os.symlink",
+        "os.link",
+        "os.truncate",
+        "os.utime",
+        "shutil.rmtree",
+        "shutil.copyfile",
+        "shutil.copymode",
+        "shutil.copystat",
+        "shutil.move",
+        "os.chflags",
+        "os.mkfifo",
+        "os.mknod",
+    }
+)
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
