@@ -19,8 +19,10 @@ from pydantic import Field
 
 from jf_ray.config import Location, StageConfig
 from jf_ray.decoding import DecodeConfig
+from jf_ray.errors import UserInputError
 from jf_ray.sandbox import SandboxLimits
 from jf_ray.workloads import TASKS, Example
+from jf_ray.workloads.common import TEST_ONLY_TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +57,11 @@ def load_eval_examples(config: EvalConfig) -> list[Example]:
     if config.prompts is not None:
         examples = read_examples(config.prompts)[: config.n]
         if not examples:
-            from jf_ray.errors import UserInputError
-
             raise UserInputError(f"{config.prompts} holds no examples")
+        if len({bool(ex.tests) for ex in examples}) > 1:
+            raise UserInputError(f"{config.prompts} mixes rows with tests and rows with answers; use two files")
         return examples
-    default = 10**6 if config.task == "humaneval" else DEFAULT_EXAMPLES
+    default = 10**6 if config.task in TEST_ONLY_TASKS else DEFAULT_EXAMPLES  # a test set: all of it
     return load_examples(config.task, config.split, config.n or default, seed=config.seed)
 
 

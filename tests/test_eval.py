@@ -106,6 +106,9 @@ def test_cli_eval_user_sets_with_tests_and_with_answers(micro_checkpoint, tmp_pa
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(row) + "\n" for row in answers))
     report = eval_cli(micro_checkpoint, tmp_path, "--task", "math", "--prompts", str(tmp_path / "qa.jsonl"))
     assert report["n"] == 1 and "accuracy" in report and report["decoder"] == "ar"
+    (tmp_path / "mixed.jsonl").write_text((tmp_path / "code.jsonl").read_text() + (tmp_path / "qa.jsonl").read_text())
+    args = ["eval", "--model", str(micro_checkpoint), "--task", "code", "--prompts", str(tmp_path / "mixed.jsonl")]
+    assert main(args) == 2
 
 
 def test_cli_eval_bad_input_exits_2(tmp_path):
