@@ -1,204 +1,133 @@
-"""Task quality of a model on the embedded workloads, decoded with any decoder of :mod:`jf_ray.decoding`.
+"""Task quality and speed of a model, decoded with any decoder of :mod:`jf_ray.decoding`: one home for both
+``jf-ray eval`` and the job's evaluation (:mod:`jf_ray.pipeline.evaluate`).
 
-* ``math``: exact-match accuracy of the final answer (``The answer is N``).
-* ``code``: teacher-forced per-token loss of the reference bodies given their prompts (chat format, answer
-  tokens and EOS only), and the share of generated bodies that make the function parse with :mod:`ast`.
-
-Both also return the decoder's counters (tokens, forwards, TPF, tokens/s, wall time) of the batched decode,
-so one call says how good and how fast. :func:`run_eval` is the entry point of the CLI and the pipeline.
+:func:`evaluate_decoders` decodes a set of examples with greedy AR (the reference) and each asked decoder,
+back to back (:func:`jf_ray.bench.run_decoders`), and gives every decoder one row: the bench fields (tokens,
+forwards, TPF, tokens/s, speed-up and exactness vs AR, repetition) and the quality fields of
+:mod:`jf_ray.scoring` (``pass_at_1`` for executed code, ``accuracy`` for answers, ``loss`` for the stdlib
+language-modelling set). :func:`evaluate` is the CLI's entry point: one model, one task or user set, one
+decoder beside AR. See docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import time
-from collections import Counter
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from pydantic import Field
 
-from jf_ray.config import StageConfig
-from jf_ray.decoding import DecodeConfig, DecodeStats, generate
-from jf_ray.workloads import Example, load_examples
-from jf_ray.workloads.code import body_parses
-from jf_ray.workloads.math import final_answer, is_correct
+from jf_ray.config import Location, StageConfig
+from jf_ray.decoding import DecodeConfig
+from jf_ray.errors import UserInputError
+from jf_ray.sandbox import SandboxLimits
+from jf_ray.workloads import TASKS, Example
+from jf_ray.workloads.common import TEST_ONLY_TASKS
 
 logger = logging.getLogger(__name__)
 
-NUM_SAMPLES = 3  # decoded examples kept in a report, for a human to eyeball
-_FENCE_RE = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.DOTALL)
-
-
-DEFAULT_MAX_NEW_TOKENS = {"math": 256, "code": 384}  # longest math solutions (~200 tokens), stdlib bodies
+# Longest math solutions are ~200 tokens; code bodies and HumanEval completions are longer.
+DEFAULT_MAX_NEW_TOKENS = {"math": 256, "code": 128, "stdlib": 384, "humaneval": 512}
+DEFAULT_EXAMPLES = 200
 
 
 class EvalConfig(StageConfig):
-    """One evaluation run: which model, task, split and examples, and how to decode."""
+    """One evaluation run: which model, task (or user set) and examples, and how to decode and execute."""
 
     model: str = Field(..., description="HF checkpoint dir, file:// or s3:// URI, or hub name")
-    task: Literal["code", "math"] = Field(..., description="workload to evaluate on")
-    split: Literal["train", "heldout"] = Field("heldout", description="workload split (heldout: never trained on)")
-    n: int = Field(200, ge=1, description="number of examples (code: capped by the functions the split has)")
-    seed: int = Field(0, description="which examples are drawn (math: fresh problems per seed)")
+    task: str = Field(..., description=f"workload to evaluate on: {' | '.join(TASKS)}")
+    prompts: Location | None = Field(
+        None,
+        description="JSONL of your own examples instead of the task's: {prompt, tests, entry_point} rows are "
+        "executed (pass@1), {prompt, answer} rows checked by final answer (accuracy)",
+    )
+    split: str = Field("heldout", description="workload split (heldout: never trained on)")
+    n: int | None = Field(None, ge=1, description="number of examples (default: 200, all of HumanEval or the file)")
+    seed: int = Field(0, description="which examples are drawn (generated workloads: fresh tasks per seed)")
     batch_size: int = Field(8, ge=1, description="requests decoded together (continuous batching)")
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="model dtype")
+    dtype: str = Field("auto", description="model dtype: auto | fp32 | bf16 | fp16")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    timeout_s: float = Field(10.0, gt=0, description="wall-clock limit of each executed program (sandbox)")
     decode: DecodeConfig = Field(default_factory=lambda: DecodeConfig(decoder="ar"), description="how to decode")
 
 
-def run_eval(
-    model_uri: str,
-    task: str,
-    split: str = "heldout",
-    decoder: str = "ar",
-    n: int = 200,
-    seed: int = 0,
-    block_size: int = 16,
-    max_new_tokens: int | None = None,
-    batch_size: int = 8,
-    dtype: str = "auto",
-    device: str = "auto",
-    **decode_fields,
-) -> dict:
-    """Load ``model_uri``, draw ``n`` examples of ``task``/``split`` and evaluate; returns the report dict.
+def load_eval_examples(config: EvalConfig) -> list[Example]:
+    from jf_ray.workloads import load_examples, read_examples
 
-    ``decode_fields`` are further :class:`DecodeConfig` fields (``num_blocks``, ``temperature``, ...).
-
-    >>> report = run_eval("/tmp/jf-small", "math", decoder="jacobi", n=100)   # doctest: +SKIP
-    >>> report["accuracy"], report["stats"]["tpf"]                           # doctest: +SKIP
-    """
-    decode = dict(
-        decoder=decoder,
-        block_size=block_size,
-        seed=seed,
-        **decode_fields,
-        max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(task, 256),
-    )
-    config = EvalConfig.from_dict(
-        dict(
-            model=model_uri,
-            task=task,
-            split=split,
-            n=n,
-            seed=seed,
-            batch_size=batch_size,
-            dtype=dtype,
-            device=device,
-            decode=decode,
-        )
-    )
-    return evaluate(config)
+    if config.prompts is not None:
+        examples = read_examples(config.prompts)[: config.n]
+        if not examples:
+            raise UserInputError(f"{config.prompts} holds no examples")
+        if len({bool(ex.tests) for ex in examples}) > 1:
+            raise UserInputError(f"{config.prompts} mixes rows with tests and rows with answers; use two files")
+        return examples
+    default = 10**6 if config.task in TEST_ONLY_TASKS else DEFAULT_EXAMPLES  # a test set: all of it
+    return load_examples(config.task, config.split, config.n or default, seed=config.seed)
 
 
-def evaluate(config: EvalConfig, progress: Callable[[int], None] | None = None) -> dict:
+def evaluate(config: EvalConfig, progress_factory: Callable[[str, int], Callable[[int], None]] | None = None) -> dict:
+    """The CLI's evaluation: ``config.decode.decoder`` beside greedy AR; the report is that decoder's row
+    (with ``speedup_vs_ar``) plus the AR row under ``ar``."""
     from jf_ray.modeling import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, dtype=config.dtype, device=config.device)
-    examples = load_examples(config.task, config.split, config.n, seed=config.seed)
-    evaluate_task = evaluate_math if config.task == "math" else evaluate_code
-    report = evaluate_task(model, tokenizer, examples, config.decode, config.batch_size, progress)
-    return {"config": config.model_dump(), **report}
+    examples = load_eval_examples(config)
+    decoder = config.decode.decoder
+    rows = evaluate_decoders(
+        model,
+        tokenizer,
+        examples,
+        [decoder],
+        config.decode,
+        config.batch_size,
+        warmup=decoder != "ar",
+        progress_factory=progress_factory,
+        limits=SandboxLimits(timeout_s=config.timeout_s),
+        by_loss=config.task == "stdlib" and config.prompts is None,
+    )
+    report = {"config": config.model_dump(), "task": config.task, "decoder": decoder, **rows[decoder]}
+    if decoder != "ar":
+        report["ar"] = {k: v for k, v in rows["ar"].items() if k != "samples"}
+    return report
 
 
-def evaluate_math(
-    model,
-    tokenizer,
-    problems: list[Example],
-    decode_config: DecodeConfig,
-    batch_size: int = 8,
-    progress: Callable[[int], None] | None = None,
-) -> dict:
-    """Exact final-answer accuracy of greedy/sampled solutions to ``problems``."""
-    outputs, decode = decode_examples(model, tokenizer, problems, decode_config, batch_size, progress)
-    correct = [is_correct(text, problem.answer) for text, problem in zip(outputs, problems)]
-    samples = [
-        {"prompt": p.prompt, "output": text, "expected": final_answer(p.answer), "correct": ok}
-        for p, text, ok in list(zip(problems, outputs, correct))[:NUM_SAMPLES]
-    ]
-    return {
-        "task": "math",
-        "n": len(problems),
-        "accuracy": round(sum(correct) / len(problems), 4) if problems else 0.0,
-        "correct": sum(correct),
-        **decode,
-        "samples": samples,
-    }
-
-
-def evaluate_code(
+def evaluate_decoders(
     model,
     tokenizer,
     examples: list[Example],
-    decode_config: DecodeConfig,
-    batch_size: int = 8,
-    progress: Callable[[int], None] | None = None,
-) -> dict:
-    """Held-out loss of the reference bodies and the share of generated bodies that parse."""
-    loss = answer_loss(model, tokenizer, examples, batch_size)
-    outputs, decode = decode_examples(model, tokenizer, examples, decode_config, batch_size, progress)
-    parsed = [body_parses(example.prompt, extract_code(text)) for example, text in zip(examples, outputs)]
-    samples = [
-        {"prompt": e.prompt, "output": text, "parses": ok}
-        for e, text, ok in list(zip(examples, outputs, parsed))[:NUM_SAMPLES]
-    ]
-    return {
-        "task": "code",
-        "n": len(examples),
-        "loss": loss["loss"],
-        "loss_tokens": loss["tokens"],
-        "parse_rate": round(sum(parsed) / len(examples), 4) if examples else 0.0,
-        **decode,
-        "samples": samples,
-    }
-
-
-def extract_code(text: str) -> str:
-    """The code in a reply: the first fenced block if the model wrote Markdown, else the text as is."""
-    match = _FENCE_RE.search(text)
-    return match.group(1) if match else text
-
-
-def decode_examples(
-    model,
-    tokenizer,
-    examples: list[Example],
+    decoders: list[str],
     decode_config: DecodeConfig,
     batch_size: int,
-    progress: Callable[[int], None] | None = None,
-) -> tuple[list[str], dict]:
-    """Decode every prompt (chat template) in batches; returns the texts and a stats section for the report."""
-    from jf_ray.modeling import encode_prompt, eos_token_ids
+    repeats: int = 1,
+    warmup: bool = True,
+    progress_factory: Callable[[str, int], Callable[[int], None]] | None = None,
+    limits: SandboxLimits = SandboxLimits(),
+    by_loss: bool = False,
+) -> dict[str, dict]:
+    """{decoder: bench fields + quality fields} for AR and every decoder of ``decoders`` on ``examples``.
 
-    prompts = [encode_prompt(tokenizer, example.prompt) for example in examples]
-    start = time.perf_counter()
-    results = generate(model, prompts, decode_config, eos_token_ids(model, tokenizer), batch_size, progress)
-    wall_s = time.perf_counter() - start
-    stats = DecodeStats()
-    for result in results:
-        stats = stats.merge(result.stats)
-    texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in results]
-    return texts, {
-        "decoder": decode_config.decoder,
-        "stats": batch_stats(stats, wall_s),
-        "finish_reasons": dict(Counter(r.finish_reason for r in results)),
-    }
-
-
-def batch_stats(stats: DecodeStats, wall_s: float) -> dict:
-    """Merged counters, with time taken from the whole batched run.
-
-    Requests decoded together overlap in time, so the sum of their own wall times overstates the run; tokens/s
-    is total tokens over the run's wall time, as ``jf-ray bench`` reports it.
+    ``by_loss``: score by the loss of the reference answers, not by passing (the ``stdlib`` set); otherwise
+    the examples decide (tests or answers). ``warmup=False`` where only the outputs count, not the timing.
     """
-    out = stats.to_dict()
-    out["request_wall_s"] = out["wall_s"]
-    out["wall_s"] = round(wall_s, 4)
-    out["tokens_per_s"] = round(stats.tokens / wall_s, 2) if wall_s > 0 else 0.0
-    return out
+    from jf_ray.bench import run_decoders, summarize
+    from jf_ray.modeling import encode_prompt, eos_token_ids
+    from jf_ray.scoring import NUM_SAMPLES, score_outputs
+
+    prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
+    eos = eos_token_ids(model, tokenizer)
+    runs = run_decoders(model, prompts, decoders, decode_config, eos, batch_size, progress_factory, repeats, warmup)
+    loss = answer_loss(model, tokenizer, examples, batch_size)["loss"] if by_loss else None
+    rows, verdicts = {}, {}
+    for name, run in runs.items():
+        texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in run.results]
+        if loss is None:
+            quality = score_outputs(examples, texts, limits, verdicts)
+        else:
+            samples = [{"prompt": ex.prompt, "output": t} for ex, t in list(zip(examples, texts))[:NUM_SAMPLES]]
+            quality = {"n": len(examples), "loss": loss, "samples": samples}
+        rows[name] = {**summarize(run, prompts, runs["ar"]), **quality}
+    return rows
 
 
 @torch.no_grad()

@@ -50,7 +50,7 @@ def test_smoke_report_holds_every_row(finished_run):
     assert [r["block_size"] for r in report["rounds"]] == [None, 8, 16]
     for rnd in report["rounds"]:
         assert set(rnd["eval"]) == {"math", "code"}
-        for task, metric in (("math", "accuracy"), ("code", "loss")):
+        for task, metric in (("math", "accuracy"), ("code", "pass_at_1")):
             for decoder in DECODERS:
                 row = rnd["eval"][task][decoder]
                 assert all(field in row for field in BENCH_FIELDS)
@@ -65,6 +65,7 @@ def test_smoke_report_holds_every_row(finished_run):
     quality = [rnd["math"] for rnd in report["round_eval"]]
     assert [q["n"] for q in quality] == [3, 3, 3] and all(0.0 <= q["accuracy"] <= 1.0 for q in quality)
     assert "| base | math | 3 |" in markdown
+    assert "| round (n) | decoder | pass@1 | TPF | tokens/s | speed-up vs AR |" in markdown
     for plot in ("tpf.png", "speedup_vs_ar.png", "training.png"):
         assert (run_dir / plot).read_bytes()[:4] == b"\x89PNG"
 

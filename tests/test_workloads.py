@@ -1,4 +1,4 @@
-"""The code and math workloads: splits, generators, the math checker, JSONL export (local, S3, CLI)."""
+"""The code, math and stdlib workloads: splits, generators, the math checker, JSONL export (local, S3, CLI)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,18 @@ import pytest
 from jf_ray.cli.main import main
 from jf_ray.errors import UserInputError
 from jf_ray.workloads import load_examples, read_examples, write_examples
-from jf_ray.workloads.code import (
+from jf_ray.workloads.code import FAMILIES, draw_task, generate_code, task_split
+from jf_ray.workloads.common import jsonl_to_examples
+from jf_ray.workloads.humaneval import humaneval_examples
+from jf_ray.workloads.math import column, final_answer, generate_math, is_correct, problem_split
+from jf_ray.workloads.stdlib import (
     body_parses,
-    code_examples,
     extract_functions,
     file_split,
     split_files,
+    stdlib_examples,
     stdlib_files,
 )
-from jf_ray.workloads.math import column, final_answer, generate_math, is_correct, problem_split
 
 _EQUATION_RE = re.compile(r"((?:\d+ [-+*/] )+\d+) = (\d+)")
 _COLUMN_RE = re.compile(r"(\d+) ([-+]) (\d+): [^\n]*; so (\d+)")
@@ -97,25 +100,67 @@ def test_math_checker_accepts_right_and_rejects_wrong_answers():
     assert not is_correct(f"The answer is {value}.", "no reference answer here")
 
 
-# ---------------------------------------------------------------- code
+# ---------------------------------------------------------------- code (executed tasks)
 
 
-def test_code_split_is_by_file_and_disjoint():
+def test_code_tasks_are_deterministic_per_seed_and_fresh_across_seeds():
+    first = generate_code(30, "train", seed=1)
+    assert first == generate_code(30, "train", seed=1)
+    assert not {e.prompt for e in first} & {e.prompt for e in generate_code(30, "train", seed=2)}
+    assert len({e.prompt for e in first}) == 30
+
+
+def test_code_split_is_by_task_specification_and_disjoint():
+    """Held-out tasks differ from every training task in their specification, not only in their examples."""
+    rng = __import__("random").Random(0)
+    specs = {}
+    for _ in range(3000):
+        spec, example = draw_task(rng)
+        specs.setdefault(task_split(spec), set()).add(spec)
+    assert specs["train"] and specs["heldout"] and not specs["train"] & specs["heldout"]
+    assert 0.04 < len(specs["heldout"]) / (len(specs["heldout"]) + len(specs["train"])) < 0.2
+    held = generate_code(60, "heldout", seed=0)
+    train = generate_code(600, "train", seed=0)
+    assert not {e.prompt for e in held} & {e.prompt for e in train}
+    assert all(task_split(spec_of(e)) == "heldout" for e in held)
+    assert all(task_split(spec_of(e)) == "train" for e in train)
+    assert not {spec_of(e) for e in held} & {spec_of(e) for e in train}
+
+
+def spec_of(example) -> str:
+    """Signature and first docstring line: the task without its examples."""
+    signature, doc = example.prompt.split("\n")[:2]
+    return signature + "\n" + doc.strip().removeprefix('"' * 3)
+
+
+def test_code_tasks_are_humaneval_shaped():
+    for example in generate_code(40, "heldout", seed=3):
+        assert example.prompt.startswith(f"def {example.entry_point}(") and ">>> " in example.prompt
+        assert example.tests.startswith("def check(candidate):\n") and example.tests.count("assert ") == 5
+        assert body_parses(example.prompt, example.answer)
+    families = {draw_task(__import__("random").Random(i))[1].answer.split("return ")[1][:6] for i in range(400)}
+    assert len(families) > 10 and len(FAMILIES) >= 25
+
+
+# ---------------------------------------------------------------- stdlib (language modelling)
+
+
+def test_stdlib_split_is_by_file_and_disjoint():
     train, heldout = set(split_files("train")), set(split_files("heldout"))
     assert train and heldout and not train & heldout
     assert train | heldout == set(stdlib_files())
     assert all(file_split(f) == "heldout" for f in heldout)
-    held_examples = code_examples("heldout", n=40, seed=0)
-    train_examples = code_examples("train", n=40, seed=0)
+    held_examples = stdlib_examples("heldout", n=40, seed=0)
+    train_examples = stdlib_examples("train", n=40, seed=0)
     assert len(held_examples) == 40 and len(train_examples) == 40
     assert {e.source for e in held_examples} <= heldout
     assert {e.source for e in train_examples} <= train
 
 
-def test_code_examples_are_seeded_and_parse():
-    first = code_examples("heldout", n=15, seed=1)
-    assert first == code_examples("heldout", n=15, seed=1)
-    assert first != code_examples("heldout", n=15, seed=2)
+def test_stdlib_examples_are_seeded_and_parse():
+    first = stdlib_examples("heldout", n=15, seed=1)
+    assert first == stdlib_examples("heldout", n=15, seed=1)
+    assert first != stdlib_examples("heldout", n=15, seed=2)
     for example in first:
         assert example.prompt.startswith(("def ", "async def "))
         assert body_parses(example.prompt, example.answer)
@@ -159,12 +204,41 @@ def test_body_parses_needs_a_real_body():
 
 
 def test_jsonl_round_trip_local_and_s3(tmp_path, s3_bucket):
-    examples = load_examples("math", "train", 5, seed=0) + load_examples("code", "heldout", 2, seed=0)
+    examples = load_examples("math", "train", 5, seed=0) + load_examples("stdlib", "heldout", 2, seed=0)
+    examples += load_examples("code", "heldout", 2, seed=0)
     for uri in (str(tmp_path / "out.jsonl"), f"{s3_bucket}/prompts/out.jsonl"):
-        assert write_examples(uri, examples) == 7
+        assert write_examples(uri, examples) == 9
         assert read_examples(uri) == examples
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert set(rows[0]) == {"prompt", "answer"} and set(rows[-1]) == {"prompt", "answer", "source"}
+    assert set(rows[0]) == {"prompt", "answer"} and set(rows[5]) == {"prompt", "answer", "source"}
+    assert set(rows[-1]) == {"prompt", "answer", "tests", "entry_point"}
+
+
+def test_humaneval_is_read_from_the_package_data():
+    problems = humaneval_examples()
+    assert len(problems) == 164 and problems[0].source == "HumanEval/0"
+    assert all(p.tests and p.entry_point and p.prompt for p in problems)
+    assert load_examples("humaneval", "heldout", 5) == problems[:5]
+    with pytest.raises(UserInputError, match="test set"):
+        load_examples("humaneval", "train", 5)
+
+
+def test_user_jsonl_rows_in_our_and_humanevals_layout():
+    ours = '{"prompt": "def f(x):\\n", "tests": "def check(c):\\n    assert c(1) == 2\\n", "entry_point": "f"}'
+    theirs = json.dumps(
+        {
+            "task_id": "T/0",
+            "prompt": "def g():\n",
+            "canonical_solution": "    return 1\n",
+            "test": "x",
+            "entry_point": "g",
+        }
+    )
+    first, second = jsonl_to_examples(f"{ours}\n{theirs}\n".encode())
+    assert first.entry_point == "f" and first.tests.startswith("def check")
+    assert second.answer == "    return 1\n" and second.tests == "x" and second.source == "T/0"
+    with pytest.raises(UserInputError, match="entry_point"):
+        jsonl_to_examples(b'{"prompt": "p", "tests": "def check(c): pass"}\n', source="mine.jsonl")
 
 
 def test_load_examples_rejects_bad_input():

@@ -28,6 +28,7 @@ BUILD_INFO = "jf_build.json"
 _SOURCE_MODULES = (
     "jf_ray.workloads.math",
     "jf_ray.workloads.code",
+    "jf_ray.workloads.stdlib",
     "jf_ray.basemodel.tokenizer",
     "jf_ray.basemodel.corpus",
     "jf_ray.basemodel.pretrain",
@@ -37,7 +38,7 @@ _SOURCE_MODULES = (
 def content_hash(preset: BasePreset, seed: int) -> str:
     from importlib import import_module
 
-    from jf_ray.workloads.code import stdlib_fingerprint
+    from jf_ray.workloads.stdlib import stdlib_fingerprint
 
     digest = hashlib.sha256()
     digest.update(json.dumps({"preset": preset.model_dump(), "seed": seed}, sort_keys=True).encode())

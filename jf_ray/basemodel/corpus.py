@@ -1,4 +1,4 @@
-"""The pretraining corpus: both workloads as chat turns plus raw stdlib code, as packed token rows.
+"""The pretraining corpus: the code and math workloads as chat turns plus raw stdlib code, as packed rows.
 
 Chat turns (``prompt -> answer <|im_end|>``) teach the model to answer in the format the decoders use; the
 loss covers the answer and its EOS only, because the prompt text (random names and numbers) is not
@@ -18,8 +18,9 @@ import torch
 
 from jf_ray.basemodel.presets import BasePreset
 from jf_ray.basemodel.tokenizer import ENDOFTEXT, encode_chat_examples
-from jf_ray.workloads.code import code_corpus, code_examples
+from jf_ray.workloads.code import generate_code
 from jf_ray.workloads.math import generate_math
+from jf_ray.workloads.stdlib import stdlib_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +45,19 @@ class TokenRows:
 
 
 def tokenizer_texts(preset: BasePreset, seed: int) -> list[str]:
-    """Text the tokenizer is trained on: train-split code and math problems, about half each."""
+    """Text the tokenizer is trained on: train-split math problems (half), code tasks and stdlib source."""
     budget = preset.tokenizer_chars
-    texts = code_corpus("train", max_chars=budget // 2, seed=seed)
-    chars = 0
-    for example in generate_math(max(1, budget // 600), split="train", seed=seed):
-        texts.append(f"{example.prompt}\n{example.answer}\n")
-        chars += len(texts[-1])
-        if chars >= budget // 2:
-            break
+    texts = stdlib_corpus("train", max_chars=budget // 4, seed=seed)
+    for examples, share in (
+        (generate_math(max(1, budget // 600), split="train", seed=seed), budget // 2),
+        (generate_code(max(1, budget // 1600), split="train", seed=seed), budget // 4),
+    ):
+        chars = 0
+        for example in examples:
+            texts.append(f"{example.prompt}{example.answer}\n")
+            chars += len(texts[-1])
+            if chars >= share:
+                break
     return texts
 
 
@@ -70,7 +75,7 @@ def build_rows(tokenizer, preset: BasePreset, seed: int) -> TokenRows:
 def _chat_sequences(tokenizer, preset: BasePreset, seed: int) -> list[tuple[list[int], list[int]]]:
     examples = generate_math(preset.math_examples, split="train", seed=seed) if preset.math_examples else []
     if preset.code_examples:
-        examples += code_examples("train", n=preset.code_examples, seed=seed)
+        examples += generate_code(preset.code_examples, split="train", seed=seed)
     sequences = []
     for ids, prompt_len in encode_chat_examples(tokenizer, [(e.prompt, e.answer) for e in examples]):
         if len(ids) <= preset.seq_len:
@@ -108,7 +113,7 @@ def _pad(ids: list[int], labels: list[int], positions: list[int], seq_len: int, 
 def _raw_code_rows(tokenizer, preset: BasePreset, seed: int) -> list[tuple[list[int], ...]]:
     if not preset.raw_code_chars:
         return []
-    texts = code_corpus("train", max_chars=preset.raw_code_chars, seed=seed)
+    texts = stdlib_corpus("train", max_chars=preset.raw_code_chars, seed=seed)
     separator = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
     stream: list[int] = []
     # The backend tokenizer directly: batched in Rust and free of the max-length warning of the wrapper.

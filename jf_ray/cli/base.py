@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from jf_ray.cli.common import positive_int
+from jf_ray.workloads.common import TASKS
 
 PRESET_NAMES = ("micro", "tiny", "small")
 
@@ -28,18 +29,19 @@ def register(subparsers) -> None:
     build.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="preset field overrides, e.g. steps=300")
     build.set_defaults(func=run_build)
 
-    data = subparsers.add_parser("data", help="export workload prompts (code | math) as JSONL")
+    data = subparsers.add_parser("data", help="export workload examples (code | math | stdlib | humaneval) as JSONL")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
     data_sub.required = True
     export = data_sub.add_parser(
         "export",
-        help='write {"prompt", "answer"} lines of a workload split',
-        description="Math problems are generated (fresh ones per seed); code prompts are stdlib functions.",
+        help='write {"prompt", "answer"} lines (code and humaneval: with "tests", "entry_point") of a workload split',
+        description="Math problems and code tasks are generated (fresh ones per seed); stdlib prompts are "
+        "standard-library functions; humaneval is its 164 problems (heldout only).",
     )
-    export.add_argument("--task", required=True, choices=("code", "math"))
+    export.add_argument("--task", required=True, choices=TASKS)
     export.add_argument("--split", default="train", choices=("train", "heldout"))
     export.add_argument("--out", required=True, help="JSONL file (path, file:// or s3:// URI)")
-    export.add_argument("--n", type=positive_int, default=1000, help="number of examples (code: at most all)")
+    export.add_argument("--n", type=positive_int, default=1000, help="number of examples (stdlib: at most all)")
     export.add_argument("--seed", type=int, default=0)
     export.set_defaults(func=run_export)
 

@@ -9,9 +9,11 @@ from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_
 from jf_ray.config import Location, ModelLocation, StageConfig
 from jf_ray.decoding.registry import BENCH_NAMES, DECODER_NAMES, canonical
 from jf_ray.decoding.types import DecodeConfig, DecoderName
+from jf_ray.workloads.common import TEST_ONLY_TASKS
 
-Task = Literal["math", "code"]
-BENCHMARK_PROMPTS: dict[str, int] = {"math": 64, "code": 32}  # per task, where the config names none
+Task = Literal["math", "code", "stdlib", "humaneval"]  # jf_ray.workloads.TASKS
+# Held-out examples per task in the timed benchmark, where the config names none (HumanEval: all of it).
+BENCHMARK_PROMPTS: dict[str, int] = {"math": 64, "code": 32, "stdlib": 32, "humaneval": 164}
 
 
 class BaseModelConfig(StageConfig):
@@ -42,9 +44,9 @@ class WorkloadConfig(StageConfig):
         "decoders); a task left out gets the default count",
     )
     quality_prompts: dict[Task, NonNegativeInt] = Field(
-        {"math": 200, "code": 32},
+        {"math": 200, "code": 200},
         description="held-out examples per task of the per-round quality evaluation "
-        "(accuracy, loss, parse rate; greedy, batched): a 2-point accuracy change needs a few hundred problems; "
+        "(accuracy, pass@1, loss; greedy, batched): a 2-point accuracy change needs a few hundred problems; "
         "0 = use the benchmark prompts",
     )
     anchor_examples: NonNegativeInt | dict[Task, NonNegativeInt] = Field(
@@ -57,6 +59,10 @@ class WorkloadConfig(StageConfig):
     def _something_to_collect(self) -> WorkloadConfig:
         if self.prompts is None and not any(self.train_prompts.get(task, 0) > 0 for task in self.tasks):
             raise ValueError(f"train_prompts gives no collection prompt for the tasks {self.tasks}")
+        anchors = self.anchor_examples if isinstance(self.anchor_examples, dict) else {}
+        trained = [t for t in TEST_ONLY_TASKS if self.train_prompts.get(t) or anchors.get(t)]
+        if trained:
+            raise ValueError(f"{trained} are test sets: set their train_prompts and anchor_examples to 0")
         return self
 
     def benchmark_prompts(self, task: str) -> int:
@@ -66,7 +72,9 @@ class WorkloadConfig(StageConfig):
     def anchors_per_task(self) -> dict[str, int]:
         if isinstance(self.anchor_examples, dict):
             return {task: self.anchor_examples.get(task, 0) for task in self.tasks}
-        return {task: self.anchor_examples // len(self.tasks) for task in self.tasks}
+        trainable = [task for task in self.tasks if task not in TEST_ONLY_TASKS]  # a total: over these
+        share = self.anchor_examples // max(1, len(trainable))
+        return {task: share if task in trainable else 0 for task in self.tasks}
 
 
 class RoundConfig(StageConfig):

@@ -1,31 +1,23 @@
 """Evaluation inside the job: quality and speed of one model on one task's held-out examples.
 
-The per-round evaluation decodes with one decoder; the final benchmark runs every decoder back to back
-(``jf_ray.bench``) and scores each decoder's own outputs, so every row of the report carries both the bench
-fields (TPF, tokens/s, speed-up and exactness vs AR, repetition) and the task metric. Plain functions; the
-job runs them as Ray tasks so that they land on a GPU worker on clusters.
+The per-round evaluation decodes with one decoder; the final benchmark runs every decoder back to back.
+Both go through :func:`jf_ray.evaluation.evaluate_decoders`, the same code as ``jf-ray eval``, so every row
+of the report carries the bench fields (TPF, tokens/s, speed-up and exactness vs AR, repetition) and the
+quality fields of :mod:`jf_ray.scoring` under the same names. Plain functions; the job runs them as Ray tasks
+so that they land on a GPU worker on clusters.
 """
 
 from __future__ import annotations
 
 import logging
 
-from jf_ray.bench import run_decoders, summarize
 from jf_ray.decoding import DecodeConfig
-from jf_ray.evaluation import answer_loss, extract_code
+from jf_ray.evaluation import evaluate_decoders
 from jf_ray.workloads import read_examples
-from jf_ray.workloads.code import body_parses
-from jf_ray.workloads.math import is_correct
 
 logger = logging.getLogger(__name__)
 
-
-def score_outputs(task: str, texts: list[str], examples) -> dict:
-    if task == "math":
-        correct = sum(is_correct(text, ex.answer) for text, ex in zip(texts, examples))
-        return {"n": len(examples), "accuracy": round(correct / len(examples), 4)}
-    parsed = sum(body_parses(ex.prompt, extract_code(text)) for text, ex in zip(texts, examples))
-    return {"n": len(examples), "parse_rate": round(parsed / len(examples), 4)}
+QUALITY_KEYS = ("pass_at_1", "accuracy", "loss")
 
 
 def evaluate_task(
@@ -42,47 +34,24 @@ def evaluate_task(
     decode: dict | None = None,
     warmup: bool = True,
 ) -> dict:
-    """{decoder: bench fields + accuracy (math) or loss and parse_rate (code)} for ``model_uri``.
+    """{decoder: bench fields + pass_at_1 (code), accuracy (math) or loss (stdlib)} for ``model_uri``.
 
     ``warmup=False`` where only the outputs count (the per-round quality evaluation), not the timing."""
-    from jf_ray.modeling import encode_prompt, eos_token_ids, load_model, load_tokenizer, set_torch_threads
+    from jf_ray.modeling import load_model, load_tokenizer, set_torch_threads
 
     set_torch_threads(threads)
     tokenizer, model = load_tokenizer(model_uri), load_model(model_uri)
     examples = read_examples(examples_uri)
-    prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
     config = DecodeConfig(block_size=block_size, max_new_tokens=max_new_tokens, seed=seed, **(decode or {}))
-    runs = run_decoders(
-        model,
-        prompts,
-        decoders,
-        config,
-        eos_token_ids(model, tokenizer),
-        batch_size,
-        repeats=repeats,
-        warmup=warmup,
+    rows = evaluate_decoders(
+        model, tokenizer, examples, decoders, config, batch_size, repeats, warmup, by_loss=task == "stdlib"
     )
-    extra = {"loss": answer_loss(model, tokenizer, examples)["loss"]} if task == "code" else {}
     report = {}
     for name in decoders:
-        texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in runs[name].results]
-        report[name] = {
-            **summarize(runs[name], prompts, runs["ar"]),
-            **score_outputs(task, texts, examples),
-            **extra,
-        }
-        logger.info(
-            "%s %s %s: tpf %.2f, %s",
-            model_uri,
-            task,
-            name,
-            report[name]["tpf"],
-            {k: report[name][k] for k in ("accuracy", "loss", "parse_rate") if k in report[name]},
-        )
-    report["samples"] = [
-        {"prompt": ex.prompt, "output": tokenizer.decode(r.token_ids, skip_special_tokens=True)}
-        for ex, r in list(zip(examples, runs[decoders[-1]].results))[:2]
-    ]
+        report[name] = {k: v for k, v in rows[name].items() if k != "samples"}
+        quality = {k: report[name][k] for k in QUALITY_KEYS if k in report[name]}
+        logger.info("%s %s %s: tpf %.2f, %s", model_uri, task, name, report[name]["tpf"], quality)
+    report["samples"] = rows[decoders[-1]]["samples"][:2]
     return report
 
 

@@ -12,7 +12,7 @@ from jf_ray.storage import exists, join_uri, read_bytes, write_bytes_atomic, wri
 
 logger = logging.getLogger(__name__)
 
-QUALITY_FIELDS = ("accuracy", "loss", "parse_rate")
+QUALITY_COLUMNS = {"pass_at_1": "pass@1", "accuracy": "accuracy", "loss": "loss"}  # the task's quality field
 
 
 def write_report(cfg: PipelineConfig, outputs: dict) -> dict:
@@ -95,11 +95,12 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
     ]
     tasks = list(report["rounds"][0]["eval"])
     for task in tasks:
-        metric = "accuracy" if task == "math" else "loss"
+        metric = quality_field(report["rounds"][0]["eval"][task])
         lines += [
             f"## {task}",
             "",
-            f"| round (n) | decoder | TPF | tokens/s | speed-up vs AR | {metric} | exact vs AR | repetition |",
+            f"| round (n) | decoder | {QUALITY_COLUMNS.get(metric, '-')} | TPF | tokens/s | speed-up vs AR | "
+            "exact vs AR | repetition |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for rnd in report["rounds"]:
@@ -108,8 +109,8 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
                 if decoder == "samples":
                     continue
                 lines.append(
-                    f"| {label} | {decoder} | {row['tpf']:.2f} | {row['tokens_per_s']:.1f} | "
-                    f"{_speedup(row)} | {_fmt(row.get(metric))} | {row['exact_match_vs_ar']:.2f} | "
+                    f"| {label} | {decoder} | {_fmt(row.get(metric))} | {row['tpf']:.2f} | "
+                    f"{row['tokens_per_s']:.1f} | {_speedup(row)} | {row['exact_match_vs_ar']:.2f} | "
                     f"{row['repetition']:.2f} |"
                 )
         lines.append("")
@@ -138,17 +139,21 @@ def quality_lines(round_eval: list[dict | None], rounds: list[dict]) -> list[str
     lines = [
         "## Quality (held-out quality sets, greedy)",
         "",
-        "| round (n) | task | examples | accuracy | loss | parse rate |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| round (n) | task | examples | pass@1 | accuracy | loss | repetition |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for rnd, evals in zip(rounds, round_eval):
         label = round_label(rnd)
         for task, row in (evals or {}).items():
-            lines.append(
-                f"| {label} | {task} | {_fmt(row.get('n'))} | {_fmt(row.get('accuracy'))} | "
-                f"{_fmt(row.get('loss'))} | {_fmt(row.get('parse_rate'))} |"
-            )
+            values = [row.get(k) for k in ("n", "pass_at_1", "accuracy", "loss", "repetition")]
+            lines.append(f"| {label} | {task} | " + " | ".join(_fmt(v) for v in values) + " |")
     return lines + [""]
+
+
+def quality_field(rows: dict) -> str | None:
+    """The quality field a task's rows carry (pass_at_1, accuracy or loss), None where there is none."""
+    row = next((r for name, r in rows.items() if name != "samples"), {})
+    return next((field for field in QUALITY_COLUMNS if field in row), None)
 
 
 def round_label(rnd: dict) -> str:

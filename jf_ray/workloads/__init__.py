@@ -1,4 +1,5 @@
-"""The two embedded workloads, ``code`` (stdlib functions) and ``math`` (generated word problems).
+"""The embedded workloads: ``code`` (generated Python tasks, executed), ``math`` (generated word problems)
+and ``stdlib`` (functions of the standard library, a language-modelling set scored by loss).
 
 Each has a ``train`` split (base-model pretraining and post-training prompts) and a ``heldout`` split that
 no training data ever comes from. :func:`load_examples` draws either; :func:`write_examples` exports JSONL.

@@ -16,14 +16,20 @@ from jf_ray.errors import UserInputError
 
 Split = Literal["train", "heldout"]
 SPLITS: tuple[str, ...] = ("train", "heldout")
-TASKS: tuple[str, ...] = ("code", "math")
+TASKS: tuple[str, ...] = ("code", "math", "stdlib", "humaneval")
+TEST_ONLY_TASKS: tuple[str, ...] = ("humaneval",)  # no train split: evaluated on, never trained on
 
 
 @dataclass(frozen=True)
 class Example:
+    """A prompt with its reference answer and, for executed code, hidden tests (``def check(candidate)``)
+    and the name of the function they call."""
+
     prompt: str
     answer: str
-    source: str = ""  # provenance where there is one (the stdlib file of a code example)
+    source: str = ""  # provenance where there is one (the stdlib file of a stdlib example)
+    tests: str = ""
+    entry_point: str = ""
 
 
 def check_split(split: str) -> None:
@@ -37,22 +43,32 @@ def check_task(task: str) -> None:
 
 
 def load_examples(task: str, split: Split, n: int, seed: int = 0) -> list[Example]:
-    """``n`` examples of ``task``/``split`` (fewer for ``code`` when the split has fewer functions)."""
+    """``n`` examples of ``task``/``split`` (fewer where the set is smaller: stdlib functions, HumanEval)."""
     check_task(task)
     check_split(split)
     if n < 1:
         raise UserInputError(f"number of examples must be >= 1, got {n}")
+    if task in TEST_ONLY_TASKS:
+        if split != "heldout":
+            raise UserInputError(f"{task} is a test set: it has only the heldout split")
+        from jf_ray.workloads.humaneval import humaneval_examples
+
+        return humaneval_examples(n)
     if task == "math":
         from jf_ray.workloads.math import generate_math
 
         return generate_math(n, split=split, seed=seed)
-    from jf_ray.workloads.code import code_examples
+    if task == "code":
+        from jf_ray.workloads.code import generate_code
 
-    return code_examples(split, n=n, seed=seed)
+        return generate_code(n, split=split, seed=seed)
+    from jf_ray.workloads.stdlib import stdlib_examples
+
+    return stdlib_examples(split, n=n, seed=seed)
 
 
 def examples_to_jsonl(examples: Iterable[Example]) -> bytes:
-    rows = ({k: v for k, v in asdict(example).items() if k != "source" or v} for example in examples)
+    rows = ({k: v for k, v in asdict(example).items() if k in ("prompt", "answer") or v} for example in examples)
     lines = [json.dumps(row, ensure_ascii=False) for row in rows]
     return ("\n".join(lines) + "\n").encode() if lines else b""
 
@@ -63,17 +79,29 @@ def jsonl_to_examples(data: bytes, source: str = "") -> list[Example]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-            examples.append(
-                Example(
-                    prompt=str(row["prompt"]),
-                    answer=str(row.get("answer", "")),
-                    source=str(row.get("source", "")),
-                )
-            )
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise UserInputError(f"{source or 'JSONL'} line {number}: not a {{prompt, answer}} object ({exc})") from exc
+            examples.append(row_to_example(json.loads(line)))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise UserInputError(
+                f"{source or 'JSONL'} line {number}: not a {{prompt, answer}} or {{prompt, tests, entry_point}} "
+                f"object ({exc})"
+            ) from exc
     return examples
+
+
+def row_to_example(row: dict) -> Example:
+    """One JSONL object: ours (``answer``, ``tests``) or HumanEval's (``canonical_solution``, ``test``,
+    ``task_id``). Tests need the ``entry_point`` they call."""
+    tests = str(row.get("tests", row.get("test", "")))
+    entry_point = str(row.get("entry_point", ""))
+    if tests and not entry_point.isidentifier():
+        raise ValueError("tests need an entry_point: the name of the function that check() is called on")
+    return Example(
+        prompt=str(row["prompt"]),
+        answer=str(row.get("answer", row.get("canonical_solution", ""))),
+        source=str(row.get("source", row.get("task_id", ""))),
+        tests=tests,
+        entry_point=entry_point,
+    )
 
 
 def write_examples(uri: str, examples: Iterable[Example]) -> int:
