@@ -84,6 +84,11 @@ class CollectSettings(StageConfig):
     max_new_tokens: int = Field(256, ge=1, description="cap per response")
     num_gpus_per_worker: float = Field(0.0, ge=0, description="1 on GPU clusters")
     num_cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per actor")
+    backend: str = Field("transformers", description="transformers | vllm (docs/vllm.md)")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one engine spans")
+    vllm_kv_cache_gib: float = Field(1.0, gt=0, description="vllm on CPU: KV cache GiB per actor")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm on GPU: share of GPU memory")
+    vllm_enforce_eager: bool = Field(False, description="vllm: no compilation (starts in seconds; small models)")
 
 
 class TrainSettings(StageConfig):
