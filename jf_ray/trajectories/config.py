@@ -26,9 +26,7 @@ class CollectConfig(StageConfig):
     num_gpus_per_worker: float = Field(0.0, ge=0.0, description="GPUs per actor (1 on GPU clusters, 0 on CPU)")
     num_cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs per actor; also its torch thread count")
     max_shard_attempts: int = Field(3, ge=1, description="attempts per shard before the run fails")
-    backend: str = Field(
-        "transformers", description="'transformers', 'vllm' (docs/vllm.md) or 'package.module:Class'"
-    )
+    backend: str = Field("transformers", description="'transformers', 'vllm' (docs/vllm.md) or 'package.module:Class'")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one engine spans (<= num_gpus_per_worker)")
     vllm_kv_cache_gib: float = Field(1.0, gt=0.0, description="vllm on CPU: KV cache GiB per actor")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vllm on GPU: share of GPU memory")

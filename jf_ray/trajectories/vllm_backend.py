@@ -22,7 +22,7 @@ from jf_ray.decoding.jacobi import JacobiPolicy
 from jf_ray.decoding.request import RequestState, SegmentOutput
 from jf_ray.decoding.types import DecodeConfig, DecodeResult
 from jf_ray.trajectories.backends import BackendSpec
-from jf_ray.vllm_engine import VllmOptions, check_vllm_model, open_engine
+from jf_ray.vllm_engine import check_vllm_model, open_engine
 
 logger = logging.getLogger(__name__)
 
