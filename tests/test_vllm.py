@@ -211,17 +211,22 @@ def test_vllm_collection_on_ray_survives_a_killed_actor(ray_session, checkpoint,
     _check_against(out, vllm_ar)
 
 
+def _summary_json(stdout: str) -> dict:
+    """The CLI's JSON summary; Ray forwards the actors' (and vLLM's) log lines to the same stdout before it."""
+    return json.JSONDecoder().raw_decode(stdout[stdout.index('{\n  "out"') :])[0]
+
+
 def test_cli_collect_with_the_vllm_backend_then_resume(ray_session, checkpoint, prompts_uri, vllm_ar, tmp_path, capsys):
     out = str(tmp_path / "traj")
     argv = ["collect", "--backend", "vllm", "--model", str(checkpoint), "--prompts", prompts_uri, "--out", out]
     argv += ["--block-size", str(BLOCK_SIZE), "--max-new-tokens", str(MAX_NEW_TOKENS), "--workers", "1"]
     argv += ["--set", "vllm_enforce_eager=true", "--set", "dtype=fp32", "--set", "shard_size=3", "--no-progress"]
     assert cli_main([*argv, "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    summary = _summary_json(capsys.readouterr().out)
     assert (summary["shards_run"], summary["rows"] > 0) == (2, True)
     _check_against(out, vllm_ar)
     assert cli_main([*argv, "--json"]) == 0  # resume: both shards finished, no engine started
-    again = json.loads(capsys.readouterr().out)
+    again = _summary_json(capsys.readouterr().out)
     assert (again["shards_run"], again["shards_skipped"]) == (0, 2)
 
 
@@ -238,6 +243,7 @@ def test_the_smoke_graph_collects_on_vllm_and_benches_against_it(ray_session, tm
     overrides = [f"run_dir={tmp_path / 'run'}", f"base.model={base}", "collect.backend=vllm", "collect.workers=1"]
     overrides += ["collect.vllm_enforce_eager=true", "evaluation.vllm_reference=true", "evaluation.vllm_eager=true"]
     overrides += ["evaluation.decoders=[ar,jacobi]", "rounds=[{block_size: 8, window: 4, steps: 4, lr: 1.0e-3}]"]
+    overrides += ["workloads.tasks=[math]"]  # one task: one vLLM engine per model in the benchmark
     result = run_pipeline(PipelineConfig.load(REPO / "jobs" / "configs" / "smoke.yaml", overrides))
     assert result.skipped == []
     manifest = json.loads((tmp_path / "run" / "round1" / "trajectories" / "manifest.json").read_text())

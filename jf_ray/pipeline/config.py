@@ -127,7 +127,7 @@ class EvalSettings(StageConfig):
     vllm_reference: bool | None = Field(
         None,
         description="final benchmark: also time vLLM's greedy AR of each model (docs/vllm.md); default: "
-        "when vLLM is installed",
+        "where vLLM is installed and can run the model (else a warning)",
     )
     vllm_eager: bool = Field(False, description="vLLM reference without compilation (starts faster, may run slower)")
     decode: dict = Field(

@@ -41,14 +41,14 @@ def evaluate_task(
     repeats: int = 1,
     decode: dict | None = None,
     warmup: bool = True,
-    vllm_reference: bool = False,
+    vllm_reference: bool | None = False,
     vllm_eager: bool = False,
 ) -> dict:
     """{decoder: bench fields + accuracy (math) or loss and parse_rate (code)} for ``model_uri``.
 
     ``warmup=False`` where only the outputs count (the per-round quality evaluation), not the timing.
     ``vllm_reference`` adds vLLM's greedy AR of the same checkpoint (row ``vllm``; ``speedup_vs_vllm`` on
-    every decoder, docs/vllm.md)."""
+    every decoder, docs/vllm.md): True requires it, None adds it where vLLM is installed and runs the model."""
     from jf_ray.modeling import encode_prompt, eos_token_ids, load_model, load_tokenizer, set_torch_threads
 
     set_torch_threads(threads)
@@ -56,7 +56,9 @@ def evaluate_task(
     examples = read_examples(examples_uri)
     prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
     config = DecodeConfig(block_size=block_size, max_new_tokens=max_new_tokens, seed=seed, **(decode or {}))
-    references = _vllm_references(model_uri, model, batch_size, threads, vllm_eager) if vllm_reference else {}
+    references = {}
+    if vllm_reference is not False:
+        references = _vllm_references(model_uri, model, batch_size, threads, vllm_eager, vllm_reference is None)
     runs = run_decoders(
         model,
         prompts,
@@ -93,16 +95,26 @@ def evaluate_task(
     return report
 
 
-def _vllm_references(model_uri: str, model, batch_size: int, threads: int | None, eager: bool) -> dict:
+def _vllm_references(model_uri: str, model, batch_size: int, threads, eager: bool, optional: bool) -> dict:
+    """{"vllm": runner}; ``optional``: {} with a warning where vLLM is missing or cannot run the model."""
     from jf_ray.bench import VLLM, vllm_runner
+    from jf_ray.errors import UserInputError
     from jf_ray.modeling import local_model_path
-    from jf_ray.vllm_engine import VllmOptions, check_vllm_model, open_engine
+    from jf_ray.vllm_engine import VllmOptions, check_vllm_model, open_engine, vllm_installed
 
+    if optional and not vllm_installed():
+        return {}
     path = local_model_path(model_uri)
     device = "cpu" if next(model.parameters()).device.type == "cpu" else "cuda"
     options = VllmOptions(device=device, max_num_seqs=batch_size, num_threads=threads, enforce_eager=eager)
-    check_vllm_model(path, options)
-    return {VLLM: vllm_runner(open_engine(path, options))}
+    try:
+        check_vllm_model(path, options)
+        return {VLLM: vllm_runner(open_engine(path, options))}
+    except UserInputError as exc:
+        if not optional:
+            raise
+        logger.warning("benchmark without the vLLM reference: %s", exc)
+        return {}
 
 
 def evaluate_remote(resources: dict, **kwargs) -> dict:

@@ -229,11 +229,6 @@ def bench_stage(cfg: PipelineConfig, outputs: dict) -> dict:
 
     init_ray(cfg.ray_address)
     ev = cfg.evaluation
-    vllm_reference = ev.vllm_reference
-    if vllm_reference is None:
-        from jf_ray.vllm_engine import vllm_installed
-
-        vllm_reference = vllm_installed()
     rounds = []
     for k in range(len(cfg.rounds) + 1):
         model = model_of(outputs, k)
@@ -252,7 +247,7 @@ def bench_stage(cfg: PipelineConfig, outputs: dict) -> dict:
                 threads=ev.threads,
                 repeats=ev.repeats,
                 decode=ev.decode,
-                vllm_reference=vllm_reference,
+                vllm_reference=ev.vllm_reference,
                 vllm_eager=ev.vllm_eager,
             )
         block_size = None if k == 0 else cfg.rounds[k - 1].block_size
