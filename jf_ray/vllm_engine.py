@@ -155,6 +155,12 @@ def open_engine(path: str, options: VllmOptions, seed: int = 0):
         raise UserInputError(f"vLLM could not start on {path}: {type(exc).__name__}: {exc}; {ALTERNATIVE}") from exc
 
 
+def close_engine(llm) -> None:
+    """Stop the engine's processes now: vLLM stops them only when the ``LLM`` is garbage-collected, which a
+    reused Ray worker may never do (each left-over engine keeps its KV cache)."""
+    llm.llm_engine.engine_core.shutdown()
+
+
 def _vllm_dtype(options: VllmOptions) -> str:
     """jf-ray's meaning of ``auto`` (fp32 on CPU, bf16 on GPU), so both engines compute in the same precision."""
     if options.dtype == "auto":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from jf_ray.bench import run_decoders, summarize_runs
+from jf_ray.bench import VLLM, run_decoders, summarize_runs, vllm_runner
 from jf_ray.decoding import DecodeConfig
 from jf_ray.evaluation import answer_loss, extract_code
 from jf_ray.workloads import read_examples
@@ -56,20 +56,27 @@ def evaluate_task(
     examples = read_examples(examples_uri)
     prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
     config = DecodeConfig(block_size=block_size, max_new_tokens=max_new_tokens, seed=seed, **(decode or {}))
-    references = {}
+    engine = None
     if vllm_reference is not False:
-        references = _vllm_references(model_uri, model, batch_size, threads, vllm_eager, vllm_reference is None)
-    runs = run_decoders(
-        model,
-        prompts,
-        decoders,
-        config,
-        eos_token_ids(model, tokenizer),
-        batch_size,
-        repeats=repeats,
-        warmup=warmup,
-        references=references,
-    )
+        engine = _vllm_engine(model_uri, model, batch_size, threads, vllm_eager, vllm_reference is None)
+    references = {VLLM: vllm_runner(engine)} if engine is not None else {}
+    try:
+        runs = run_decoders(
+            model,
+            prompts,
+            decoders,
+            config,
+            eos_token_ids(model, tokenizer),
+            batch_size,
+            repeats=repeats,
+            warmup=warmup,
+            references=references,
+        )
+    finally:
+        if engine is not None:
+            from jf_ray.vllm_engine import close_engine
+
+            close_engine(engine)
     summaries = summarize_runs(runs, prompts, [*decoders, *references], list(references))
     extra = {"loss": answer_loss(model, tokenizer, examples)["loss"]} if task == "code" else {}
     report = {}
@@ -95,26 +102,25 @@ def evaluate_task(
     return report
 
 
-def _vllm_references(model_uri: str, model, batch_size: int, threads, eager: bool, optional: bool) -> dict:
-    """{"vllm": runner}; ``optional``: {} with a warning where vLLM is missing or cannot run the model."""
-    from jf_ray.bench import VLLM, vllm_runner
+def _vllm_engine(model_uri: str, model, batch_size: int, threads, eager: bool, optional: bool):
+    """A vLLM engine on the checkpoint; ``optional``: None with a warning where vLLM cannot run it."""
     from jf_ray.errors import UserInputError
     from jf_ray.modeling import local_model_path
     from jf_ray.vllm_engine import VllmOptions, check_vllm_model, open_engine, vllm_installed
 
     if optional and not vllm_installed():
-        return {}
+        return None
     path = local_model_path(model_uri)
     device = "cpu" if next(model.parameters()).device.type == "cpu" else "cuda"
     options = VllmOptions(device=device, max_num_seqs=batch_size, num_threads=threads, enforce_eager=eager)
     try:
         check_vllm_model(path, options)
-        return {VLLM: vllm_runner(open_engine(path, options))}
+        return open_engine(path, options)
     except UserInputError as exc:
         if not optional:
             raise
         logger.warning("benchmark without the vLLM reference: %s", exc)
-        return {}
+        return None
 
 
 def evaluate_remote(resources: dict, **kwargs) -> dict:
