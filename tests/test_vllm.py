@@ -307,6 +307,7 @@ def test_bench_serve_loads_a_vllm_server_beside_the_jf_ray_app(checkpoint, vllm_
     import os
     import subprocess
     import sys
+    import tempfile
 
     report = tmp_path / "serve.json"
     command = [sys.executable, "-m", "jf_ray.cli.main", "bench-serve", "--model", str(checkpoint)]
@@ -321,7 +322,8 @@ def test_bench_serve_loads_a_vllm_server_beside_the_jf_ray_app(checkpoint, vllm_
         "--json",
         str(report),
     ]
-    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")}
+    # The app's own Ray cluster, in a short temp dir: Ray's socket paths must stay under 108 bytes.
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="jfv", dir="/tmp")}
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(report.read_text())
