@@ -40,7 +40,7 @@ class VllmBackend:
 
     @classmethod
     def from_spec(cls, spec: BackendSpec) -> VllmBackend:
-        from transformers import GenerationConfig
+        from transformers import AutoConfig, GenerationConfig
 
         from jf_ray.modeling import eos_token_ids, load_tokenizer, local_model_path
 
@@ -52,7 +52,7 @@ class VllmBackend:
             generation = GenerationConfig.from_pretrained(path)
         except OSError:  # no generation_config.json: the tokenizer's EOS alone
             generation = None
-        eos = eos_token_ids(_ConfigView(generation), tokenizer)
+        eos = eos_token_ids(_ConfigView(generation, AutoConfig.from_pretrained(path)), tokenizer)
         return cls(open_engine(path, options), tokenizer, eos, spec.use_chat_template)
 
     def eos_token_ids(self) -> list[int]:
@@ -134,8 +134,9 @@ class VllmBackend:
 class _ConfigView:
     """What :func:`jf_ray.modeling.eos_token_ids` reads from a model, without loading the model."""
 
-    def __init__(self, generation_config):
+    def __init__(self, generation_config, config):
         self.generation_config = generation_config
+        self.config = config
 
 
 def _iteration_params(skip_cache: bool):
