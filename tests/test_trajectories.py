@@ -282,8 +282,8 @@ class _EchoBackend:
 def test_backend_by_dotted_name():
     backend = make_backend(BackendSpec(name="test_trajectories:_EchoBackend", model="m"))
     assert isinstance(backend, _EchoBackend) and backend.spec.model == "m"
-    with pytest.raises(UserInputError, match="unknown backend 'vllm'"):
-        make_backend(BackendSpec(name="vllm"))
+    with pytest.raises(UserInputError, match="unknown backend 'sglang'"):
+        make_backend(BackendSpec(name="sglang"))
     with pytest.raises(UserInputError, match="cannot import backend"):
         make_backend(BackendSpec(name="no_such_module_xyz:Backend"))
     with pytest.raises(TrajectoryError, match="0 results for 1 prompts"):
