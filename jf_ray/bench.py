@@ -9,6 +9,9 @@ runs share the machine's state, which on a small shared machine drifts by tens o
 generated tokens that complete a 4-gram already present earlier in prompt + output, so that TPF gained by
 copying loops can be told apart from real parallel decoding. ``generate`` is a reference outside our engine:
 transformers' own greedy ``model.generate`` with its KV cache, to show that the AR baseline is not slow.
+``vllm`` (docs/vllm.md) is the other outside reference, passed in ``references`` rather than named as a
+decoder: vLLM's own greedy AR (offline ``LLM.generate``, at most ``batch_size`` sequences in flight) of the
+same checkpoint; every decoder then also gets ``exact_match_vs_vllm`` and ``speedup_vs_vllm``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from jf_ray.modeling import attention_backends
 logger = logging.getLogger(__name__)
 
 GENERATE = "generate"  # a reference of jf_ray.decoding.registry.REFERENCES: transformers' greedy generate
+VLLM = "vllm"  # bench reference (not a decoder): vLLM's greedy AR, see vllm_runner
 
 
 @dataclass
@@ -63,19 +67,29 @@ class PeakRSS:
         self._process = psutil.Process()
 
     def __enter__(self) -> PeakRSS:
-        self.peak = self._process.memory_info().rss
+        self.peak = self._rss()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
+    def _rss(self) -> int:
+        """This process and its children (vLLM's engine runs in child processes)."""
+        total = self._process.memory_info().rss
+        for child in self._process.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:  # a child that just ended
+                pass
+        return total
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, self._process.memory_info().rss)
+            self.peak = max(self.peak, self._rss())
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._process.memory_info().rss)
+        self.peak = max(self.peak, self._rss())
 
 
 def run_decoder(
@@ -143,6 +157,26 @@ def run_generate(
     return DecoderRun(results, wall, None, rss.peak / 2**20)
 
 
+def vllm_runner(llm) -> Callable[..., DecoderRun]:
+    """A runner (same call as :func:`run_decoder`) timing vLLM's greedy AR on the open engine ``llm``; the
+    engine was opened with ``max_num_seqs=batch_size`` (:func:`jf_ray.vllm_engine.open_engine`)."""
+
+    def run_vllm(model, prompts, config, eos_ids, batch_size, progress=None) -> DecoderRun:
+        from jf_ray.vllm_engine import greedy_ar
+
+        if not config.greedy:
+            raise ValueError("the vLLM reference decodes greedily only")
+        with PeakRSS() as rss:
+            start = time.perf_counter()
+            outputs = greedy_ar(llm, prompts, config.max_new_tokens, eos_ids)
+            wall = time.perf_counter() - start
+        if progress:
+            progress(len(prompts))
+        return DecoderRun([_until_eos(row, eos_ids) for row in outputs], wall, None, rss.peak / 2**20)
+
+    return run_vllm
+
+
 def _until_eos(row: list[int], eos_ids: list[int]) -> DecodeResult:
     """Generated ids up to and including the first EOS (generate pads rows that finished early)."""
     stop = next((i for i, token in enumerate(row) if token in eos_ids), None)
@@ -184,12 +218,19 @@ def summarize(run: DecoderRun, prompts: list[list[int]], reference: DecoderRun |
     if run.cost_curve is not None:
         summary["cost_curve"] = run.cost_curve.to_dict()
     if reference is not None:
-        same = sum(a.token_ids == b.token_ids for a, b in zip(run.results, reference.results))
-        summary["exact_match_vs_ar"] = round(same / len(prompts), 4)
-        ratios = paired_speedups(run, reference)
-        summary["speedup_vs_ar"] = round(statistics.median(ratios), 4) if ratios else None
-        summary["speedup_vs_ar_range"] = [round(min(ratios), 4), round(max(ratios), 4)] if ratios else None
+        summary.update(versus(run, reference, "ar"))
     return summary
+
+
+def versus(run: DecoderRun, reference: DecoderRun, name: str) -> dict:
+    """``exact_match_vs_<name>``, ``speedup_vs_<name>`` (median paired ratio) and its range."""
+    same = sum(a.token_ids == b.token_ids for a, b in zip(run.results, reference.results))
+    ratios = paired_speedups(run, reference)
+    return {
+        f"exact_match_vs_{name}": round(same / len(run.results), 4) if run.results else None,
+        f"speedup_vs_{name}": round(statistics.median(ratios), 4) if ratios else None,
+        f"speedup_vs_{name}_range": [round(min(ratios), 4), round(max(ratios), 4)] if ratios else None,
+    }
 
 
 def paired_speedups(run: DecoderRun, reference: DecoderRun) -> list[float]:
@@ -215,6 +256,7 @@ def run_decoders(
     progress_factory: Callable[[str, int], Callable[[int], None]] | None = None,
     repeats: int = 1,
     warmup: bool = True,
+    references: dict[str, Callable[..., DecoderRun]] | None = None,
 ) -> dict[str, DecoderRun]:
     """Run AR (the reference), then each decoder, back to back under the same conditions.
 
@@ -222,26 +264,28 @@ def run_decoders(
     ...), and each decoder keeps its run of median wall time, with every repeat's wall time beside it: a
     background burst on a small machine then hits every decoder alike instead of one of them. Outputs are the
     same in every repeat (greedy). ``warmup=False`` skips the untimed first runs where only outputs matter.
+    ``references`` ({name: runner}, e.g. ``{"vllm": vllm_runner(llm)}``) run right after AR, in every repeat.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    order = ["ar"] + [d for d in decoders if d != "ar"]
+    references = references or {}
+    order = ["ar", *references] + [d for d in decoders if d != "ar"]
     # ``auto`` plans with the forward cost curve of this machine, measured once here, outside the timed runs.
     curve = None
     if "auto" in order:
         curve = measure_cost_curve(model, batch_size, max(64, base_config.block_size))
+    runner = {name: references.get(name) or _runner(name, curve) for name in order}
     # First-call costs (allocations, kernel selection; on a GPU many times a forward) are not timed: each
     # decoder first runs briefly on one batch, so every query width and batch shape has been met once.
     if warmup:
         short = base_config.model_copy(update={"max_new_tokens": min(32, base_config.max_new_tokens)})
         for name in order:
-            _runner(name, curve)(model, prompts[:batch_size], _config(short, name), eos_ids, batch_size)
+            runner[name](model, prompts[:batch_size], _config(short, name), eos_ids, batch_size)
     timed: dict[str, list[DecoderRun]] = {name: [] for name in order}
     for repeat in range(repeats):
         for name in order:
             progress = progress_factory(name, len(prompts)) if progress_factory and repeat == 0 else None
-            run = _runner(name, curve)(model, prompts, _config(base_config, name), eos_ids, batch_size, progress)
-            timed[name].append(run)
+            timed[name].append(runner[name](model, prompts, _config(base_config, name), eos_ids, batch_size, progress))
             logger.info(
                 "%s (repeat %d/%d): %d tokens in %.2fs",
                 name,
@@ -262,7 +306,8 @@ def _runner(name: str, cost_curve: CostCurve | None) -> Callable[..., DecoderRun
 
 
 def _config(base_config: DecodeConfig, name: str) -> DecodeConfig:
-    return base_config if name == GENERATE else base_config.model_copy(update={"decoder": name})
+    # a reference (generate, vllm) decodes greedily whatever the decoder field says
+    return base_config if name in (GENERATE, VLLM) else base_config.model_copy(update={"decoder": name})
 
 
 def bench_decoders(
@@ -274,7 +319,21 @@ def bench_decoders(
     batch_size: int = 1,
     progress_factory: Callable[[str, int], Callable[[int], None]] | None = None,
     repeats: int = 1,
+    references: dict[str, Callable[..., DecoderRun]] | None = None,
 ) -> dict[str, dict]:
-    """{decoder: bench fields} for the requested decoders (AR always runs, as the reference)."""
-    runs = run_decoders(model, prompts, decoders, base_config, eos_ids, batch_size, progress_factory, repeats)
-    return {name: summarize(run, prompts, runs["ar"]) for name, run in runs.items() if name in decoders}
+    """{decoder: bench fields} for the requested decoders and the ``references`` (AR always runs)."""
+    runs = run_decoders(
+        model, prompts, decoders, base_config, eos_ids, batch_size, progress_factory, repeats, references=references
+    )
+    return summarize_runs(runs, prompts, [*decoders, *(references or {})], list(references or {}))
+
+
+def summarize_runs(runs: dict[str, DecoderRun], prompts, names: list[str], references: list[str]) -> dict:
+    """Each named run against AR, and against each outside reference (``speedup_vs_vllm``...)."""
+    summaries = {}
+    for name in names:
+        summaries[name] = summarize(runs[name], prompts, runs["ar"])
+        for reference in references:
+            if reference != name:
+                summaries[name].update(versus(runs[name], runs[reference], reference))
+    return summaries

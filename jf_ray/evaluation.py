@@ -104,19 +104,25 @@ def evaluate_decoders(
     progress_factory: Callable[[str, int], Callable[[int], None]] | None = None,
     limits: SandboxLimits = SandboxLimits(),
     by_loss: bool = False,
+    references: dict | None = None,
 ) -> dict[str, dict]:
     """{decoder: bench fields + quality fields} for AR and every decoder of ``decoders`` on ``examples``.
 
     ``by_loss``: score by the loss of the reference answers, not by passing (the ``stdlib`` set); otherwise
     the examples decide (tests or answers). ``warmup=False`` where only the outputs count, not the timing.
+    ``references``: outside runners timed beside the decoders (``{"vllm": bench.vllm_runner(engine)}``); every
+    row then also carries its speed-up over each of them.
     """
-    from jf_ray.bench import run_decoders, summarize
+    from jf_ray.bench import run_decoders, summarize_runs
     from jf_ray.modeling import encode_prompt, eos_token_ids
     from jf_ray.scoring import NUM_SAMPLES, score_outputs
 
     prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
     eos = eos_token_ids(model, tokenizer)
-    runs = run_decoders(model, prompts, decoders, decode_config, eos, batch_size, progress_factory, repeats, warmup)
+    runs = run_decoders(
+        model, prompts, decoders, decode_config, eos, batch_size, progress_factory, repeats, warmup, references
+    )
+    summaries = summarize_runs(runs, prompts, list(runs), list(references or {}))
     loss = answer_loss(model, tokenizer, examples, batch_size)["loss"] if by_loss else None
     rows, verdicts = {}, {}
     for name, run in runs.items():
@@ -126,7 +132,7 @@ def evaluate_decoders(
         else:
             samples = [{"prompt": ex.prompt, "output": t} for ex, t in list(zip(examples, texts))[:NUM_SAMPLES]]
             quality = {"n": len(examples), "loss": loss, "samples": samples}
-        rows[name] = {**summarize(run, prompts, runs["ar"]), **quality}
+        rows[name] = {**summaries[name], **quality}
     return rows
 
 

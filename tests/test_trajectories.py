@@ -37,8 +37,10 @@ PROMPT_TEXTS = [
 ]
 
 
-def build_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A random tiny Qwen2 + a byte-level BPE tokenizer with a chat template, saved as an HF checkpoint."""
+def build_tiny_checkpoint(path: Path, seed: int = 0, num_attention_heads: int = 4) -> Path:
+    """A random tiny Qwen2 + a byte-level BPE tokenizer with a chat template, saved as an HF checkpoint.
+
+    Hidden size 64: 4 heads (head size 16) by default; vLLM's CPU attention needs 2 (head size 32)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -64,7 +66,7 @@ def build_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
         vocab_size=len(tokenizer),
         hidden_size=64,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=num_attention_heads,
         num_key_value_heads=2,
         intermediate_size=128,
         max_position_embeddings=1024,
@@ -280,8 +282,8 @@ class _EchoBackend:
 def test_backend_by_dotted_name():
     backend = make_backend(BackendSpec(name="test_trajectories:_EchoBackend", model="m"))
     assert isinstance(backend, _EchoBackend) and backend.spec.model == "m"
-    with pytest.raises(UserInputError, match="unknown backend 'vllm'"):
-        make_backend(BackendSpec(name="vllm"))
+    with pytest.raises(UserInputError, match="unknown backend 'sglang'"):
+        make_backend(BackendSpec(name="sglang"))
     with pytest.raises(UserInputError, match="cannot import backend"):
         make_backend(BackendSpec(name="no_such_module_xyz:Backend"))
     with pytest.raises(TrajectoryError, match="0 results for 1 prompts"):

@@ -35,8 +35,35 @@ def register(subparsers) -> None:
         default=3,
         help="timed runs per decoder, interleaved; the median wall time is reported",
     )
+    parser.add_argument(
+        "--vllm",
+        action="store_true",
+        help="also time vLLM's own greedy AR of the same checkpoint (a reference, docs/vllm.md): every decoder "
+        "gets speedup_vs_vllm and exact_match_vs_vllm",
+    )
+    parser.add_argument("--vllm-eager", action="store_true", help="vLLM without compilation (starts faster)")
     parser.add_argument("--json", dest="json_out", default=None, help="write the report here (path or URI)")
     parser.set_defaults(func=run)
+
+
+def vllm_references(args: argparse.Namespace) -> dict:
+    """{"vllm": runner} with ``--vllm`` (engine checked and opened before any decoder runs), else {}."""
+    if not args.vllm:
+        return {}
+    from jf_ray.bench import VLLM, vllm_runner
+    from jf_ray.modeling import local_model_path, resolve_device
+    from jf_ray.vllm_engine import VllmOptions, check_vllm_model, open_engine
+
+    path = local_model_path(args.model)
+    options = VllmOptions(
+        dtype=args.dtype,
+        device="cpu" if resolve_device(args.device) == "cpu" else "cuda",
+        max_num_seqs=args.batch_size,
+        num_threads=args.threads,
+        enforce_eager=args.vllm_eager,
+    )
+    check_vllm_model(path, options)
+    return {VLLM: vllm_runner(open_engine(path, options, seed=args.seed or 0))}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     set_torch_threads(args.threads)
     texts = [p.text for p in read_prompts(args.prompts)][: args.num_prompts]
     config = decode_config_from_args(args)
+    references = vllm_references(args)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     prompts = [encode_prompt(tokenizer, t, use_chat_template=not args.no_chat_template) for t in texts]
@@ -70,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         args.batch_size,
         progress_factory,
         args.repeats,
+        references=references,
     )
     report = {
         "model": args.model,
@@ -80,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
             "repeats": args.repeats,
             "dtype": str(model.dtype),
             "device": str(model.device),
+            "references": ["ar", *references],
         },
         "results": results,
     }
@@ -106,6 +136,8 @@ def print_table(results: dict[str, dict]) -> None:
         "query_tokens_per_forward",
         "peak_rss_mb",
     ]
+    if any("speedup_vs_vllm" in row for row in results.values()):
+        columns[5:5] = ["speedup_vs_vllm", "exact_match_vs_vllm"]
     header = f"{'decoder':<10}" + "".join(f"{c:>26}" for c in columns)
     print(header)
     for name, row in results.items():

@@ -5,6 +5,9 @@ use the same replica and model) and every concurrency runs a closed-loop load an
 throughput, p50/p99 latency and time to first token, tokens per forward, errors. With ``--model`` it first
 decodes the same requests offline with AR at batch = concurrency, in this process with the replica's CPU
 share (before the app starts), so ``served_over_offline_ar`` measures what the serving path costs.
+``--reference NAME=URL`` adds another OpenAI-compatible server of the same checkpoint (e.g. ``vllm serve``, or
+vLLM with ``ngram`` speculative decoding; docs/vllm.md), loaded with the same prompts and clients, reported
+as decoder NAME, and every decoder's throughput is also given over each reference's (``speedup_vs_<NAME>``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,13 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def reference_arg(text: str) -> tuple[str, str]:
+    name, _, url = text.partition("=")
+    if not name or not url.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"expected NAME=http://host:port, got {text!r}")
+    return name, url
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench-serve",
@@ -58,6 +68,16 @@ def register(subparsers) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="ServeConfig field of the local app, e.g. --set decode.block_size=16",
+    )
+    parser.add_argument(
+        "--reference",
+        dest="references",
+        type=reference_arg,
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="also load this running OpenAI-compatible server of the same checkpoint (repeatable), e.g. "
+        "vllm=http://127.0.0.1:8001 from `python -m vllm.entrypoints.openai.api_server` (docs/vllm.md)",
     )
     parser.add_argument("--port", type=positive_int, default=8000, help="port of the local app")
     parser.add_argument("--ray-cpus", type=positive_int, default=None, help="CPUs of a locally started cluster")
@@ -92,11 +112,9 @@ def local_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
     import os
     import platform
 
-    from jf_ray.serving.loadtest import run_load
     from jf_ray.storage import check_writable_file
 
     if args.json_out:
@@ -106,36 +124,15 @@ def run(args: argparse.Namespace) -> int:
     config, stop = (None, None) if args.url else _start_local(local_config(args), args)
     url = args.url or f"http://{config.host}:{config.port}"
     model = args.model_name or (config.served_model_name if config else None) or _served_model(url, args.api_key)
+    # (label, url, model, decoder): jf-ray's decoders first, then each reference server with its served model.
+    targets = [(None, url, model, decoder) for decoder in args.decoders]
+    targets += [(name, ref_url, _served_model(ref_url, args.api_key), name) for name, ref_url in args.references]
     results = []
     try:
-        for decoder in args.decoders:
-            asyncio.run(
-                run_load(
-                    url,
-                    model,
-                    prompts,
-                    decoder,
-                    1,
-                    1,
-                    args.max_tokens,  # warm-up, discarded
-                    args.endpoint == "chat",
-                    args.api_key,
-                )
-            )
+        for target in targets:
+            _load(args, prompts, target, 1, 1)  # warm-up, discarded
             for concurrency in args.concurrency:
-                result = asyncio.run(
-                    run_load(
-                        url,
-                        model,
-                        prompts,
-                        decoder,
-                        concurrency,
-                        args.requests_per_client,
-                        args.max_tokens,
-                        args.endpoint == "chat",
-                        args.api_key,
-                    )
-                )
+                result = _load(args, prompts, target, concurrency, args.requests_per_client)
                 print_row(result)
                 results.append(result.to_dict())
     finally:
@@ -159,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         "speedup_vs_ar": speedups(results),
         "offline_ar": offline,
         "served_over_offline_ar": served_over_offline(results, offline),
+        **{f"speedup_vs_{name}": speedups(results, name) for name, _ in args.references},
     }
     if args.json_out:
         from jf_ray.storage import write_json_atomic
@@ -168,13 +166,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def speedups(results: list[dict]) -> dict:
-    """Throughput of each decoder over AR's, per concurrency (when AR was measured)."""
-    ar = {r["concurrency"]: r["throughput_tokens_per_s"] for r in results if r["decoder"] == "ar"}
+def _load(args, prompts: list[str], target: tuple, concurrency: int, requests: int):
+    import asyncio
+
+    from jf_ray.serving.loadtest import run_load
+
+    label, url, model, decoder = target
+    chat = args.endpoint == "chat"
+    return asyncio.run(
+        run_load(url, model, prompts, decoder, concurrency, requests, args.max_tokens, chat, args.api_key, label)
+    )
+
+
+def speedups(results: list[dict], reference: str = "ar") -> dict:
+    """Throughput of each decoder over the reference's (AR, or a reference server), per concurrency."""
+    ref = {r["concurrency"]: r["throughput_tokens_per_s"] for r in results if r["decoder"] == reference}
     out: dict = {}
     for r in results:
-        base = ar.get(r["concurrency"])
-        if r["decoder"] != "ar" and base:
+        base = ref.get(r["concurrency"])
+        if r["decoder"] != reference and base:
             out.setdefault(r["decoder"], {})[str(r["concurrency"])] = round(r["throughput_tokens_per_s"] / base, 3)
     return out
 

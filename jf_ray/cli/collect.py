@@ -23,6 +23,8 @@ _FIELD_FLAGS = (
     ("--round", int, "Jacobi Forcing round stored in every row"),
     ("--model-id", str, "model id stored in every row (default: --model)"),
     ("--num-gpus-per-worker", float, "GPUs per actor (0 on CPU)"),
+    ("--backend", str, "transformers | vllm (docs/vllm.md) | package.module:Class"),
+    ("--tensor-parallel-size", int, "vllm: GPUs one engine spans"),
 )
 
 

@@ -92,6 +92,11 @@ class CollectSettings(StageConfig):
     max_new_tokens: int = Field(256, ge=1, description="cap per response")
     num_gpus_per_worker: float = Field(0.0, ge=0, description="1 on GPU clusters")
     num_cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per actor")
+    backend: str = Field("transformers", description="transformers | vllm (docs/vllm.md)")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one engine spans")
+    vllm_kv_cache_gib: int = Field(1, ge=1, description="vllm on CPU: KV cache GiB per actor")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm on GPU: share of GPU memory")
+    vllm_enforce_eager: bool = Field(False, description="vllm: no compilation (starts in seconds; small models)")
 
 
 class TrainSettings(StageConfig):
@@ -127,6 +132,12 @@ class EvalSettings(StageConfig):
         ge=1,
         description="final benchmark: timed runs per decoder, interleaved; the (lower) median is kept",
     )
+    vllm_reference: bool | None = Field(
+        None,
+        description="final benchmark: also time vLLM's greedy AR of each model (docs/vllm.md); default: "
+        "where vLLM is installed and can run the model (else a warning)",
+    )
+    vllm_eager: bool = Field(False, description="vLLM reference without compilation (starts faster, may run slower)")
     decode: dict = Field(
         {},
         description="other DecodeConfig fields of the benchmark and the per-round evaluation (e.g. num_blocks, "

@@ -56,6 +56,17 @@ def _timing(repeats: int) -> str:
     )
 
 
+def _has_vllm(report: dict, task: str) -> bool:
+    """The benchmark timed vLLM's greedy AR as a second reference (docs/vllm.md)."""
+    return any("vllm" in rnd["eval"][task] for rnd in report["rounds"])
+
+
+def _vs_vllm(row: dict) -> str:
+    if row.get("speedup_vs_vllm") is None:  # the vllm row itself
+        return " 1.00x | 1.00 |"
+    return f" {row['speedup_vs_vllm']:.2f}x | {row['exact_match_vs_vllm']:.2f} |"
+
+
 def _speedup(row: dict) -> str:
     low, high = row.get("speedup_vs_ar_range") or (None, None)
     spread = f" ({low:.2f}-{high:.2f})" if low is not None and high - low >= 0.005 else ""
@@ -100,8 +111,8 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
             f"## {task}",
             "",
             f"| round (n) | decoder | {QUALITY_COLUMNS.get(metric, '-')} | TPF | tokens/s | speed-up vs AR | "
-            "exact vs AR | repetition |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "exact vs AR | repetition |" + (" speed-up vs vLLM | exact vs vLLM |" if _has_vllm(report, task) else ""),
+            "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if _has_vllm(report, task) else ""),
         ]
         for rnd in report["rounds"]:
             label = round_label(rnd)
@@ -111,7 +122,7 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
                 lines.append(
                     f"| {label} | {decoder} | {_fmt(row.get(metric))} | {row['tpf']:.2f} | "
                     f"{row['tokens_per_s']:.1f} | {_speedup(row)} | {row['exact_match_vs_ar']:.2f} | "
-                    f"{row['repetition']:.2f} |"
+                    f"{row['repetition']:.2f} |" + (_vs_vllm(row) if _has_vllm(report, task) else "")
                 )
         lines.append("")
     lines += quality_lines(report["round_eval"], report["rounds"])

@@ -117,6 +117,11 @@ def collect_stage(cfg: PipelineConfig, k: int, outputs: dict) -> dict:
         seed=cfg.seed,
         num_gpus_per_worker=settings.num_gpus_per_worker,
         num_cpus_per_worker=settings.num_cpus_per_worker,
+        backend=settings.backend,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        vllm_kv_cache_gib=settings.vllm_kv_cache_gib,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        vllm_enforce_eager=settings.vllm_enforce_eager,
         ray_address=cfg.ray_address,
     )
     return collect(config)
@@ -265,6 +270,8 @@ def bench_stage(cfg: PipelineConfig, outputs: dict) -> dict:
                 threads=ev.threads,
                 repeats=ev.repeats,
                 decode=ev.decode,
+                vllm_reference=ev.vllm_reference,
+                vllm_eager=ev.vllm_eager,
             )
         block_size = None if k == 0 else cfg.rounds[k - 1].block_size
         rounds.append({"round": k, "block_size": block_size, "model": model, "eval": per_task})

@@ -55,7 +55,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-async def one_request(client, model: str, prompt: str, chat: bool, max_tokens: int, decoder: str) -> RequestRecord:
+async def one_request(
+    client, model: str, prompt: str, chat: bool, max_tokens: int, decoder: str | None
+) -> RequestRecord:
+    """One streamed greedy request; ``decoder`` picks jf-ray's decoder (None for another server, e.g. vLLM)."""
     started = time.perf_counter()
     ttft, usage = None, None
     common = dict(
@@ -64,7 +67,7 @@ async def one_request(client, model: str, prompt: str, chat: bool, max_tokens: i
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
-        extra_body={"decoder": decoder},
+        extra_body={"decoder": decoder} if decoder else None,
     )
     try:
         if chat:
@@ -99,8 +102,12 @@ async def run_load(
     max_tokens: int,
     chat: bool = True,
     api_key: str = "unused",
+    label: str | None = None,
 ) -> LoadResult:
-    """``concurrency`` clients send ``requests_per_client`` requests each, prompts taken round-robin."""
+    """``concurrency`` clients send ``requests_per_client`` requests each, prompts taken round-robin.
+
+    With ``label`` the server is not jf-ray (a reference such as ``vllm serve``): no decoder is sent and the
+    result is reported under ``label``."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=base_url.rstrip("/") + "/v1", api_key=api_key, max_retries=0, timeout=600)
@@ -109,14 +116,14 @@ async def run_load(
         records = []
         for k in range(requests_per_client):
             prompt = prompts[(index * requests_per_client + k) % len(prompts)]
-            records.append(await one_request(client, model, prompt, chat, max_tokens, decoder))
+            records.append(await one_request(client, model, prompt, chat, max_tokens, None if label else decoder))
         return records
 
     started = time.perf_counter()
     per_client = await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
     wall = time.perf_counter() - started
     await client.close()
-    return summarize(decoder, concurrency, [r for rs in per_client for r in rs], wall)
+    return summarize(label or decoder, concurrency, [r for rs in per_client for r in rs], wall)
 
 
 def summarize(decoder: str, concurrency: int, records: list[RequestRecord], wall_s: float) -> LoadResult:

@@ -1,8 +1,9 @@
 """Generation backends: what produces greedy Jacobi trajectories for a batch of prompts.
 
 The collector only talks to :class:`GenerationBackend`. :class:`TransformersBackend` runs our batched Jacobi
-decoder (``jf_ray.decoding``) on any Hugging Face causal LM, on CPU or GPU. A GPU-pool backend (e.g. vLLM)
-plugs in without code changes here: name it ``"package.module:ClassName"`` in ``CollectConfig.backend``;
+decoder (``jf_ray.decoding``) on any Hugging Face causal LM, on CPU or GPU; ``vllm`` runs the same Jacobi iterations
+through vLLM (:mod:`jf_ray.trajectories.vllm_backend`, docs/vllm.md). Another backend plugs in without code
+changes here: name it ``"package.module:ClassName"`` in ``CollectConfig.backend``;
 the class is imported lazily inside the worker and built with ``Class(spec)``.
 """
 
@@ -30,6 +31,28 @@ class BackendSpec:
     device: str = "auto"
     attn_implementation: str = "sdpa"
     use_chat_template: bool = True
+    # vLLM backend only (docs/vllm.md): one engine per actor, sized by these.
+    tensor_parallel_size: int = 1
+    vllm_kv_cache_gib: int = 1
+    gpu_memory_utilization: float = 0.9
+    num_threads: int | None = None
+    vllm_enforce_eager: bool = False
+
+    def vllm_options(self):
+        from jf_ray.vllm_engine import VllmOptions
+
+        return VllmOptions(
+            dtype=self.dtype,
+            device="cpu" if self.device == "cpu" else "cuda",
+            tensor_parallel_size=self.tensor_parallel_size,
+            kv_cache_gib=self.vllm_kv_cache_gib,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            num_threads=self.num_threads,
+            enforce_eager=self.vllm_enforce_eager,
+            # Prefix-cache hits are whole blocks: CPU's default of 128 tokens would recompute up to 127 prefix
+            # tokens per Jacobi iteration (and all of a shorter prefix); 32 is the smallest the CPU backend likes.
+            block_size=32 if self.device == "cpu" else None,
+        )
 
 
 @runtime_checkable
@@ -94,12 +117,16 @@ class TransformersBackend:
 
 
 def make_backend(spec: BackendSpec) -> GenerationBackend:
-    """Build the backend named by ``spec.name``: ``transformers`` or ``package.module:ClassName``."""
+    """Build the backend named by ``spec.name``: ``transformers``, ``vllm`` or ``package.module:ClassName``."""
     if spec.name == "transformers":
         return TransformersBackend.from_spec(spec)
+    if spec.name == "vllm":
+        from jf_ray.trajectories.vllm_backend import VllmBackend
+
+        return VllmBackend.from_spec(spec)
     module_name, _, class_name = spec.name.partition(":")
     if not module_name or not class_name:
-        raise UserInputError(f"unknown backend {spec.name!r}; use 'transformers' or 'package.module:ClassName'")
+        raise UserInputError(f"unknown backend {spec.name!r}; use 'transformers', 'vllm' or 'package.module:ClassName'")
     try:
         backend_class = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as exc:

@@ -1,7 +1,8 @@
-"""Benchmark of trajectory collection: tokens/s with 1..W Ray workers, and batch-size scaling in one worker.
+"""Benchmark of trajectory collection: tokens/s with 1..W Ray workers, and batch-size scaling in one worker,
+for each generation backend (``transformers``, ``vllm``: docs/vllm.md).
 
     python -m jf_ray.trajectories.bench --model CKPT --prompts prompts.jsonl --json-out bench.json \\
-        --workers 1,2 --batch-sizes 1,4,16 --block-size 16 --max-new-tokens 64
+        --workers 1,2 --batch-sizes 1,4,16 --block-size 16 --max-new-tokens 64 --backends transformers,vllm
 
 Worker scaling runs the real ``collect`` (actors, shards, storage) and reports the end-to-end rate (actor
 start-up and model loading included) next to the steady rate (tokens over the busiest worker's shard time).
@@ -30,7 +31,7 @@ from jf_ray.trajectories.worker import RecordSettings, ShardTask, ShardWorker
 logger = logging.getLogger(__name__)
 
 
-def worker_scaling(args, prompts_uri: str, scratch: str) -> list[dict]:
+def worker_scaling(args, prompts_uri: str, scratch: str, backend: str) -> list[dict]:
     from jf_ray.trajectories.collect import collect
 
     results = []
@@ -38,7 +39,10 @@ def worker_scaling(args, prompts_uri: str, scratch: str) -> list[dict]:
         config = CollectConfig(
             model=args.model,
             prompts=prompts_uri,
-            out=join_uri(scratch, f"workers-{workers}"),
+            out=join_uri(scratch, f"{backend}-workers-{workers}"),
+            backend=backend,
+            dtype="fp32",
+            vllm_enforce_eager=args.vllm_eager,
             block_size=args.block_size,
             max_new_tokens=args.max_new_tokens,
             workers=workers,
@@ -50,6 +54,7 @@ def worker_scaling(args, prompts_uri: str, scratch: str) -> list[dict]:
         busiest = max(w["busy_s"] for w in summary["workers"])
         results.append(
             {
+                "backend": backend,
                 "workers": workers,
                 "tokens": summary["tokens"],
                 "tpf": summary["tpf"],
@@ -63,15 +68,22 @@ def worker_scaling(args, prompts_uri: str, scratch: str) -> list[dict]:
     return results
 
 
-def batch_scaling(args, prompts_uri: str, scratch: str) -> list[dict]:
+def batch_scaling(args, prompts_uri: str, scratch: str, name: str) -> list[dict]:
     torch.set_num_threads(args.threads)
     prompts = tuple(read_prompts(prompts_uri))
-    spec = BackendSpec(model=args.model, device="cpu")
+    spec = BackendSpec(
+        name=name,
+        model=args.model,
+        device="cpu",
+        dtype="fp32",
+        num_threads=args.threads,
+        vllm_enforce_eager=args.vllm_eager,
+    )
     backend = make_backend(spec)
     results = []
     for batch_size in args.batch_sizes:
         settings = RecordSettings(
-            out=join_uri(scratch, f"batch-{batch_size}"),
+            out=join_uri(scratch, f"{name}-batch-{batch_size}"),
             block_size=args.block_size,
             max_new_tokens=args.max_new_tokens,
             batch_size=batch_size,
@@ -81,6 +93,7 @@ def batch_scaling(args, prompts_uri: str, scratch: str) -> list[dict]:
         report = ShardWorker(settings, backend=backend).run(ShardTask("shard-00000", prompts, seed=0))
         results.append(
             {
+                "backend": name,
                 "batch_size": batch_size,
                 "tokens": report["tokens"],
                 "forwards": report["forwards"],
@@ -109,6 +122,8 @@ def parse_args(argv=None):
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the in-process worker")
+    parser.add_argument("--backends", type=lambda text: text.split(","), default=["transformers"])
+    parser.add_argument("--vllm-eager", action="store_true", help="vllm without compilation (starts faster)")
     parser.add_argument("--scratch", default=None, help="URI for the datasets written (default: a temp dir)")
     return parser.parse_args(argv)
 
@@ -125,8 +140,8 @@ def main(argv=None) -> dict:
         "load_average_start": os.getloadavg(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("json_out", "scratch")},
         "num_prompts": len(read_prompts(args.prompts)),
-        "batch_scaling": batch_scaling(args, args.prompts, scratch),
-        "worker_scaling": worker_scaling(args, args.prompts, scratch),
+        "batch_scaling": [row for b in args.backends for row in batch_scaling(args, args.prompts, scratch, b)],
+        "worker_scaling": [row for b in args.backends for row in worker_scaling(args, args.prompts, scratch, b)],
     }
     result["load_average_end"] = os.getloadavg()
     result["total_s"] = round(time.time() - start, 1)

@@ -98,12 +98,29 @@ def verify_exactly_once(out: str, prompts: list[Prompt]) -> int:
     return table.num_rows
 
 
+def check_backend(config: CollectConfig) -> None:
+    """Refuse, before anything is read or written, a backend that cannot run the model (vLLM: docs/vllm.md)."""
+    if config.backend != "vllm":
+        return
+    from jf_ray.modeling import local_model_path
+    from jf_ray.vllm_engine import check_vllm_model
+
+    if config.tensor_parallel_size > max(config.num_gpus_per_worker, 1):
+        raise UserInputError(
+            f"tensor_parallel_size {config.tensor_parallel_size} needs num_gpus_per_worker >= that many GPUs"
+        )
+    # Only a local cluster's memory is this machine's: on a remote one the actors report what they lack.
+    engines = config.workers if config.ray_address is None else 0
+    check_vllm_model(local_model_path(config.model), config.backend_spec().vllm_options(), engines)
+
+
 def collect(config: CollectConfig, on_shard_done: Callable[[dict], None] | None = None) -> dict:
     """Collect trajectories as configured; returns a summary (counts, tokens/s, per-worker throughput)."""
     from jf_ray.raycluster import init_ray, require_fit
     from jf_ray.trajectories.ray_pool import PoolOptions, run_shards
 
     start = time.perf_counter()
+    check_backend(config)
     prompts = read_prompts(config.prompts)
     tasks = plan_tasks(prompts, config)
     writer = DatasetWriter(config.out, TRAJECTORY_SCHEMA)

@@ -26,7 +26,11 @@ class CollectConfig(StageConfig):
     num_gpus_per_worker: float = Field(0.0, ge=0.0, description="GPUs per actor (1 on GPU clusters, 0 on CPU)")
     num_cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs per actor; also its torch thread count")
     max_shard_attempts: int = Field(3, ge=1, description="attempts per shard before the run fails")
-    backend: str = Field("transformers", description="'transformers' or 'package.module:Class' (e.g. a vLLM one)")
+    backend: str = Field("transformers", description="'transformers', 'vllm' (docs/vllm.md) or 'package.module:Class'")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one engine spans (<= num_gpus_per_worker)")
+    vllm_kv_cache_gib: int = Field(1, ge=1, description="vllm on CPU: KV cache GiB per actor")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vllm on GPU: share of GPU memory")
+    vllm_enforce_eager: bool = Field(False, description="vllm: no compilation (starts in seconds; small models)")
     dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
     attn_implementation: str = Field("sdpa", description="transformers attention implementation")
     use_chat_template: bool = Field(True, description="wrap prompts in the tokenizer's chat template")
@@ -45,4 +49,9 @@ class CollectConfig(StageConfig):
             device="cuda" if self.num_gpus_per_worker > 0 else "cpu",
             attn_implementation=self.attn_implementation,
             use_chat_template=self.use_chat_template,
+            tensor_parallel_size=self.tensor_parallel_size,
+            vllm_kv_cache_gib=self.vllm_kv_cache_gib,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            num_threads=max(1, int(self.num_cpus_per_worker)),
+            vllm_enforce_eager=self.vllm_enforce_eager,
         )
