@@ -57,7 +57,10 @@ def base_stage(cfg: PipelineConfig) -> dict:
             if is_local(cfg.run_dir)
             else str(Path.home() / ".cache" / "jf_ray" / f"base-{cfg.base.preset}-{cfg.seed}")
         )
-    path = build_base(local_path(build_dir), preset=cfg.base.preset, seed=cfg.seed, show_progress=True)
+    overrides = [f"{key}={json.dumps(value)}" for key, value in cfg.base.overrides.items()]
+    path = build_base(
+        local_path(build_dir), preset=cfg.base.preset, seed=cfg.seed, overrides=overrides, show_progress=True
+    )
     model = str(path)
     if not is_local(cfg.run_dir):
         model = join_uri(cfg.run_dir, "base")
