@@ -19,10 +19,25 @@ def test_shipped_configs_validate(path):
     assert cfg.rounds and all(a.block_size <= b.block_size for a, b in zip(cfg.rounds, cfg.rounds[1:]))
 
 
-def test_default_config_is_the_embedded_small_base_with_two_growing_rounds():
-    cfg = PipelineConfig.load(CONFIGS[[p.stem for p in CONFIGS].index("default")])
+@pytest.mark.parametrize("name", ["quickstart", "full"])
+def test_embedded_configs_build_the_small_base_with_two_growing_rounds(name):
+    cfg = PipelineConfig.load(CONFIGS[[p.stem for p in CONFIGS].index(name)])
     assert cfg.base.model is None and cfg.base.preset == "small"
     assert [r.block_size for r in cfg.rounds] == [16, 32]
+
+
+def test_base_overrides_change_the_built_preset_and_unknown_fields_fail_at_load(tmp_path):
+    from jf_ray.basemodel.build import read_build_info
+    from jf_ray.pipeline.stages import base_stage
+
+    with pytest.raises(ValueError, match="stepz"):
+        PipelineConfig.from_dict({"base": {"overrides": {"stepz": 3}}})
+    cfg = PipelineConfig.from_dict(
+        {"run_dir": str(tmp_path / "run"), "base": {"preset": "micro", "overrides": {"steps": 3, "lr": 1e-3}}}
+    )
+    built = base_stage(cfg)
+    preset = read_build_info(Path(built["model"]))["preset"]
+    assert (preset["steps"], preset["lr"]) == (3, 1e-3)
 
 
 def test_round_settings_and_extra_loss_fields_merge_into_the_train_config():
