@@ -12,8 +12,6 @@ from jf_ray.storage import exists, join_uri, read_bytes, write_bytes_atomic, wri
 
 logger = logging.getLogger(__name__)
 
-QUALITY_FIELDS = ("accuracy", "loss", "parse_rate")
-
 
 def write_report(cfg: PipelineConfig, outputs: dict) -> dict:
     rounds = outputs["bench"]["rounds"]

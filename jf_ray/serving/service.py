@@ -161,10 +161,3 @@ def context_length(model) -> int:
         if isinstance(value, int) and value > 0:
             return value
     raise ValueError(f"cannot tell the context length of {type(model).__name__}; set max_position_embeddings")
-
-
-async def run_to_end(service: CompletionService, request: PreparedRequest):
-    """Convenience for tests and benchmarks without HTTP: (text, finish_reason, usage)."""
-    from jf_ray.serving.generation import collect_text
-
-    return await collect_text(service.start(request))
