@@ -1,6 +1,6 @@
 """Progressive Jacobi Forcing, end to end, as one Ray job.
 
-    python jobs/progressive.py --config jobs/configs/default.yaml [key=value ...]
+    python jobs/progressive.py --config jobs/configs/quickstart.yaml [key=value ...]
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/progressive.py --config jobs/configs/smoke.yaml run_dir=/abs/path/runs/smoke
 
@@ -18,7 +18,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="jobs/configs/default.yaml", help="YAML config of the run")
+    parser.add_argument("--config", default="jobs/configs/quickstart.yaml", help="YAML config of the run")
     parser.add_argument("--rerun", default=None, help="redo this stage and all after it (e.g. round1.train)")
     parser.add_argument("--address", default=None, help="Ray cluster to join (= ray_address=...; default RAY_ADDRESS)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run_dir=/tmp/run rounds.0.steps=50")

@@ -1,4 +1,4 @@
-"""Losses and their targets (section 5; invariants 16-18 of section 10)."""
+"""Losses and their targets (docs/method-notes.md §6; §10 item 6)."""
 
 from __future__ import annotations
 

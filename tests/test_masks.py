@@ -1,4 +1,4 @@
-"""Noise-aware attention masks over packed sequences (section 4; invariants 11-15 of section 10)."""
+"""Noise-aware attention masks over packed sequences (docs/method-notes.md §5; §10 items 4-5)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def random_sequence(rng: random.Random, prompt_len: int, block_lens: list[int]) 
 
 
 def ascii_rows(kind: str, window: int = 16) -> list[str]:
-    """The mask of one sequence with P = 2, n = 2, N = 3 as rows of 'X' / '.' (section 4.4)."""
+    """The mask of one sequence with P = 2, n = 2, N = 3 as rows of 'X' / '.' (docs/method-notes.md §5)."""
     item = TrainSequence([1, 2], [[3, 4]] * 3, [[5, 6]] * 3)
     batch = collate([item])
     allowed = allowed_keys(batch.segment, batch.block, batch.seq, kind, window)[0]

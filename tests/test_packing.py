@@ -1,4 +1,4 @@
-"""Packing trajectories into training sequences (section 3.4; invariants 10, 13 of section 10)."""
+"""Packing trajectories into training sequences (docs/method-notes.md §4; §10 items 3-4)."""
 
 from __future__ import annotations
 

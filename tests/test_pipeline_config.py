@@ -19,10 +19,25 @@ def test_shipped_configs_validate(path):
     assert cfg.rounds and all(a.block_size <= b.block_size for a, b in zip(cfg.rounds, cfg.rounds[1:]))
 
 
-def test_default_config_is_the_embedded_small_base_with_two_growing_rounds():
-    cfg = PipelineConfig.load(CONFIGS[[p.stem for p in CONFIGS].index("default")])
+@pytest.mark.parametrize("name", ["quickstart", "full"])
+def test_embedded_configs_build_the_small_base_with_two_growing_rounds(name):
+    cfg = PipelineConfig.load(CONFIGS[[p.stem for p in CONFIGS].index(name)])
     assert cfg.base.model is None and cfg.base.preset == "small"
     assert [r.block_size for r in cfg.rounds] == [16, 32]
+
+
+def test_base_overrides_change_the_built_preset_and_unknown_fields_fail_at_load(tmp_path):
+    from jf_ray.basemodel.build import read_build_info
+    from jf_ray.pipeline.stages import base_stage
+
+    with pytest.raises(ValueError, match="stepz"):
+        PipelineConfig.from_dict({"base": {"overrides": {"stepz": 3}}})
+    cfg = PipelineConfig.from_dict(
+        {"run_dir": str(tmp_path / "run"), "base": {"preset": "micro", "overrides": {"steps": 3, "lr": 1e-3}}}
+    )
+    built = base_stage(cfg)
+    preset = read_build_info(Path(built["model"]))["preset"]
+    assert (preset["steps"], preset["lr"]) == (3, 1e-3)
 
 
 def test_round_settings_and_extra_loss_fields_merge_into_the_train_config():
@@ -136,3 +151,28 @@ def test_report_names_how_timed_runs_were_kept_and_rounds_numbers_by_size():
     assert lines[2].endswith("the faster of 2 interleaved timed runs per decoder" + paired)
     assert lines[3].endswith("the median of 3 interleaved timed runs per decoder" + paired)
     assert [_fmt(v) for v in (0.96512, 46.04, 452.6, None, 7)] == ["0.9651", "46.0", "453", "-", "7"]
+
+
+def test_eta_starts_from_the_estimates_and_then_follows_the_observed_pace(tmp_path):
+    import json
+
+    from jf_ray.pipeline.graph import Stage, run_graph
+
+    seen = []
+    stages = [Stage("first", lambda out: {}, weight=100.0), Stage("second", lambda out: {}, weight=300.0)]
+    run_graph(str(tmp_path), stages, on_progress=seen.append)
+    first_seconds = json.loads((tmp_path / "stages" / "first.json").read_text())["seconds"]
+    assert [p["eta_s"] for p in seen] == [400, round(300 * first_seconds / 100, 0), 0]
+    assert json.loads((tmp_path / "progress.json").read_text())["stage"] == "done"
+
+
+def test_stage_estimates_follow_the_config():
+    from jf_ray.pipeline.stages import build_stages
+
+    quick, full = (PipelineConfig.load(CONFIGS[[p.stem for p in CONFIGS].index(n)]) for n in ("quickstart", "full"))
+    weights = {name: {s.name: s.weight for s in build_stages(cfg)} for name, cfg in (("q", quick), ("f", full))}
+    assert weights["q"]["base"] < weights["f"]["base"]  # fewer pretraining steps
+    assert weights["q"]["round1.train"] < weights["f"]["round1.train"]
+    assert weights["q"]["bench"] < weights["f"]["bench"]
+    given = PipelineConfig.from_dict({"base": {"model": "some/checkpoint"}})
+    assert {s.name: s.weight for s in build_stages(given)}["base"] < 10  # nothing to build

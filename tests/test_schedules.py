@@ -1,4 +1,4 @@
-"""Noise ratio and schedules (jacobi_forcing.md section 3; invariants 9-10 of section 10)."""
+"""Noise ratio and schedules (docs/method-notes.md §3; §10 items 2-3)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from jf_ray.packing.schedules import (
 )
 
 FIXED = [11, 12, 13, 14]
-# The worked example of section 3.5, with the true random draft as state 0 (our data) instead of the alias.
+# The worked example of docs/method-notes.md §3, with the true random draft as state 0 (our data) instead of the alias.
 STATES = [[11, 90, 91, 92], [11, 12, 93, 94], [11, 12, 13, 95], FIXED]
 
 
@@ -56,7 +56,7 @@ def test_random_schedule_draws_from_the_grid_reproducibly():
 
 
 def test_choose_state_picks_the_nearest_ratio():
-    # Worked example of section 3.5: targets 0, 1/3, 2/3, 1.
+    # Worked example of docs/method-notes.md §3: targets 0, 1/3, 2/3, 1.
     chosen = [choose_state(STATES, FIXED, t) for t in ratio_grid(4)]
     assert chosen == [3, 2, 0, 0]
     for target, index in zip(ratio_grid(4), chosen):

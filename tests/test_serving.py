@@ -128,16 +128,22 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def run_to_end(service, request):
+    """One request through the service without HTTP: (text, finish_reason, usage, logprobs or None)."""
+    from jf_ray.serving.generation import collect_text
+
+    async def to_end():
+        return await collect_text(service.start(request))  # start() needs the running event loop
+
+    return run(to_end())
+
+
 # ------------------------------------------------------------------------------------ service, no Ray
 def test_service_greedy_decoders_equal_transformers_ar(service, reference):
-    from jf_ray.serving.service import run_to_end
-
     prompt_ids = reference.tokenizer(PROMPT)["input_ids"]
     expected = reference.greedy(prompt_ids, 48)
     for decoder in ("ar", "jacobi", "rolling", "multiblock", "lookup", "auto"):
-        text, finish, usage, _ = run(
-            run_to_end(service, completion(service, prompt=PROMPT, max_tokens=48, decoder=decoder))
-        )
+        text, finish, usage, _ = run_to_end(service, completion(service, prompt=PROMPT, max_tokens=48, decoder=decoder))
         assert text == reference.text(expected), decoder
         assert usage.completion_tokens == len(expected)
         assert usage.tokens_per_forward == pytest.approx(usage.completion_tokens / usage.forwards, abs=1e-3)
@@ -182,12 +188,10 @@ def test_closing_a_stream_frees_its_batch_slot(service):
 
 
 def test_stop_string_ends_the_text_before_it(service):
-    from jf_ray.serving.service import run_to_end
-
-    full, _, _, _ = run(run_to_end(service, completion(service, prompt=PROMPT, max_tokens=40)))
+    full, _, _, _ = run_to_end(service, completion(service, prompt=PROMPT, max_tokens=40))
     stop = full[12:15]
     request = completion(service, prompt=PROMPT, max_tokens=40, stop=[stop], logprobs=0)
-    text, finish, usage, tokens = run(run_to_end(service, request))
+    text, finish, usage, tokens = run_to_end(service, request)
     assert text == full[: full.index(stop)]
     assert finish == "stop" and usage.completion_tokens < 40
     # logprobs cover exactly the tokens whose text starts before the stop string
@@ -200,7 +204,7 @@ def test_generation_ends_at_eos_with_finish_reason_stop(checkpoint, reference, t
     import shutil
 
     from jf_ray.serving.config import ServeConfig
-    from jf_ray.serving.service import CompletionService, run_to_end
+    from jf_ray.serving.service import CompletionService
 
     prompt_ids = reference.tokenizer(PROMPT)["input_ids"]
     free_run = reference.greedy(prompt_ids, 40)
@@ -213,9 +217,7 @@ def test_generation_ends_at_eos_with_finish_reason_stop(checkpoint, reference, t
     svc = CompletionService(ServeConfig(model=str(copy)))
     try:
         for decoder in ("ar", "mr"):
-            text, finish, usage, _ = run(
-                run_to_end(svc, completion(svc, prompt=PROMPT, max_tokens=40, decoder=decoder))
-            )
+            text, finish, usage, _ = run_to_end(svc, completion(svc, prompt=PROMPT, max_tokens=40, decoder=decoder))
             assert (text, finish, usage.completion_tokens) == (
                 reference.text(expected),
                 "stop",

@@ -6,7 +6,8 @@
   refined by a Jacobi update in the same forward, conditioned on the (unverified) RA draft before it. A
   pseudo block is spawned once the newest block has ``ceil(r * n)`` stable tokens.
 * When the RA block completes, the first pseudo block is promoted and keeps its progress: its content
-  becomes the new RA draft, re-verified under the now-exact prefix (the reference code drops it, P17).
+  becomes the new RA draft, re-verified under the now-exact prefix (the reference code drops it:
+  docs/method-notes.md §8).
 * Rejection recycling: drafts the model rejected go into an n-gram pool that persists across blocks.
   Sequences in the pool that contain the current head yield candidate drafts verified in the same forward
   (extra segments that see only the cache); the best verified candidate wins. With ``recycle_context`` (on

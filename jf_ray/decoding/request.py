@@ -38,7 +38,7 @@ class RequestState:
     generated: list[int] = field(default_factory=list)
     stats: DecodeStats = field(default_factory=DecodeStats)
     finish_reason: FinishReason | None = None
-    policy: object = None  # a draft policy from jf_ray.decoding.policies
+    policy: object = None  # the decoder's draft policy, made by jf_ray.decoding.engine.make_policy
     generator: torch.Generator = field(default_factory=torch.Generator)
     started_at: float = 0.0
     # Filled by the engine around each forward:

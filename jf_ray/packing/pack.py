@@ -1,9 +1,10 @@
 """Packing: the blocks of one response's Jacobi trajectories -> one training sequence (plain Python).
 
-Layout (jacobi_forcing.md section 3.4): ``prompt ++ noisy_0 ++ clean_0 ++ noisy_1 ++ clean_1 ++ ...``. The
+Layout (docs/method-notes.md §4): ``prompt ++ noisy_0 ++ clean_0 ++ noisy_1 ++ clean_1 ++ ...``. The
 clean block is the fixed point; the noisy block is the recorded state nearest the block's target noise ratio
 (:mod:`jf_ray.packing.schedules`). The prompt is taken from block 0's record and every block's prefix is
-checked against prompt + earlier fixed points, so rows of different responses can never be mixed (trap P15).
+checked against prompt + earlier fixed points, so rows of different responses can never be mixed
+(docs/method-notes.md §4).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Progressive noise schedules: which recorded Jacobi state of each block becomes its noisy copy.
 
-Method: jacobi_forcing.md section 3. The noise ratio of a state counts everything from its *first* divergence
+Method: docs/method-notes.md §3. The noise ratio of a state counts everything from its *first* divergence
 from the fixed point as noisy (tokens after it count even if they happen to be right). Each block gets a
 target ratio from a schedule over a window of ``W`` consecutive blocks, and the recorded state whose ratio is
 nearest the target becomes the noisy block.

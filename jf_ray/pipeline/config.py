@@ -22,10 +22,24 @@ class BaseModelConfig(StageConfig):
         description="existing HF checkpoint (dir, file://, s3://, hub name); null = build the embedded base",
     )
     preset: str = Field("small", description="embedded base preset when building: micro | tiny | small")
+    overrides: dict[str, int | float | str | bool] = Field(
+        {},
+        description="preset fields to change when building, e.g. {steps: 1200}; they are part of the build's cache key",
+    )
     build_dir: Location | None = Field(
         None,
         description="local dir to build the base in (default: <run_dir>/base for local runs, else a cache)",
     )
+
+    @field_validator("overrides")
+    @classmethod
+    def _preset_fields(cls, value: dict) -> dict:
+        from jf_ray.basemodel.presets import BasePreset
+
+        unknown = sorted(set(value) - set(BasePreset.model_fields))
+        if unknown:
+            raise ValueError(f"unknown preset fields {unknown}; choose from {sorted(BasePreset.model_fields)}")
+        return value
 
 
 class WorkloadConfig(StageConfig):

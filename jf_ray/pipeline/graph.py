@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 class Stage:
     name: str
     run: Callable[[dict], dict]  # receives the outputs of all earlier stages by name
-    weight: float = 1.0  # rough relative cost, for the percentage and the ETA
+    weight: float = 1.0  # estimated seconds: the first ETA sums them, later ones scale them by the pace seen
 
 
 @dataclass
@@ -62,13 +62,13 @@ def run_graph(run_dir: str, stages: list[Stage], on_progress: Callable[[dict], N
             state.skipped.append(stage.name)
             done_weight += stage.weight
             continue
-        eta = (total - done_weight) * work_seconds / work_weight if work_weight else None
+        eta = (total - done_weight) * (work_seconds / work_weight if work_weight else 1.0)
         progress = {
             "stage": stage.name,
             "index": index + 1,
             "of": len(stages),
             "percent": round(100 * done_weight / total, 1),
-            "eta_s": round(eta) if eta is not None else None,
+            "eta_s": round(eta),
         }
         _report(run_dir, progress, on_progress)
         started = time.perf_counter()
@@ -99,7 +99,7 @@ def run_graph(run_dir: str, stages: list[Stage], on_progress: Callable[[dict], N
 
 def _report(run_dir: str, progress: dict, on_progress) -> None:
     eta = progress["eta_s"]
-    eta_text = "?" if eta is None else f"{eta // 60}m{eta % 60:02d}s"
+    eta_text = f"{eta // 60}m{eta % 60:02d}s"
     logger.info(
         "[%d/%d %5.1f%% ETA %s] %s",
         progress["index"],

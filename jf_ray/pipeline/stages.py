@@ -19,23 +19,49 @@ logger = logging.getLogger(__name__)
 
 
 def build_stages(cfg: PipelineConfig) -> list[Stage]:
-    # Weights are the stages' relative durations in the default job on 2 CPU cores (base build ~8 min,
-    # training ~4, collection ~1, the benchmark ~1 per model); the ETA scales them by the observed pace.
+    est = _estimated_seconds(cfg)
     stages = [
-        Stage("base", lambda out: base_stage(cfg), weight=6.0 if cfg.base.model is None else 0.05),
-        Stage("data", lambda out: data_stage(cfg), weight=0.05),
-        Stage("round0.eval", lambda out: eval_stage(cfg, out["base"]["model"], out), weight=0.2),
+        Stage("base", lambda out: base_stage(cfg), weight=est["base"]),
+        Stage("data", lambda out: data_stage(cfg), weight=5.0),
+        Stage("round0.eval", lambda out: eval_stage(cfg, out["base"]["model"], out), weight=est["eval"]),
     ]
     for k in range(1, len(cfg.rounds) + 1):
         stages += [
-            Stage(f"round{k}.collect", lambda out, k=k: collect_stage(cfg, k, out), weight=0.8),
-            Stage(f"round{k}.pack", lambda out, k=k: pack_stage(cfg, k, out), weight=0.1),
-            Stage(f"round{k}.train", lambda out, k=k: train_stage(cfg, k, out), weight=3.0),
-            Stage(f"round{k}.eval", lambda out, k=k: eval_stage(cfg, model_of(out, k), out), weight=0.2),
+            Stage(f"round{k}.collect", lambda out, k=k: collect_stage(cfg, k, out), weight=est["collect"]),
+            Stage(f"round{k}.pack", lambda out, k=k: pack_stage(cfg, k, out), weight=15.0),
+            Stage(f"round{k}.train", lambda out, k=k: train_stage(cfg, k, out), weight=est[f"round{k}.train"]),
+            Stage(f"round{k}.eval", lambda out, k=k: eval_stage(cfg, model_of(out, k), out), weight=est["eval"]),
         ]
-    stages.append(Stage("bench", lambda out: bench_stage(cfg, out), weight=0.8 * (len(cfg.rounds) + 1)))
-    stages.append(Stage("report", lambda out: report_stage(cfg, out), weight=0.05))
+    stages.append(Stage("bench", lambda out: bench_stage(cfg, out), weight=est["bench"]))
+    stages.append(Stage("report", lambda out: report_stage(cfg, out), weight=5.0))
     return stages
+
+
+def _estimated_seconds(cfg: PipelineConfig) -> dict[str, float]:
+    """Rough stage durations of the embedded `small` model on 2 CPU cores (from full.yaml's stage times).
+
+    They are the stage weights: the first ETA, shown before any stage has finished, is their sum, and every
+    later ETA scales them by the pace observed so far, so on other hardware they only need to be proportionate.
+    """
+    from jf_ray.basemodel.presets import resolve_preset
+
+    base = 5.0
+    if cfg.base.model is None:
+        preset = resolve_preset(cfg.base.preset, [f"{k}={json.dumps(v)}" for k, v in cfg.base.overrides.items()])
+        base = 30.0 + preset.steps * preset.batch_size * preset.seq_len / 11_000  # ~11 k tokens/s with bf16
+    prompts = sum(cfg.workloads.train_prompts.get(task, 0) for task in cfg.workloads.tasks) or 512
+    quality = sum(cfg.workloads.quality_prompts.get(task, 0) for task in cfg.workloads.tasks)
+    bench_runs = len(cfg.evaluation.decoders) * cfg.evaluation.repeats * (len(cfg.rounds) + 1)
+    bench_prompts = sum(cfg.workloads.benchmark_prompts(task) for task in cfg.workloads.tasks)
+    est = {
+        "base": base,
+        "collect": 0.075 * prompts,  # per prompt, up to 256 tokens each
+        "eval": 5.0 + 0.04 * quality,  # batched greedy AR
+        "bench": 0.35 * bench_runs * bench_prompts,  # one decoder run of one prompt at batch 1
+    }
+    for k, rnd in enumerate(cfg.rounds, start=1):
+        est[f"round{k}.train"] = rnd.steps * (0.3 + 0.003 * rnd.block_size)  # 2 workers, micro-batch 2
+    return est
 
 
 def model_of(outputs: dict, round_index: int) -> str:
@@ -57,7 +83,10 @@ def base_stage(cfg: PipelineConfig) -> dict:
             if is_local(cfg.run_dir)
             else str(Path.home() / ".cache" / "jf_ray" / f"base-{cfg.base.preset}-{cfg.seed}")
         )
-    path = build_base(local_path(build_dir), preset=cfg.base.preset, seed=cfg.seed, show_progress=True)
+    overrides = [f"{key}={json.dumps(value)}" for key, value in cfg.base.overrides.items()]
+    path = build_base(
+        local_path(build_dir), preset=cfg.base.preset, seed=cfg.seed, overrides=overrides, show_progress=True
+    )
     model = str(path)
     if not is_local(cfg.run_dir):
         model = join_uri(cfg.run_dir, "base")

@@ -140,8 +140,7 @@ class JacobiDecoderDeployment:
         try:
             chunks = self.service.start(prepared)
         except APIError:
-            if self.metrics is not None:
-                self.metrics.on_rejected()
+            self.metrics.on_rejected()
             raise
         model = self.service.model_name
         if body.stream:

@@ -169,13 +169,6 @@ def context_length(model) -> int:
     raise ValueError(f"cannot tell the context length of {type(model).__name__}; set max_position_embeddings")
 
 
-async def run_to_end(service: CompletionService, request: PreparedRequest):
-    """Convenience for tests and benchmarks without HTTP: (text, finish_reason, usage)."""
-    from jf_ray.serving.generation import collect_text
-
-    return await collect_text(service.start(request))
-
-
 def load_cost_curve(config: ServeConfig):
     """The auto decoder's forward cost curve from ``config.cost_curve``; None means measure it."""
     if config.cost_curve is None:

@@ -5,7 +5,7 @@ several, either one per row padded to the longest (``max_row_tokens=None``) or f
 row of at most ``max_row_tokens`` tokens. Position ids restart in every sequence; both copies of block ``j``
 share the positions ``P + (sum of earlier block lengths) + t``.
 
-Loss targets (jacobi_forcing.md section 5):
+Loss targets (docs/method-notes.md §6):
 
 * AR: next-token labels on the clean stream ``prompt ++ c_0 ++ ... ++ c_{N-1}``, stored at the packed index
   of the predicting token. The bridge from the last prompt token to ``c_0[0]`` is always a target; the

@@ -1,4 +1,4 @@
-"""Jacobi Forcing losses on the logits of one packed forward (jacobi_forcing.md section 5).
+"""Jacobi Forcing losses on the logits of one packed forward (docs/method-notes.md §6).
 
 ``total = consistency_weight * consistency + ar_weight * ar + anchor_weight * anchor``
 
@@ -9,7 +9,7 @@
   the student matches, so it reads as a distance.
   Normalisation (``reduction``):
     - ``token`` (default): mean over all pairs of the micro-batch. The official code additionally divides by
-      the number of blocks N, which shrinks the loss for long answers (trap P9); we do not.
+      the number of blocks N, which shrinks the loss for long answers; we do not (docs/method-notes.md §6).
     - ``block``: the paper's Eq. 8: KL summed over each block's pairs, averaged over blocks that have pairs.
 * ar: hard-label cross-entropy, mean over the AR targets of the clean stream (EOS included).
 * anchor: the same cross-entropy over anchor rows (plain text or prompt+answer pairs that keep the language

@@ -1,4 +1,4 @@
-"""Attention masks over packed Jacobi Forcing sequences (jacobi_forcing.md section 4).
+"""Attention masks over packed Jacobi Forcing sequences (docs/method-notes.md §5).
 
 A packed row holds one or more sequences ``prompt ++ (noisy_j ++ clean_j)_j`` plus padding. Every token
 carries four labels (built by :mod:`jf_ray.training.batches`): its ``segment`` (prompt / noisy / clean /

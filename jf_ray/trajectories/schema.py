@@ -3,7 +3,7 @@
 ``states[0]`` is the *true* initial draft of the block (verified head + context-sampled guesses); every
 later state is the draft after one rejecting forward; ``states[-1] == fixed_point``. The official
 JacobiForcing data differs here: its recorder aliases state 0 with the block accumulator, so its state 0 is
-always the fixed point and its noisiest state has ratio <= (n-2)/n (method notes §2.2, P1). Ours can reach
+always the fixed point and its noisiest state has ratio <= (n-2)/n (docs/method-notes.md §2). Ours can reach
 ratio (n-1)/n. A packer that wants to mimic the official data drops ``states[0]`` and prepends the fixed
 point.
 
