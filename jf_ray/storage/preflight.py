@@ -63,19 +63,19 @@ def _check_directory(uri: str, named: str) -> None:
 
 
 def _check_local_dir(path: Path, named: str) -> None:
+    # The probe goes into the deepest directory that exists: the check itself creates nothing that stays
+    # (a job that then fails to join its cluster leaves no empty run directory behind).
     existing = next(parent for parent in (path, *path.parents) if parent.exists())
     if not existing.is_dir():
         raise UserInputError(f"cannot write {named}: {existing} is a file, not a directory")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserInputError(f"cannot write {named}: cannot create {path}: {exc.strerror or exc}") from None
-    try:
-        handle, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=path)
+        handle, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=existing)
         os.close(handle)
         os.unlink(probe)
     except OSError as exc:
-        raise UserInputError(f"cannot write {named}: cannot create files in {path}: {exc.strerror or exc}") from None
+        raise UserInputError(
+            f"cannot write {named}: cannot create files in {existing}: {exc.strerror or exc}"
+        ) from None
 
 
 def _check_object_store(uri: str, named: str) -> None:
