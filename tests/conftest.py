@@ -87,7 +87,7 @@ def multinode_cluster(moto_s3_endpoint, tmp_path_factory):
     import os
     from pathlib import Path
 
-    from ray_nodes import LocalRayCluster, installed_jf_ray
+    from ray_nodes import LocalRayCluster, checkout_entries, installed_jf_ray
 
     s3_env = {
         "JF_S3_ENDPOINT": moto_s3_endpoint,
@@ -98,7 +98,8 @@ def multinode_cluster(moto_s3_endpoint, tmp_path_factory):
     }
     repo = Path(__file__).resolve().parents[1]
     root = f"/tmp/rc_{os.getpid() % 100000}"  # short: Ray's unix socket paths must fit in ~107 characters
-    hidden = [str(repo), str(tmp_path_factory.getbasetemp()), str(Path.home() / ".cache" / "jf_ray"), root + "h"]
+    hidden = [str(tmp_path_factory.getbasetemp()), str(Path.home() / ".cache" / "jf_ray"), root + "h"]
+    hidden += checkout_entries(repo)  # the checkout, less the venv the nodes run on when it lives there (CI)
     hidden += installed_jf_ray()  # the workers must run the code that `ray job submit --working-dir` ships
     cluster = LocalRayCluster(root, s3_env, hidden, head_cpus=0)
     try:

@@ -57,7 +57,7 @@ class LocalRayCluster:
     """Head (``head_cpus`` CPUs, dashboard for job submission) plus worker nodes added with :meth:`add_worker`."""
 
     def __init__(self, root: str, env: dict[str, str], hidden_dirs: list[str], head_cpus: int = 0):
-        self.root, self.hidden_dirs = root, [d for d in hidden_dirs if Path(d).is_dir()]
+        self.root, self.hidden_dirs = root, outermost([d for d in hidden_dirs if Path(d).is_dir()])
         # A multi-node cluster needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1; Ray then binds this machine's own address.
         dropped = ("RAY_ADDRESS", "PYTHONPATH", "AWS_EC2_METADATA_DISABLED")
         self.env = {k: v for k, v in os.environ.items() if k not in dropped}
@@ -90,7 +90,9 @@ class LocalRayCluster:
     def _start(self, node: Node, role_args: list[str], hide: bool = False) -> Node:
         shutil.rmtree(node.temp_dir, ignore_errors=True)
         Path(node.temp_dir, "cache").mkdir(parents=True)
-        low = 40000 + 1000 * len(self.nodes) + 100 * (os.getpid() % 10)
+        # Worker ports below the kernel's ephemeral range, where the other components' free ports come from:
+        # Ray refuses a node whose worker range holds one of its own component ports.
+        low = 20000 + 1000 * len(self.nodes) + 100 * (os.getpid() % 10)
         args = [RAY, "start", *role_args, f"--num-cpus={node.num_cpus}", f"--temp-dir={node.temp_dir}"]
         args += [f"--resources={json.dumps({node.name: 1})}", f"--object-store-memory={OBJECT_STORE_BYTES}"]
         args += ["--disable-usage-stats", f"--min-worker-port={low}", f"--max-worker-port={low + 99}"]
@@ -129,6 +131,20 @@ def node_ip_address() -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
         return sock.getsockname()[0]
+
+
+def outermost(dirs: list[str]) -> list[str]:
+    """``dirs`` without those inside another one: once a tmpfs covers the outer directory, the inner one is
+    gone (an editable install of the checkout lives inside the checkout)."""
+    paths = [Path(d).resolve() for d in dirs]
+    return [str(p) for p in dict.fromkeys(paths) if not any(o != p and o in p.parents for o in paths)]
+
+
+def checkout_entries(repo: Path) -> list[str]:
+    """Every top-level entry of the checkout except the one holding this Python's environment (``.venv`` in
+    CI): hiding the whole checkout would hide the interpreter the nodes run on."""
+    prefix = Path(sys.prefix).resolve()
+    return [str(entry) for entry in sorted(repo.iterdir()) if entry != prefix and entry not in prefix.parents]
 
 
 def installed_jf_ray() -> list[str]:
