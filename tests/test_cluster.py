@@ -3,6 +3,7 @@ sized to the cluster, and the smoke job on a multi-node cluster with S3 (docs/cl
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -236,7 +237,8 @@ def test_faults_on_the_multinode_cluster(multinode_cluster, moto_s3_endpoint, mo
     recovery = {"node lost mid-collection": time.monotonic() - killed}
     assert done("round1.collect"), client.get_job_logs(first)[-3000:]
 
-    wait_for(lambda: s3_keys(s3, "jf-faults", "smoke/round1/train/checkpoint-") or finished(first), 900, 0.5, "a ckpt")
+    # A checkpoint counts once Ray Train has registered it (its snapshot names it), not when its files appear.
+    wait_for(lambda: registered_checkpoint(s3) or finished(first), 900, 0.5, "a registered checkpoint")
     assert not done("round1.train"), "killed too late: training had finished"
     train_node = next(n for n in cluster.nodes[2:] if n.name in actor_nodes(cluster, "TrainWorker", alive=True))
     killed = time.monotonic()
@@ -270,6 +272,15 @@ def test_faults_on_the_multinode_cluster(multinode_cluster, moto_s3_endpoint, mo
     pairs = list(zip(table["prompt_id"].to_pylist(), table["block_index"].to_pylist()))
     assert len(pairs) == len(set(pairs)) and len({pid for pid, _ in pairs}) == 12  # every prompt, exactly once
     assert s3_keys(s3, "jf-faults", "smoke/report.md")
+
+
+def registered_checkpoint(s3) -> bool:
+    """Whether Ray Train's checkpoint list in S3 (what a resubmitted run restores from) names a checkpoint."""
+    try:
+        body = s3.get_object(Bucket="jf-faults", Key="smoke/round1/train/checkpoint_manager_snapshot.json")["Body"]
+    except s3.exceptions.NoSuchKey:
+        return False
+    return bool(json.loads(body.read()).get("latest_checkpoint_result"))
 
 
 def _try_submit(client, entrypoint: str) -> str | None:

@@ -54,11 +54,12 @@ def test_round_settings_and_extra_loss_fields_merge_into_the_train_config():
     outputs = {
         "base": {"model": "/models/base"},
         "data": {"anchor": "/tmp/run/data/anchor.jsonl"},
-        "round1.train": {"checkpoint": "/tmp/run/round1/ckpt"},
+        "round1.train": {"checkpoint": "/tmp/run/round1/ckpt", "model": "/tmp/run/round1/ckpt/model"},
         "round2.pack": {"out": "/tmp/run/round2/packed"},
     }
     config = train_config(cfg, 2, outputs)
-    assert config.model == "/tmp/run/round1/ckpt" and config.data == "/tmp/run/round2/packed"
+    # Round 2 starts from round 1's model files, not from the checkpoint root with its optimizer state.
+    assert config.model == "/tmp/run/round1/ckpt/model" and config.data == "/tmp/run/round2/packed"
     assert (config.steps, config.lr, config.precision) == (3, 5e-4, "bf16")
     # extra.loss refines the loss settings; it does not drop the job-level ar_weight.
     assert config.loss.ar_weight == 10.0 and config.loss.positions == "all"

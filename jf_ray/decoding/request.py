@@ -106,7 +106,9 @@ class RequestState:
         """
         tokens = self.segments[segment_index].tokens
         # Row j of the segment's logits predicted the j-th kept token, under a verified prefix: exactly AR's.
-        kept = self.extend(tokens[1 : verdict.accepted] + [verdict.next_head], self.outputs[segment_index].logits)
+        # (Logits only where logprobs are asked for: a backend that scores drafts elsewhere, vLLM, has none.)
+        logits = self.outputs[segment_index].logits if self.config.logprobs is not None else None
+        kept = self.extend(tokens[1 : verdict.accepted] + [verdict.next_head], logits)
         # kept[:-1] sit at segment offsets 1..len(kept)-1, the old head at offset 0.
         self.kv_commit = (self.offsets[segment_index], len(kept))
         return self.finished
