@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
@@ -39,6 +39,9 @@ def _absolute_if_existing_path(value: str) -> str:
 
 Location = Annotated[str, AfterValidator(_absolute_location)]  # storage URI or local path
 ModelLocation = Annotated[str, AfterValidator(_absolute_if_existing_path)]  # checkpoint URI, path or hub name
+# Model dtypes by jf-ray's names (auto: bf16 on GPU, fp32 on CPU); jf_ray.modeling and vllm_engine map them.
+DTYPE_NAMES: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+DType = Literal[DTYPE_NAMES]
 
 
 class StageConfig(BaseModel):

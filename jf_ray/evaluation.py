@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from jf_ray.config import Location, StageConfig
+from jf_ray.config import DType, Location, StageConfig
 from jf_ray.decoding import DecodeConfig
 from jf_ray.errors import UserInputError
 from jf_ray.sandbox import SandboxLimits
-from jf_ray.workloads import TASKS, Example
-from jf_ray.workloads.common import TEST_ONLY_TASKS
+from jf_ray.workloads import Example
+from jf_ray.workloads.common import LOSS_TASKS, TEST_ONLY_TASKS, Split, Task
 
 logger = logging.getLogger(__name__)
 
@@ -35,20 +36,31 @@ class EvalConfig(StageConfig):
     """One evaluation run: which model, task (or user set) and examples, and how to decode and execute."""
 
     model: str = Field(..., description="HF checkpoint dir, file:// or s3:// URI, or hub name")
-    task: str = Field(..., description=f"workload to evaluate on: {' | '.join(TASKS)}")
+    task: Task = Field(..., description="workload to evaluate on (with prompts: the label of the report)")
     prompts: Location | None = Field(
         None,
         description="JSONL of your own examples instead of the task's: {prompt, tests, entry_point} rows are "
         "executed (pass@1), {prompt, answer} rows checked by final answer (accuracy)",
     )
-    split: str = Field("heldout", description="workload split (heldout: never trained on)")
+    split: Split = Field("heldout", description="workload split (heldout: never trained on)")
     n: int | None = Field(None, ge=1, description="number of examples (default: 200, all of HumanEval or the file)")
     seed: int = Field(0, description="which examples are drawn (generated workloads: fresh tasks per seed)")
     batch_size: int = Field(8, ge=1, description="requests decoded together (continuous batching)")
-    dtype: str = Field("auto", description="model dtype: auto | fp32 | bf16 | fp16")
+    dtype: DType = Field("auto", description="model dtype (auto: bf16 on GPU, fp32 on CPU)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     timeout_s: float = Field(10.0, gt=0, description="wall-clock limit of each executed program (sandbox)")
-    decode: DecodeConfig = Field(default_factory=lambda: DecodeConfig(decoder="ar"), description="how to decode")
+    decode: DecodeConfig = Field(description="how to decode; unset fields: AR, the task's max_new_tokens, seed above")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _decode_defaults(cls, data: Any) -> Any:
+        """Decode settings the evaluation decides where the config gives none (a DecodeConfig is kept whole)."""
+        if not isinstance(data, dict) or not isinstance(data.get("decode", {}), dict):
+            return data
+        decode = {"decoder": "ar", "seed": data.get("seed", cls.model_fields["seed"].default), **data.get("decode", {})}
+        if data.get("task") in DEFAULT_MAX_NEW_TOKENS:
+            decode.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS[data["task"]])
+        return {**data, "decode": decode}
 
 
 def load_eval_examples(config: EvalConfig) -> list[Example]:
@@ -84,7 +96,7 @@ def evaluate(config: EvalConfig, progress_factory: Callable[[str, int], Callable
         warmup=decoder != "ar",
         progress_factory=progress_factory,
         limits=SandboxLimits(timeout_s=config.timeout_s),
-        by_loss=config.task == "stdlib" and config.prompts is None,
+        by_loss=config.task in LOSS_TASKS and config.prompts is None,
     )
     report = {"config": config.model_dump(), "task": config.task, "decoder": decoder, **rows[decoder]}
     if decoder != "ar":
@@ -139,7 +151,7 @@ def evaluate_decoders(
 @torch.no_grad()
 def answer_loss(model, tokenizer, examples: list[Example], batch_size: int = 8) -> dict:
     """Mean per-token cross-entropy of each reference answer (+ EOS) given its chat-formatted prompt."""
-    from jf_ray.basemodel.tokenizer import encode_chat_examples
+    from jf_ray.modeling import encode_chat_examples
 
     total, count = 0.0, 0
     device = next(model.parameters()).device

@@ -12,16 +12,15 @@ import logging
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from jf_ray.config import DTYPE_NAMES, DType
 from jf_ray.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
-DType = Literal["auto", "fp32", "bf16", "fp16"]
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_SUBDIR = "model"  # the Hugging Face files of a training checkpoint (jf_ray.training.checkpoint)
 CONFIG_FILE = "config.json"
@@ -31,7 +30,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     if dtype not in _DTYPES:
-        raise UserInputError(f"unknown dtype {dtype!r}; choose auto, fp32, bf16 or fp16")
+        raise UserInputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
     return _DTYPES[dtype]
 
 
@@ -136,6 +135,37 @@ def encode_prompt(tokenizer, prompt: str, use_chat_template: bool = True) -> lis
             ids = ids["input_ids"]
         return list(ids)
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def encode_chat_examples(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
+    """Token ids of chat turns ``prompt -> answer EOS``, each with the length of its prompt part.
+
+    The prompt part equals what :func:`encode_prompt` gives at inference (the chat template rendered, then
+    encoded), and the answer is encoded on its own, so training sees the token boundary the decoders see.
+    Rendering and encoding are batched: per-example calls cost milliseconds each. Needs a fast tokenizer
+    with a chat template (the embedded base's ends a reply with ``<|im_end|>``, its EOS).
+    """
+    if not pairs:
+        return []
+    conversations = [[{"role": "user", "content": prompt}] for prompt, _ in pairs]
+    rendered = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
+    backend = tokenizer.backend_tokenizer
+    prompt_ids = [e.ids for e in backend.encode_batch(rendered, add_special_tokens=False)]
+    answer_ids = [e.ids for e in backend.encode_batch([answer for _, answer in pairs], add_special_tokens=False)]
+    eos = tokenizer.eos_token_id
+    return [(p + a + [eos], len(p)) for p, a in zip(prompt_ids, answer_ids)]
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(B, 1, L, L)`` float attention mask from a boolean ``(B, L, L)``: 0 where allowed, ``finfo(dtype).min``
+    elsewhere.
+
+    transformers passes a 4D mask through unchanged; an additive float mask is right for both the eager and
+    the sdpa attention implementations (a bool mask is right for sdpa only).
+    """
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
 
 
 def set_torch_threads(num_threads: int | None) -> None:

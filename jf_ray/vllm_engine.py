@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from jf_ray.config import DTYPE_NAMES, DType
 from jf_ray.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 class VllmOptions:
     """How one vLLM engine is sized (one engine per collector actor or bench process)."""
 
-    dtype: str = "auto"  # jf-ray dtype names: auto | fp32 | bf16 | fp16
+    dtype: DType = "auto"  # jf-ray's dtype names (jf_ray.config.DTYPE_NAMES)
     device: str = "cpu"  # cpu | cuda
     tensor_parallel_size: int = 1  # GPUs one engine spans (the actor's num_gpus)
     kv_cache_gib: int = 1  # CPU: the KV cache in whole GiB (VLLM_CPU_KVCACHE_SPACE)
@@ -166,7 +167,7 @@ def _vllm_dtype(options: VllmOptions) -> str:
     if options.dtype == "auto":
         return "float32" if options.device == "cpu" else "bfloat16"
     if options.dtype not in _DTYPES:
-        raise UserInputError(f"unknown dtype {options.dtype!r}; choose auto, fp32, bf16 or fp16")
+        raise UserInputError(f"unknown dtype {options.dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
     return _DTYPES[options.dtype]
 
 

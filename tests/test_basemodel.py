@@ -12,10 +12,10 @@ import torch
 from jf_ray.basemodel import BUILD_INFO, build_base, content_hash, read_build_info, resolve_preset
 from jf_ray.basemodel.corpus import IGNORE_INDEX, build_rows
 from jf_ray.basemodel.pretrain import sequence_mask
-from jf_ray.basemodel.tokenizer import IM_END, encode_chat_examples, train_tokenizer
+from jf_ray.basemodel.tokenizer import IM_END, train_tokenizer
 from jf_ray.cli.main import main
 from jf_ray.errors import UserInputError
-from jf_ray.modeling import encode_prompt, eos_token_ids
+from jf_ray.modeling import encode_chat_examples, encode_prompt, eos_token_ids
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n",

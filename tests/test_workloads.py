@@ -10,14 +10,13 @@ import pytest
 from jf_ray.cli.main import main
 from jf_ray.errors import UserInputError
 from jf_ray.workloads import load_examples, read_examples, write_examples
-from jf_ray.workloads.code import FAMILIES, draw_task, generate_code, task_split
-from jf_ray.workloads.common import jsonl_to_examples
+from jf_ray.workloads.code import FAMILIES, draw_task, generate_code
+from jf_ray.workloads.common import jsonl_to_examples, split_of
 from jf_ray.workloads.humaneval import humaneval_examples
-from jf_ray.workloads.math import column, final_answer, generate_math, is_correct, problem_split
+from jf_ray.workloads.math import column, final_answer, generate_math, is_correct
 from jf_ray.workloads.stdlib import (
     body_parses,
     extract_functions,
-    file_split,
     split_files,
     stdlib_examples,
     stdlib_files,
@@ -38,7 +37,7 @@ def test_math_is_deterministic_per_seed_and_fresh_across_seeds():
 
 def test_math_splits_never_share_a_problem():
     heldout = generate_math(300, "heldout", seed=0)
-    assert all(problem_split(e.prompt) == "heldout" for e in heldout)
+    assert all(split_of(e.prompt) == "heldout" for e in heldout)
     train = {e.prompt for seed in (0, 1) for e in generate_math(1500, "train", seed=seed)}
     assert not train & {e.prompt for e in heldout}
 
@@ -116,14 +115,14 @@ def test_code_split_is_by_task_specification_and_disjoint():
     specs = {}
     for _ in range(3000):
         spec, example = draw_task(rng)
-        specs.setdefault(task_split(spec), set()).add(spec)
+        specs.setdefault(split_of(spec), set()).add(spec)
     assert specs["train"] and specs["heldout"] and not specs["train"] & specs["heldout"]
     assert 0.04 < len(specs["heldout"]) / (len(specs["heldout"]) + len(specs["train"])) < 0.2
     held = generate_code(60, "heldout", seed=0)
     train = generate_code(600, "train", seed=0)
     assert not {e.prompt for e in held} & {e.prompt for e in train}
-    assert all(task_split(spec_of(e)) == "heldout" for e in held)
-    assert all(task_split(spec_of(e)) == "train" for e in train)
+    assert all(split_of(spec_of(e)) == "heldout" for e in held)
+    assert all(split_of(spec_of(e)) == "train" for e in train)
     assert not {spec_of(e) for e in held} & {spec_of(e) for e in train}
 
 
@@ -149,7 +148,7 @@ def test_stdlib_split_is_by_file_and_disjoint():
     train, heldout = set(split_files("train")), set(split_files("heldout"))
     assert train and heldout and not train & heldout
     assert train | heldout == set(stdlib_files())
-    assert all(file_split(f) == "heldout" for f in heldout)
+    assert all(split_of(f) == "heldout" for f in heldout)
     held_examples = stdlib_examples("heldout", n=40, seed=0)
     train_examples = stdlib_examples("train", n=40, seed=0)
     assert len(held_examples) == 40 and len(train_examples) == 40
@@ -274,3 +273,16 @@ def test_cli_data_export(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["data", "export", "--task", "math", "--out", str(out), "--n", "0"])
     assert exc.value.code == 2
+
+
+def test_every_per_task_table_names_every_task():
+    """Task names are defined once (jf_ray.workloads.common.TASKS); tables keyed by task must cover them all."""
+    from jf_ray.evaluation import DEFAULT_MAX_NEW_TOKENS
+    from jf_ray.pipeline.config import BENCHMARK_PROMPTS, WorkloadConfig
+    from jf_ray.workloads.common import LOSS_TASKS, TASKS, TEST_ONLY_TASKS
+
+    assert set(DEFAULT_MAX_NEW_TOKENS) == set(BENCHMARK_PROMPTS) == set(TASKS)
+    assert set(TEST_ONLY_TASKS) | set(LOSS_TASKS) <= set(TASKS)
+    assert WorkloadConfig(tasks=["stdlib"], train_prompts={"stdlib": 4}).tasks == ["stdlib"]
+    with pytest.raises(ValueError, match="poetry"):
+        WorkloadConfig(tasks=["poetry"])

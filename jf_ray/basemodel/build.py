@@ -29,9 +29,11 @@ _SOURCE_MODULES = (
     "jf_ray.workloads.math",
     "jf_ray.workloads.code",
     "jf_ray.workloads.stdlib",
+    "jf_ray.workloads.common",  # the split rule and the draw of distinct examples
     "jf_ray.basemodel.tokenizer",
     "jf_ray.basemodel.corpus",
     "jf_ray.basemodel.pretrain",
+    "jf_ray.modeling",  # chat encoding and attention masks of the pretraining rows
 )
 
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from jf_ray.basemodel.presets import BasePreset
-from jf_ray.basemodel.tokenizer import ENDOFTEXT, encode_chat_examples
+from jf_ray.basemodel.tokenizer import ENDOFTEXT
+from jf_ray.modeling import encode_chat_examples
 from jf_ray.workloads.code import generate_code
 from jf_ray.workloads.math import generate_math
 from jf_ray.workloads.stdlib import stdlib_corpus

@@ -11,7 +11,7 @@ import torch
 
 from jf_ray.basemodel.corpus import TokenRows
 from jf_ray.basemodel.presets import BasePreset
-from jf_ray.training.masks import additive_mask
+from jf_ray.modeling import additive_mask
 
 logger = logging.getLogger(__name__)
 

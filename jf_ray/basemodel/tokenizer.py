@@ -48,21 +48,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
         model_max_length=4096,
         clean_up_tokenization_spaces=False,
     )
-
-
-def encode_chat_examples(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
-    """Token ids of chat turns ``prompt -> answer <|im_end|>``, each with the length of its prompt part.
-
-    The prompt part equals what :func:`jf_ray.modeling.encode_prompt` gives at inference (the chat template
-    rendered, then encoded), and the answer is encoded on its own, so training sees the token boundary the
-    decoders see. Rendering and encoding are batched: per-example calls cost milliseconds each.
-    """
-    if not pairs:
-        return []
-    conversations = [[{"role": "user", "content": prompt}] for prompt, _ in pairs]
-    rendered = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
-    backend = tokenizer.backend_tokenizer
-    prompt_ids = [e.ids for e in backend.encode_batch(rendered, add_special_tokens=False)]
-    answer_ids = [e.ids for e in backend.encode_batch([answer for _, answer in pairs], add_special_tokens=False)]
-    eos = tokenizer.convert_tokens_to_ids(IM_END)
-    return [(p + a + [eos], len(p)) for p, a in zip(prompt_ids, answer_ids)]

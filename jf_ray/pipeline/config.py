@@ -9,9 +9,8 @@ from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_
 from jf_ray.config import Location, ModelLocation, StageConfig
 from jf_ray.decoding.registry import BENCH_NAMES, DECODER_NAMES, canonical
 from jf_ray.decoding.types import DecodeConfig, DecoderName
-from jf_ray.workloads.common import TEST_ONLY_TASKS
+from jf_ray.workloads.common import TEST_ONLY_TASKS, Task
 
-Task = Literal["math", "code", "stdlib", "humaneval"]  # jf_ray.workloads.TASKS
 # Held-out examples per task in the timed benchmark, where the config names none (HumanEval: all of it).
 BENCHMARK_PROMPTS: dict[str, int] = {"math": 64, "code": 32, "stdlib": 32, "humaneval": 164}
 

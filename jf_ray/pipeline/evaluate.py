@@ -15,6 +15,7 @@ from jf_ray.bench import VLLM, vllm_runner
 from jf_ray.decoding import DecodeConfig
 from jf_ray.evaluation import evaluate_decoders
 from jf_ray.workloads import read_examples
+from jf_ray.workloads.common import LOSS_TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def evaluate_task(
             batch_size,
             repeats,
             warmup,
-            by_loss=task == "stdlib",
+            by_loss=task in LOSS_TASKS,
             references=references,
         )
     finally:

@@ -10,7 +10,7 @@ import re
 
 from pydantic import Field, model_validator
 
-from jf_ray.config import Location, ModelLocation, StageConfig
+from jf_ray.config import DType, Location, ModelLocation, StageConfig
 from jf_ray.decoding.types import DecodeConfig
 
 # Directory names that say what a directory is, not which model it holds (training checkpoints, exports).
@@ -69,7 +69,7 @@ class ServeConfig(StageConfig):
         description="name clients pass as `model` (default: a hub id as given, org included; a checkpoint "
         "path's last component, with its parent's name before a generic one such as checkpoint-000800)",
     )
-    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
+    dtype: DType = Field("auto", description="model dtype (auto: bf16 on GPU, fp32 on CPU)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     decode: DecodeConfig = Field(
         default_factory=lambda: DecodeConfig(decoder="auto"),

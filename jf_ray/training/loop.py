@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from jf_ray.modeling import attention_backends
+from jf_ray.modeling import additive_mask, attention_backends
 from jf_ray.training.batches import PackedBatch
 from jf_ray.training.config import TrainConfig
 from jf_ray.training.losses import jacobi_forcing_loss
-from jf_ray.training.masks import additive_mask, allowed_keys, flex_block_mask
+from jf_ray.training.masks import allowed_keys, flex_block_mask
 
 logger = logging.getLogger(__name__)
 

@@ -81,17 +81,6 @@ def check_kind(kind: str) -> None:
         raise ValueError(f"unknown mask kind {kind!r}; choose one of {', '.join(MASK_KINDS)}")
 
 
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``(B, 1, L, L)`` float mask, 0 where allowed and ``finfo(dtype).min`` elsewhere.
-
-    transformers passes a 4D mask through unchanged; an additive float mask is right for both the eager and
-    the sdpa attention implementations (a bool mask is right for sdpa only).
-    """
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
-
-
 def flex_block_mask(
     segment: torch.Tensor,
     block: torch.Tensor,

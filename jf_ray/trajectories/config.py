@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from jf_ray.config import Location, ModelLocation, StageConfig
+from jf_ray.config import DType, Location, ModelLocation, StageConfig
 from jf_ray.trajectories.backends import BackendSpec
 
 
@@ -31,7 +31,7 @@ class CollectConfig(StageConfig):
     vllm_kv_cache_gib: int = Field(1, ge=1, description="vllm on CPU: KV cache GiB per actor")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vllm on GPU: share of GPU memory")
     vllm_enforce_eager: bool = Field(False, description="vllm: no compilation (starts in seconds; small models)")
-    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
+    dtype: DType = Field("auto", description="model dtype (auto: bf16 on GPU, fp32 on CPU)")
     attn_implementation: str = Field("sdpa", description="transformers attention implementation")
     use_chat_template: bool = Field(True, description="wrap prompts in the tokenizer's chat template")
     ray_address: str | None = Field(None, description="Ray cluster to join (default: RAY_ADDRESS or local)")

@@ -5,13 +5,7 @@ Each has a ``train`` split (base-model pretraining and post-training prompts) an
 no training data ever comes from. :func:`load_examples` draws either; :func:`write_examples` exports JSONL.
 """
 
-from jf_ray.workloads.common import (
-    SPLITS,
-    TASKS,
-    Example,
-    load_examples,
-    read_examples,
-    write_examples,
-)
+from jf_ray.workloads.common import SPLITS, TASKS, Example, read_examples, write_examples
+from jf_ray.workloads.load import load_examples
 
 __all__ = ["SPLITS", "TASKS", "Example", "load_examples", "read_examples", "write_examples"]

@@ -22,14 +22,12 @@ Scoring executes prompt + completion + tests in :mod:`jf_ray.sandbox` (see :mod:
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from jf_ray.workloads.common import Example, Split, check_split
+from jf_ray.workloads.common import Example, Split, draw_distinct
 
-HELDOUT_PERCENT = 10
 NUM_EXAMPLES, NUM_TESTS = 2, 5
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 WORDS = tuple(
@@ -332,23 +330,8 @@ FAMILIES: tuple[Family, ...] = (
 
 
 def generate_code(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
-    """``n`` distinct tasks of ``split``, deterministic for ``(split, seed)``."""
-    check_split(split)
-    rng = random.Random(f"code/{split}/{seed}")
-    seen: set[str] = set()
-    out: list[Example] = []
-    while len(out) < n:
-        spec, example = draw_task(rng)
-        if task_split(spec) != split or example.prompt in seen:
-            continue
-        seen.add(example.prompt)
-        out.append(example)
-    return out
-
-
-def task_split(spec: str) -> Split:
-    digest = hashlib.sha256(spec.encode()).digest()
-    return "heldout" if int.from_bytes(digest[:4], "big") % 100 < HELDOUT_PERCENT else "train"
+    """``n`` distinct tasks of ``split``, deterministic for ``(split, seed)``; the specification decides the split."""
+    return draw_distinct("code", n, split, seed, draw_task)
 
 
 def draw_task(rng: random.Random) -> tuple[str, Example]:

@@ -7,8 +7,10 @@ line) are what ``jf-ray bench``, trajectory collection and the pipeline read.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterable
+import random
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -16,8 +18,11 @@ from jf_ray.errors import UserInputError
 
 Split = Literal["train", "heldout"]
 SPLITS: tuple[str, ...] = ("train", "heldout")
-TASKS: tuple[str, ...] = ("code", "math", "stdlib", "humaneval")
+TASKS: tuple[str, ...] = ("code", "math", "stdlib", "humaneval")  # the one list; jf_ray.workloads.load loads each
+Task = Literal[TASKS]
 TEST_ONLY_TASKS: tuple[str, ...] = ("humaneval",)  # no train split: evaluated on, never trained on
+LOSS_TASKS: tuple[str, ...] = ("stdlib",)  # language-modelling sets: scored by the loss of the reference answers
+HELDOUT_PERCENT = 10  # share of generated tasks and stdlib files in the heldout split
 
 
 @dataclass(frozen=True)
@@ -42,29 +47,31 @@ def check_task(task: str) -> None:
         raise UserInputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
 
-def load_examples(task: str, split: Split, n: int, seed: int = 0) -> list[Example]:
-    """``n`` examples of ``task``/``split`` (fewer where the set is smaller: stdlib functions, HumanEval)."""
-    check_task(task)
+def split_of(key: str) -> Split:
+    """The split of a generated task or a stdlib file, from a hash of its key (the same on every machine)."""
+    value = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big")
+    return "heldout" if value % 100 < HELDOUT_PERCENT else "train"
+
+
+def draw_distinct(
+    workload: str, n: int, split: Split, seed: int, draw: Callable[[random.Random], tuple[str, Example]]
+) -> list[Example]:
+    """``n`` distinct examples of ``split``, deterministic for ``(workload, split, seed)``.
+
+    ``draw`` gives one random example and the key that decides its split (:func:`split_of`); examples of the
+    other split and repeated prompts are drawn again, so any seed gives fresh examples of the asked split.
+    """
     check_split(split)
-    if n < 1:
-        raise UserInputError(f"number of examples must be >= 1, got {n}")
-    if task in TEST_ONLY_TASKS:
-        if split != "heldout":
-            raise UserInputError(f"{task} is a test set: it has only the heldout split")
-        from jf_ray.workloads.humaneval import humaneval_examples
-
-        return humaneval_examples(n)
-    if task == "math":
-        from jf_ray.workloads.math import generate_math
-
-        return generate_math(n, split=split, seed=seed)
-    if task == "code":
-        from jf_ray.workloads.code import generate_code
-
-        return generate_code(n, split=split, seed=seed)
-    from jf_ray.workloads.stdlib import stdlib_examples
-
-    return stdlib_examples(split, n=n, seed=seed)
+    rng = random.Random(f"{workload}/{split}/{seed}")
+    seen: set[str] = set()
+    out: list[Example] = []
+    while len(out) < n:
+        key, example = draw(rng)
+        if split_of(key) != split or example.prompt in seen:
+            continue
+        seen.add(example.prompt)
+        out.append(example)
+    return out
 
 
 def examples_to_jsonl(examples: Iterable[Example]) -> bytes:

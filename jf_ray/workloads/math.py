@@ -15,14 +15,12 @@ split, and a held-out problem can never appear in training data, whatever seeds 
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from collections.abc import Callable
 
-from jf_ray.workloads.common import Example, Split, check_split
+from jf_ray.workloads.common import Example, Split, draw_distinct
 
-HELDOUT_PERCENT = 10
 # Difficulty knobs: values stay at most MAX_VALUE, added/removed amounts at most MAX_AMOUNT, factors are
 # single-digit. Division is left out: its facts are many and each is seen rarely in minutes of training.
 MAX_VALUE = 99
@@ -87,23 +85,13 @@ _ANSWER_RE = re.compile(r"(?:answer is:?|####|\\boxed\{)\s*\$?\s*(-?\d[\d,]*)")
 
 
 def generate_math(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
-    """``n`` distinct problems of ``split``, deterministic for ``(split, seed)``."""
-    check_split(split)
-    rng = random.Random(f"math/{split}/{seed}")
-    seen: set[str] = set()
-    out: list[Example] = []
-    while len(out) < n:
-        example = draw_problem(rng)
-        if problem_split(example.prompt) != split or example.prompt in seen:
-            continue
-        seen.add(example.prompt)
-        out.append(example)
-    return out
+    """``n`` distinct problems of ``split``, deterministic for ``(split, seed)``; the text decides the split."""
+    return draw_distinct("math", n, split, seed, _keyed_problem)
 
 
-def problem_split(prompt: str) -> Split:
-    digest = hashlib.sha256(prompt.encode()).digest()
-    return "heldout" if int.from_bytes(digest[:4], "big") % 100 < HELDOUT_PERCENT else "train"
+def _keyed_problem(rng: random.Random) -> tuple[str, Example]:
+    example = draw_problem(rng)
+    return example.prompt, example
 
 
 def draw_problem(rng: random.Random) -> Example:

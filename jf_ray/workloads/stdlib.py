@@ -19,11 +19,10 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
-from jf_ray.workloads.common import Example, Split, check_split
+from jf_ray.workloads.common import Example, Split, check_split, split_of
 
 logger = logging.getLogger(__name__)
 
-HELDOUT_PERCENT = 10
 # Tests, IDLE's tests and 2to3 fixtures hold deliberately odd or Python-2 code; site-packages is not stdlib.
 EXCLUDED_DIRS = frozenset({"site-packages", "__pycache__", "test", "tests", "idle_test"})
 MAX_PROMPT_CHARS = 1200
@@ -57,15 +56,10 @@ def stdlib_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def file_split(rel_path: str) -> Split:
-    value = int.from_bytes(hashlib.sha256(rel_path.encode()).digest()[:4], "big")
-    return "heldout" if value % 100 < HELDOUT_PERCENT else "train"
-
-
 def split_files(split: Split, seed: int | None = None) -> list[str]:
     """The files of ``split``: sorted, or shuffled deterministically when ``seed`` is given."""
     check_split(split)
-    files = [rel for rel in stdlib_files() if file_split(rel) == split]
+    files = [rel for rel in stdlib_files() if split_of(rel) == split]
     if seed is not None:
         random.Random(f"stdlib-files/{split}/{seed}").shuffle(files)
     return files
