@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from jf_ray.config import DType
 from jf_ray.decoding.types import DecodeConfig, DecodeResult
 from jf_ray.errors import UserInputError
 
@@ -27,7 +28,7 @@ class BackendSpec:
 
     name: str = "transformers"
     model: str = ""
-    dtype: str = "auto"
+    dtype: DType = "auto"
     device: str = "auto"
     attn_implementation: str = "sdpa"
     use_chat_template: bool = True
@@ -75,16 +76,32 @@ class GenerationBackend(Protocol):
         """Greedy Jacobi decode of every prompt with ``record_trajectory``; one result per prompt, in order."""
 
 
-class TransformersBackend:
+class TokenizerBackend:
+    """What every backend with a Hugging Face tokenizer shares: its EOS ids and prompt encoding (the chat
+    template applied as at inference, :func:`jf_ray.modeling.encode_prompt`)."""
+
+    def __init__(self, tokenizer, eos_ids: list[int], use_chat_template: bool = True):
+        self.tokenizer = tokenizer
+        self.use_chat_template = use_chat_template
+        self._eos = list(eos_ids)
+
+    def eos_token_ids(self) -> list[int]:
+        return list(self._eos)
+
+    def encode_prompts(self, texts: list[str]) -> list[list[int]]:
+        from jf_ray.modeling import encode_prompt
+
+        return [encode_prompt(self.tokenizer, text, self.use_chat_template) for text in texts]
+
+
+class TransformersBackend(TokenizerBackend):
     """Our batched Jacobi decoder over a transformers model (any device)."""
 
     def __init__(self, model, tokenizer, use_chat_template: bool = True):
         from jf_ray.modeling import eos_token_ids
 
+        super().__init__(tokenizer, eos_token_ids(model, tokenizer), use_chat_template)
         self.model = model
-        self.tokenizer = tokenizer
-        self.use_chat_template = use_chat_template
-        self._eos = eos_token_ids(model, tokenizer)
 
     @classmethod
     def from_spec(cls, spec: BackendSpec) -> TransformersBackend:
@@ -94,14 +111,6 @@ class TransformersBackend:
             spec.model, dtype=spec.dtype, device=spec.device, attn_implementation=spec.attn_implementation
         )
         return cls(model, load_tokenizer(spec.model), spec.use_chat_template)
-
-    def eos_token_ids(self) -> list[int]:
-        return list(self._eos)
-
-    def encode_prompts(self, texts: list[str]) -> list[list[int]]:
-        from jf_ray.modeling import encode_prompt
-
-        return [encode_prompt(self.tokenizer, text, self.use_chat_template) for text in texts]
 
     def jacobi_trajectories(self, prompt_ids, block_size, max_new_tokens, batch_size, seed, progress=None):
         from jf_ray.decoding import generate

@@ -21,20 +21,18 @@ from collections import deque
 from jf_ray.decoding.jacobi import JacobiPolicy
 from jf_ray.decoding.request import RequestState, SegmentOutput
 from jf_ray.decoding.types import DecodeConfig, DecodeResult
-from jf_ray.trajectories.backends import BackendSpec
+from jf_ray.trajectories.backends import BackendSpec, TokenizerBackend
 from jf_ray.vllm_engine import check_vllm_model, open_engine
 
 logger = logging.getLogger(__name__)
 
 
-class VllmBackend:
+class VllmBackend(TokenizerBackend):
     """Jacobi trajectories on one vLLM engine (CPU or GPU); tokenizer and chat template as the HF backend."""
 
     def __init__(self, llm, tokenizer, eos_ids: list[int], use_chat_template: bool = True):
+        super().__init__(tokenizer, eos_ids, use_chat_template)
         self.llm = llm
-        self.tokenizer = tokenizer
-        self.use_chat_template = use_chat_template
-        self._eos = list(eos_ids)
         self.resubmitted = 0  # requests run again because their cache hit reached into the draft
         self.cached_tokens = 0  # prefix tokens whose K/V came from vLLM's prefix cache (not recomputed)
 
@@ -54,14 +52,6 @@ class VllmBackend:
             generation = None
         eos = eos_token_ids(_ConfigView(generation, AutoConfig.from_pretrained(path)), tokenizer)
         return cls(open_engine(path, options), tokenizer, eos, spec.use_chat_template)
-
-    def eos_token_ids(self) -> list[int]:
-        return list(self._eos)
-
-    def encode_prompts(self, texts: list[str]) -> list[list[int]]:
-        from jf_ray.modeling import encode_prompt
-
-        return [encode_prompt(self.tokenizer, text, self.use_chat_template) for text in texts]
 
     def jacobi_trajectories(self, prompt_ids, block_size, max_new_tokens, batch_size, seed, progress=None):
         config = DecodeConfig(
