@@ -175,11 +175,11 @@ def test_tiny_build_is_deterministic(tmp_path):
 
 def test_cli_base_build(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert main(["base", "build", "--out", str(out), "--preset", "micro", "--threads", "1", "steps=2"]) == 0
+    assert main(["base", "build", "--out", str(out), "--preset", "micro", "--threads", "1", "--set", "steps=2"]) == 0
     printed = capsys.readouterr().out
     assert json.loads(printed[: printed.index("}") + 1])["preset_name"] == "micro"
     assert (out / BUILD_INFO).is_file() and (out / "model.safetensors").is_file()
-    assert main(["base", "build", "--out", str(out), "--preset", "micro", "nonsense=1"]) == 2
+    assert main(["base", "build", "--out", str(out), "--preset", "micro", "--set", "nonsense=1"]) == 2
     with pytest.raises(SystemExit) as exc:
         main(["base", "build", "--out", str(out), "--preset", "huge"])
     assert exc.value.code == 2

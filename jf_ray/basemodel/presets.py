@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from pydantic import Field
 
-from jf_ray.config import StageConfig, parse_override, read_yaml
+from jf_ray.config import StageConfig, parse_override
 from jf_ray.errors import UserInputError
 
 
@@ -125,10 +125,3 @@ def resolve_preset(name: str, overrides: Iterable[str] = ()) -> BasePreset:
             raise UserInputError(f"unknown preset field {key!r} in override {item!r}")
         data[key] = value
     return BasePreset.from_dict(data).check()
-
-
-def overrides_from_yaml(path: str) -> list[str]:
-    """A YAML mapping of preset fields as ``key=value`` overrides (applied before command-line ones)."""
-    import json
-
-    return [f"{key}={json.dumps(value)}" for key, value in read_yaml(path).items()]

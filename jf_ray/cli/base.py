@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from jf_ray.cli.common import positive_int
-from jf_ray.workloads.common import TASKS
-
-PRESET_NAMES = ("micro", "tiny", "small")
+from jf_ray.basemodel.presets import PRESETS
+from jf_ray.cli.common import add_config_options, config_data, positive_int
+from jf_ray.workloads.common import SPLITS, TASKS
 
 
 def register(subparsers) -> None:
@@ -18,18 +17,18 @@ def register(subparsers) -> None:
         "build",
         help="train tokenizer and model from scratch into a Hugging Face checkpoint (cached by content hash)",
         description="Trains a byte-level BPE tokenizer and a random-init Qwen2 model on the code and math "
-        "workloads' train splits; writes a checkpoint that AutoModelForCausalLM/AutoTokenizer load.",
+        "workloads' train splits; writes a checkpoint that AutoModelForCausalLM/AutoTokenizer load. Settings: "
+        "the fields of a BasePreset (docs/pipeline.md) over the --preset's values, e.g. --set steps=300.",
     )
     build.add_argument("--out", required=True, help="checkpoint directory (path, file:// or s3:// URI)")
-    build.add_argument("--preset", default="small", choices=PRESET_NAMES, help="size and budget (default small)")
+    build.add_argument("--preset", default="small", choices=tuple(PRESETS), help="size and budget (default small)")
     build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--config", default=None, help="YAML file of preset fields to override")
     build.add_argument("--force", action="store_true", help="rebuild even when the cached build matches")
     build.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
-    build.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="preset field overrides, e.g. steps=300")
+    add_config_options(build, "BasePreset", ())
     build.set_defaults(func=run_build)
 
-    data = subparsers.add_parser("data", help="export workload examples (code | math | stdlib | humaneval) as JSONL")
+    data = subparsers.add_parser("data", help=f"export workload examples ({' | '.join(TASKS)}) as JSONL")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
     data_sub.required = True
     export = data_sub.add_parser(
@@ -39,7 +38,7 @@ def register(subparsers) -> None:
         "standard-library functions; humaneval is its 164 problems (heldout only).",
     )
     export.add_argument("--task", required=True, choices=TASKS)
-    export.add_argument("--split", default="train", choices=("train", "heldout"))
+    export.add_argument("--split", default="train", choices=SPLITS)
     export.add_argument("--out", required=True, help="JSONL file (path, file:// or s3:// URI)")
     export.add_argument("--n", type=positive_int, default=1000, help="number of examples (stdlib: at most all)")
     export.add_argument("--seed", type=int, default=0)
@@ -50,11 +49,10 @@ def run_build(args: argparse.Namespace) -> int:
     import json
 
     from jf_ray.basemodel.build import build_base_uri, read_build_info_uri
-    from jf_ray.basemodel.presets import overrides_from_yaml
     from jf_ray.storage import check_writable
 
     check_writable(args.out, "--out")
-    overrides = (overrides_from_yaml(args.config) if args.config else []) + list(args.overrides)
+    overrides = [f"{key}={json.dumps(value)}" for key, value in config_data(args, ()).items()]
     uri = build_base_uri(
         args.out,
         preset=args.preset,

@@ -1,30 +1,31 @@
 """``jf-ray collect``: Jacobi trajectories of a model on a prompt set, on a Ray actor pool, into a dataset.
 
 Re-running with the same ``--out`` resumes: finished shards are skipped (checksums verified), unfinished
-or corrupt ones are redone. Settings come from ``--config`` YAML, then ``--set key=value``, then flags.
+or corrupt ones are redone. Settings: a CollectConfig from ``--config`` YAML, then flags, then
+``--set key=value``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 
-from jf_ray.cli.common import add_address_option, join_or_start_ray
+from jf_ray.cli.common import FieldFlag, add_address_option, add_config_options, config_from_args, join_or_start_ray
 
-# Flags that map one-to-one onto CollectConfig fields (flag dest == field name).
-_FIELD_FLAGS = (
-    ("--model", str, "checkpoint: local dir, file:// or s3:// URI"),
-    ("--prompts", str, 'JSONL URI, one {"prompt": ..., "id"?: ...} per line'),
-    ("--out", str, "output dataset URI (file://, s3:// or a path)"),
-    ("--block-size", int, "Jacobi block size n"),
-    ("--workers", int, "Ray actors (one per GPU on clusters)"),
-    ("--batch-size", int, "prompts decoded together in one worker"),
-    ("--max-new-tokens", int, "cap on new tokens per prompt (rounded up to whole blocks)"),
-    ("--round", int, "Jacobi Forcing round stored in every row"),
-    ("--model-id", str, "model id stored in every row (default: --model)"),
-    ("--num-gpus-per-worker", float, "GPUs per actor (0 on CPU)"),
-    ("--backend", str, "transformers | vllm (docs/vllm.md) | package.module:Class"),
-    ("--tensor-parallel-size", int, "vllm: GPUs one engine spans"),
+FLAGS = (
+    FieldFlag("--model", "checkpoint: local dir, file:// or s3:// URI", required=True),
+    FieldFlag("--prompts", 'JSONL URI, one {"prompt": ..., "id"?: ...} per line', required=True),
+    FieldFlag("--out", "output dataset URI (file://, s3:// or a path)", required=True),
+    FieldFlag("--block-size", "Jacobi block size n", int),
+    FieldFlag("--workers", "Ray actors (one per GPU on clusters)", int),
+    FieldFlag("--batch-size", "prompts decoded together in one worker", int),
+    FieldFlag("--max-new-tokens", "cap on new tokens per prompt (rounded up to whole blocks)", int),
+    FieldFlag("--round", "Jacobi Forcing round stored in every row", int),
+    FieldFlag("--model-id", "model id stored in every row (default: --model)"),
+    FieldFlag("--num-gpus-per-worker", "GPUs per actor (0 on CPU)", float),
+    FieldFlag("--backend", "transformers | vllm (docs/vllm.md) | package.module:Class"),
+    FieldFlag("--tensor-parallel-size", "vllm: GPUs one engine spans", int),
+    FieldFlag("--resume", "skip finished shards of --out (default) or redo everything", bool),
+    FieldFlag("--progress", "progress bar", bool),
 )
 
 
@@ -32,50 +33,18 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "collect", help="collect Jacobi trajectories into a Parquet dataset", description=__doc__
     )
-    parser.add_argument("--config", help="YAML file with CollectConfig fields")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any CollectConfig field (repeatable), e.g. --set shard_size=64",
-    )
-    for flag, kind, text in _FIELD_FLAGS:
-        parser.add_argument(flag, type=kind, default=None, help=text)
-    parser.add_argument(
-        "--resume",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="skip finished shards of --out (default) or redo everything",
-    )
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
+    add_config_options(parser, "CollectConfig", FLAGS)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_address_option(parser)
     parser.set_defaults(func=run)
 
 
-def build_config(args):
-    from jf_ray.config import parse_override, read_yaml, set_dotted
-    from jf_ray.trajectories.config import CollectConfig
-
-    data = read_yaml(args.config) if args.config else {}
-    for item in args.set:
-        set_dotted(data, *parse_override(item))
-    for flag, _, _ in _FIELD_FLAGS:
-        name = flag[2:].replace("-", "_")
-        if getattr(args, name) is not None:
-            data[name] = getattr(args, name)
-    for name in ("resume", "progress"):
-        if getattr(args, name) is not None:
-            data[name] = getattr(args, name)
-    return CollectConfig.from_dict(data)
-
-
 def run(args) -> int:
     from jf_ray.storage import check_writable
     from jf_ray.trajectories.collect import collect
+    from jf_ray.trajectories.config import CollectConfig
 
-    config = build_config(args)
+    config = config_from_args(CollectConfig, args, FLAGS)
     join_or_start_ray(args)
     check_writable(config.out, "--out")
     summary = collect(config)

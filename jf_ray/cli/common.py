@@ -1,10 +1,24 @@
-"""Argument types and options shared by several ``jf-ray`` subcommands (light imports only)."""
+"""Argument types and options shared by several ``jf-ray`` subcommands (light imports only), and the one
+config builder of every subcommand that builds a stage config (docs/README.md, "Settings on the command line").
+
+Precedence, lowest first: the ``--config`` YAML, then explicit flags, then ``--set KEY=VALUE`` (dotted keys
+reach into sections). A flag left out sets nothing, so the YAML's value (or the config's default) stays.
+"""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
+from jf_ray.config import DTYPE_NAMES
 from jf_ray.decoding.registry import DECODER_NAMES, canonical
+
+PRECEDENCE = (
+    "Settings are layered, later wins: the --config YAML, then explicit flags, then --set KEY=VALUE "
+    "(dotted keys reach into sections, e.g. --set decode.num_blocks=3)."
+)
 
 
 def positive_int(text: str) -> int:
@@ -57,7 +71,7 @@ def join_or_start_ray(args: argparse.Namespace, num_cpus: int | None = None) -> 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="HF checkpoint dir, file:// or s3:// URI, or hub name")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
 
@@ -86,3 +100,88 @@ def decode_config_from_args(args: argparse.Namespace, decoder: str = "jacobi"):
             "seed": args.seed,
         }
     )
+
+
+@dataclass(frozen=True)
+class FieldFlag:
+    """A flag that sets one field of a stage config; left out, it sets nothing."""
+
+    flag: str
+    help: str
+    type: Callable[[str], Any] = str  # bool: --flag / --no-flag
+    key: str = ""  # dotted field it sets; default: the flag's name (--block-size -> block_size)
+    choices: tuple[str, ...] | None = None
+    required: bool = False  # must be set by one of the layers; the error names the flag
+
+    @property
+    def dest(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+    @property
+    def field(self) -> str:
+        return self.key or self.dest
+
+
+def add_config_options(parser: argparse.ArgumentParser, config_name: str, flags: Iterable[FieldFlag]) -> None:
+    """``--config``, one flag per :class:`FieldFlag` and ``--set``; the precedence goes into ``--help``."""
+    parser.add_argument("--config", default=None, metavar="YAML", help=f"YAML file of {config_name} fields")
+    for spec in flags:
+        if spec.type is bool:
+            parser.add_argument(spec.flag, action=argparse.BooleanOptionalAction, default=None, help=spec.help)
+        else:
+            parser.add_argument(spec.flag, type=spec.type, choices=spec.choices, default=None, help=spec.help)
+    add_set_option(parser, config_name)
+    parser.epilog = PRECEDENCE
+
+
+def add_set_option(parser: argparse.ArgumentParser, config_name: str) -> None:
+    """Repeatable ``--set KEY=VALUE`` into ``args.overrides``: the last, winning layer of the settings."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"set any {config_name} field (repeatable; dotted keys for sections; wins over --config and flags)",
+    )
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``data`` with every ``KEY=VALUE`` of ``overrides`` set in order (values parsed as YAML scalars)."""
+    from jf_ray.config import parse_override, set_dotted
+
+    for item in overrides:
+        set_dotted(data, *parse_override(item))
+    return data
+
+
+def config_data(args: argparse.Namespace, flags: Iterable[FieldFlag]) -> dict:
+    """The settings as one mapping: ``--config`` YAML, then the flags given, then ``--set``."""
+    from jf_ray.config import read_yaml, set_dotted
+    from jf_ray.errors import UserInputError
+
+    flags = tuple(flags)
+    data = read_yaml(args.config) if args.config else {}
+    for spec in flags:
+        value = getattr(args, spec.dest)
+        if value is not None:
+            set_dotted(data, spec.field, value)
+    apply_overrides(data, args.overrides)
+    for spec in flags:
+        if spec.required and _dotted_value(data, spec.field) is None:
+            raise UserInputError(f"no {spec.field}: pass {spec.flag} (or set `{spec.field}` by --config or --set)")
+    return data
+
+
+def config_from_args(config_class, args: argparse.Namespace, flags: Iterable[FieldFlag]):
+    """``config_class`` (a :class:`jf_ray.config.StageConfig`) from the layered settings."""
+    return config_class.from_dict(config_data(args, flags))
+
+
+def _dotted_value(data: dict, key: str) -> Any:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node

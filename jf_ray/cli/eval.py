@@ -4,9 +4,34 @@ from __future__ import annotations
 
 import argparse
 
-from jf_ray.cli.common import add_decode_options, add_model_options, decoder_name, positive_int
+from jf_ray.cli.common import FieldFlag, add_config_options, config_from_args, decoder_name, positive_int
+from jf_ray.config import DTYPE_NAMES
 from jf_ray.decoding.registry import DECODER_NAMES
-from jf_ray.workloads.common import TASKS
+from jf_ray.workloads.common import SPLITS, TASKS
+
+FLAGS = (
+    FieldFlag("--model", "HF checkpoint dir, file:// or s3:// URI, or hub name", required=True),
+    FieldFlag("--task", "workload (with --prompts: a label)", choices=TASKS, required=True),
+    FieldFlag(
+        "--prompts",
+        "JSONL (path or URI) of your own examples: {prompt, tests, entry_point} rows are executed, "
+        "{prompt, answer} rows checked by final answer; HumanEval's own row layout works too",
+    ),
+    FieldFlag("--split", "workload split (default heldout)", choices=SPLITS),
+    FieldFlag("--n", "examples (default 200; all of HumanEval)", positive_int),
+    FieldFlag("--seed", "which examples are drawn; also the decoders' seed", int),
+    FieldFlag("--batch-size", "requests decoded together (default 8)", positive_int),
+    FieldFlag("--dtype", "model dtype (default auto)", choices=DTYPE_NAMES),
+    FieldFlag("--device", "auto | cpu | cuda | cuda:N"),
+    FieldFlag("--timeout-s", "wall-clock limit per executed program (default 10)", float),
+    FieldFlag("--decoder", " | ".join(DECODER_NAMES) + " (default ar)", decoder_name, key="decode.decoder"),
+    FieldFlag("--block-size", "Jacobi block size n", positive_int, key="decode.block_size"),
+    FieldFlag("--max-new-tokens", "cap per answer (default: per task)", positive_int, key="decode.max_new_tokens"),
+    FieldFlag("--num-blocks", "multiblock: blocks in flight K", positive_int, key="decode.num_blocks"),
+    FieldFlag("--pool-size", "multiblock: candidates verified per forward", int, key="decode.pool_size"),
+    FieldFlag("--spawn-ratio", "multiblock: spawn at ceil(r*n) accepted", float, key="decode.spawn_ratio"),
+    FieldFlag("--recycle-context", "multiblock: copied candidates (default on)", bool, key="decode.recycle_context"),
+)
 
 
 def register(subparsers) -> None:
@@ -15,52 +40,24 @@ def register(subparsers) -> None:
         help="evaluate a model on a workload, HumanEval or your own JSONL set with any decoder",
         description="code, humaneval and sets with tests: pass@1, each completion executed in the sandbox. "
         "math and sets with answers: final-answer accuracy. stdlib: loss of the reference bodies. Every "
-        "decoder other than ar runs beside greedy AR: TPF, tokens/s, speed-up over AR, repetition.",
+        "decoder other than ar runs beside greedy AR: TPF, tokens/s, speed-up over AR, repetition. "
+        "Settings: an EvalConfig (its decode section a DecodeConfig).",
     )
-    add_model_options(parser)
-    parser.add_argument("--task", required=True, choices=TASKS, help="workload (with --prompts: a label)")
-    parser.add_argument(
-        "--prompts",
-        default=None,
-        help="JSONL (path or URI) of your own examples: {prompt, tests, entry_point} rows are executed, "
-        "{prompt, answer} rows checked by final answer; HumanEval's own row layout works too",
-    )
-    parser.add_argument("--split", default="heldout", choices=("train", "heldout"))
-    parser.add_argument("--decoder", type=decoder_name, default="ar", help=" | ".join(DECODER_NAMES))
-    parser.add_argument("--n", type=positive_int, default=None, help="examples (default 200; all of HumanEval)")
-    add_decode_options(parser)
-    parser.set_defaults(max_new_tokens=None)  # per task: a math solution, a function body, a HumanEval reply
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="requests decoded together")
+    add_config_options(parser, "EvalConfig", FLAGS)
     parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
-    parser.add_argument("--timeout-s", type=float, default=10.0, help="wall-clock limit per executed program")
     parser.add_argument("--json", dest="json_out", default=None, help="write the report here (path or URI)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from jf_ray.cli.common import decode_config_from_args
-    from jf_ray.evaluation import DEFAULT_MAX_NEW_TOKENS, EvalConfig, evaluate
+    from jf_ray.evaluation import EvalConfig, evaluate
     from jf_ray.modeling import set_torch_threads
     from jf_ray.storage import check_writable_file
 
+    config = config_from_args(EvalConfig, args, FLAGS)
     if args.json_out:
         check_writable_file(args.json_out, "--json")
     set_torch_threads(args.threads)
-    if args.max_new_tokens is None:
-        args.max_new_tokens = DEFAULT_MAX_NEW_TOKENS[args.task]
-    config = EvalConfig(
-        model=args.model,
-        task=args.task,
-        prompts=args.prompts,
-        split=args.split,
-        n=args.n,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        device=args.device,
-        timeout_s=args.timeout_s,
-        decode=decode_config_from_args(args, decoder=args.decoder),
-    )
     report = evaluate(config, progress_factory=_progress_bar)
     print_summary(report)
     if args.json_out:

@@ -1,26 +1,24 @@
 """``jf-ray pack``: Jacobi trajectories -> packed training sequences (a Ray Data job over the shards).
 
 Each response becomes ``prompt ++ (noisy_j ++ clean_j)_j``; the noisy block is the recorded state nearest
-the block's target noise ratio (progressive: cyclic ramp over --window blocks). Settings come from
-``--config`` YAML, then ``--set key=value``, then flags.
+the block's target noise ratio (progressive: cyclic ramp over --window blocks). Settings: a PackConfig from
+``--config`` YAML, then flags, then ``--set key=value``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 
-from jf_ray.cli.common import add_address_option, join_or_start_ray
+from jf_ray.cli.common import FieldFlag, add_address_option, add_config_options, config_from_args, join_or_start_ray
 
-# Flags that map one-to-one onto PackConfig fields (flag dest == field name).
-_FIELD_FLAGS = (
-    ("--trajectories", str, "URI of the trajectory dataset (schema jf_ray.trajectories)"),
-    ("--out", str, "URI of the packed dataset to write"),
-    ("--window", int, "noise-schedule window W in blocks"),
-    ("--strategy", str, "progressive | random | reverse"),
-    ("--seed", int, "seed of the random strategy"),
-    ("--max-tokens", int, "cap on packed sequence length (leading blocks kept)"),
-    ("--rows-per-shard", int, "packed sequences per output shard"),
+FLAGS = (
+    FieldFlag("--trajectories", "URI of the trajectory dataset (schema jf_ray.trajectories)", required=True),
+    FieldFlag("--out", "URI of the packed dataset to write", required=True),
+    FieldFlag("--window", "noise-schedule window W in blocks", int),
+    FieldFlag("--strategy", "noise schedule: progressive | random | reverse"),
+    FieldFlag("--seed", "seed of the random strategy", int),
+    FieldFlag("--max-tokens", "cap on packed sequence length (leading blocks kept)", int),
+    FieldFlag("--rows-per-shard", "packed sequences per output shard", int),
 )
 
 
@@ -28,40 +26,10 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "pack", help="pack trajectories into Jacobi Forcing training sequences", description=__doc__
     )
-    add_config_options(parser, "PackConfig", _FIELD_FLAGS)
-    parser.set_defaults(func=run)
-
-
-def add_config_options(parser: argparse.ArgumentParser, config_name: str, field_flags) -> None:
-    parser.add_argument("--config", help=f"YAML file with {config_name} fields")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"override any {config_name} field (repeatable; dotted keys for sections)",
-    )
-    for flag, kind, text in field_flags:
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            parser.add_argument(flag, type=kind, default=None, help=text)
+    add_config_options(parser, "PackConfig", FLAGS)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_address_option(parser)
-
-
-def config_from_args(config_class, args: argparse.Namespace, field_flags, renames: dict | None = None):
-    """YAML, then ``--set`` overrides, then explicit flags; flag ``--a-b`` sets field ``a_b`` (or a rename)."""
-    from jf_ray.config import parse_override, read_yaml, set_dotted
-
-    data = read_yaml(args.config) if args.config else {}
-    for item in args.set:
-        set_dotted(data, *parse_override(item))
-    for flag, _, _ in field_flags:
-        dest = flag[2:].replace("-", "_")
-        if getattr(args, dest) is not None:
-            set_dotted(data, (renames or {}).get(dest, dest), getattr(args, dest))
-    return config_class.from_dict(data)
+    parser.set_defaults(func=run)
 
 
 def run(args) -> int:
@@ -69,7 +37,7 @@ def run(args) -> int:
     from jf_ray.packing.ray_pack import pack
     from jf_ray.storage import check_writable
 
-    config = config_from_args(PackConfig, args, _FIELD_FLAGS)
+    config = config_from_args(PackConfig, args, FLAGS)
     join_or_start_ray(args)
     check_writable(config.out, "--out")
     summary = pack(config)

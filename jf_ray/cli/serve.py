@@ -8,69 +8,47 @@ from __future__ import annotations
 
 import argparse
 
-from jf_ray.cli.common import add_address_option, decoder_name, join_or_start_ray, positive_int
+from jf_ray.cli.common import (
+    FieldFlag,
+    add_address_option,
+    add_config_options,
+    config_from_args,
+    decoder_name,
+    join_or_start_ray,
+    positive_int,
+)
 from jf_ray.decoding.registry import describe
+
+FLAGS = (
+    FieldFlag("--model", "checkpoint: local dir, file:// or s3:// URI", required=True),
+    FieldFlag("--decoder", f"default decoder ({describe()})", decoder_name, key="decode.decoder"),
+    FieldFlag("--block-size", "Jacobi block size n", positive_int, key="decode.block_size"),
+    FieldFlag("--host", "bind address (default 127.0.0.1)"),
+    FieldFlag("--port", "HTTP port (default 8000)", positive_int),
+    FieldFlag("--model-name", "name clients pass as `model`"),
+    FieldFlag("--max-batch-size", "requests per forward", positive_int),
+    FieldFlag("--max-replicas", "autoscaling upper bound", positive_int, key="autoscaling.max_replicas"),
+    FieldFlag("--api-key", "require `Authorization: Bearer KEY`"),
+)
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="serve a checkpoint as an OpenAI-compatible API (Ray Serve, continuous batching)",
-        description="Deploys jf_ray.serving:app on Ray Serve and runs until interrupted. Flags override the "
-        "--config YAML (a ServeConfig); --set key=value overrides anything else (dotted keys).",
+        description="Deploys jf_ray.serving:app on Ray Serve and runs until interrupted. Settings: a ServeConfig "
+        "(e.g. the `args:` of serve_config.yaml).",
     )
-    parser.add_argument("--model", default=None, help="checkpoint: local dir, file:// or s3:// URI")
-    parser.add_argument("--config", default=None, help="ServeConfig YAML (e.g. the `args:` of serve_config.yaml)")
-    parser.add_argument("--decoder", type=decoder_name, default=None, help=f"default decoder ({describe()})")
-    parser.add_argument("--block-size", type=positive_int, default=None, help="Jacobi block size n")
-    parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=positive_int, default=None, help="HTTP port (default 8000)")
-    parser.add_argument("--model-name", default=None, help="name clients pass as `model`")
-    parser.add_argument("--max-batch-size", type=positive_int, default=None, help="requests per forward")
-    parser.add_argument("--max-replicas", type=positive_int, default=None, help="autoscaling upper bound")
-    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any ServeConfig field, e.g. --set decode.num_blocks=3 (repeatable)",
-    )
+    add_config_options(parser, "ServeConfig", FLAGS)
     add_address_option(parser)
     parser.add_argument("--ray-cpus", type=positive_int, default=None, help="CPUs of a locally started cluster")
     parser.set_defaults(func=run)
 
 
-FLAG_FIELDS = {
-    "model": "model",
-    "decoder": "decode.decoder",
-    "block_size": "decode.block_size",
-    "host": "host",
-    "port": "port",
-    "model_name": "model_name",
-    "max_batch_size": "max_batch_size",
-    "max_replicas": "autoscaling.max_replicas",
-    "api_key": "api_key",
-}
-
-
 def load_config(args: argparse.Namespace):
-    """--config YAML, then the flags, then --set overrides (later wins)."""
-    from jf_ray.config import parse_override, read_yaml, set_dotted
-    from jf_ray.errors import UserInputError
     from jf_ray.serving.config import ServeConfig
 
-    data = read_yaml(args.config) if args.config else {}
-    for attr, key in FLAG_FIELDS.items():
-        value = getattr(args, attr)
-        if value is not None:
-            set_dotted(data, key, value)
-    for item in args.overrides:
-        set_dotted(data, *parse_override(item))
-    if "model" not in data:
-        raise UserInputError("no model: pass --model URI (or a --config that sets `model`)")
-    return ServeConfig.from_dict(data)
+    return config_from_args(ServeConfig, args, FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:
