@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from jf_ray.config import DType, Location, ModelLocation, StageConfig
-from jf_ray.trajectories.backends import BackendSpec
+from jf_ray.trajectories.backend_base import BackendSpec
 
 
 class CollectConfig(StageConfig):

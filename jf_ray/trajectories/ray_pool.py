@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import ray
 from tqdm import tqdm
 
-from jf_ray.trajectories.backends import BackendSpec
+from jf_ray.trajectories.backend_base import BackendSpec
 from jf_ray.trajectories.worker import RecordSettings, ShardTask, ShardWorker
 
 logger = logging.getLogger(__name__)

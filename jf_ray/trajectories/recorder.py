@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from jf_ray.decoding.types import DecodeResult, DecodeStats
 from jf_ray.prompts import Prompt
-from jf_ray.trajectories.backends import GenerationBackend
+from jf_ray.trajectories.backend_base import GenerationBackend
 from jf_ray.trajectories.schema import rows_to_table
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from collections import deque
 from jf_ray.decoding.jacobi import JacobiPolicy
 from jf_ray.decoding.request import RequestState, SegmentOutput
 from jf_ray.decoding.types import DecodeConfig, DecodeResult
-from jf_ray.trajectories.backends import BackendSpec, TokenizerBackend
+from jf_ray.trajectories.backend_base import BackendSpec, TokenizerBackend
 from jf_ray.vllm_engine import check_vllm_model, open_engine
 
 logger = logging.getLogger(__name__)
