@@ -1,29 +1,23 @@
-"""Benchmark of trajectory collection: tokens/s with 1..W Ray workers, and batch-size scaling in one worker,
-for each generation backend (``transformers``, ``vllm``: docs/vllm.md).
-
-    python -m jf_ray.trajectories.bench --model CKPT --prompts prompts.jsonl --json-out bench.json \\
-        --workers 1,2 --batch-sizes 1,4,16 --block-size 16 --max-new-tokens 64 --backends transformers,vllm
+"""``jf-ray bench collect``: trajectory collection's tokens/s with 1..W Ray workers, and batch-size scaling in
+one worker, for each generation backend (``transformers``, ``vllm``: docs/vllm.md). See docs/benchmarking.md.
 
 Worker scaling runs the real ``collect`` (actors, shards, storage) and reports the end-to-end rate (actor
 start-up and model loading included) next to the steady rate (tokens over the busiest worker's shard time).
-Batch scaling runs one :class:`ShardWorker` in this process with ``--threads`` torch threads, as an actor
-with that many CPUs would.
+Batch scaling runs one :class:`ShardWorker` in this process with ``threads`` torch threads, as an actor with
+that many CPUs would. Ray must be initialized by the caller (the CLI joins or starts a cluster).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
-import platform
 import tempfile
-import time
+from dataclasses import asdict, dataclass
 
-import torch
+from tqdm import tqdm
 
+from jf_ray.bench.common import MachineRecord
 from jf_ray.prompts import read_prompts
-from jf_ray.storage import join_uri, write_bytes_atomic
+from jf_ray.storage import join_uri
 from jf_ray.trajectories.backends import BackendSpec, make_backend
 from jf_ray.trajectories.config import CollectConfig
 from jf_ray.trajectories.worker import RecordSettings, ShardTask, ShardWorker
@@ -31,24 +25,41 @@ from jf_ray.trajectories.worker import RecordSettings, ShardTask, ShardWorker
 logger = logging.getLogger(__name__)
 
 
-def worker_scaling(args, prompts_uri: str, scratch: str, backend: str) -> list[dict]:
+@dataclass(frozen=True)
+class CollectBench:
+    """What ``jf-ray bench collect`` runs: every backend, at every worker count and every batch size."""
+
+    model: str
+    prompts: str  # JSONL URI
+    workers: list[int]
+    batch_sizes: list[int]  # of the in-process batch scaling
+    batch_size: int = 8  # of the worker-scaling runs
+    shard_size: int = 16
+    block_size: int = 16
+    max_new_tokens: int = 64
+    threads: int = 1  # torch threads of the in-process worker
+    backends: tuple[str, ...] = ("transformers",)
+    vllm_eager: bool = False  # vLLM without compilation (starts faster)
+
+
+def worker_scaling(bench: CollectBench, scratch: str, backend: str) -> list[dict]:
     from jf_ray.trajectories.collect import collect
 
     results = []
-    for workers in args.workers:
+    for workers in bench.workers:
         config = CollectConfig(
-            model=args.model,
-            prompts=prompts_uri,
+            model=bench.model,
+            prompts=bench.prompts,
             out=join_uri(scratch, f"{backend}-workers-{workers}"),
             backend=backend,
             dtype="fp32",
-            vllm_enforce_eager=args.vllm_eager,
-            block_size=args.block_size,
-            max_new_tokens=args.max_new_tokens,
+            vllm_enforce_eager=bench.vllm_eager,
+            block_size=bench.block_size,
+            max_new_tokens=bench.max_new_tokens,
             workers=workers,
-            batch_size=args.batch_size,
-            shard_size=args.shard_size,
-            progress=False,
+            batch_size=bench.batch_size,
+            shard_size=bench.shard_size,
+            progress=True,  # collect's own bar, one per worker count
         )
         summary = collect(config)
         busiest = max(w["busy_s"] for w in summary["workers"])
@@ -64,30 +75,32 @@ def worker_scaling(args, prompts_uri: str, scratch: str, backend: str) -> list[d
                 "per_worker": summary["workers"],
             }
         )
-        logger.info("workers=%d: %s", workers, results[-1])
+        logger.info("%s workers=%d: %s", backend, workers, results[-1])
     return results
 
 
-def batch_scaling(args, prompts_uri: str, scratch: str, name: str) -> list[dict]:
-    torch.set_num_threads(args.threads)
-    prompts = tuple(read_prompts(prompts_uri))
+def batch_scaling(bench: CollectBench, scratch: str, name: str, bar: tqdm) -> list[dict]:
+    from jf_ray.modeling import set_torch_threads
+
+    set_torch_threads(bench.threads)
+    prompts = tuple(read_prompts(bench.prompts))
     spec = BackendSpec(
         name=name,
-        model=args.model,
+        model=bench.model,
         device="cpu",
         dtype="fp32",
-        num_threads=args.threads,
-        vllm_enforce_eager=args.vllm_eager,
+        num_threads=bench.threads,
+        vllm_enforce_eager=bench.vllm_eager,
     )
     backend = make_backend(spec)
     results = []
-    for batch_size in args.batch_sizes:
+    for batch_size in bench.batch_sizes:
         settings = RecordSettings(
             out=join_uri(scratch, f"{name}-batch-{batch_size}"),
-            block_size=args.block_size,
-            max_new_tokens=args.max_new_tokens,
+            block_size=bench.block_size,
+            max_new_tokens=bench.max_new_tokens,
             batch_size=batch_size,
-            model_id=args.model,
+            model_id=bench.model,
             round_index=1,
         )
         report = ShardWorker(settings, backend=backend).run(ShardTask("shard-00000", prompts, seed=0))
@@ -102,52 +115,24 @@ def batch_scaling(args, prompts_uri: str, scratch: str, name: str) -> list[dict]
                 "shard_s": report["shard_s"],
             }
         )
-        logger.info("batch=%d: %s", batch_size, results[-1])
+        bar.update(1)
+        logger.info("%s batch=%d: %s", name, batch_size, results[-1])
     return results
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--prompts", required=True, help="JSONL URI")
-    parser.add_argument("--json-out", required=True, help="where the results JSON goes (URI or path)")
-    parser.add_argument("--workers", type=_ints, default=[1, 2])
-    parser.add_argument("--batch-sizes", type=_ints, default=[1, 2, 4, 8, 16])
-    parser.add_argument("--batch-size", type=int, default=8, help="batch size of the worker-scaling runs")
-    parser.add_argument("--shard-size", type=int, default=16)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the in-process worker")
-    parser.add_argument("--backends", type=lambda text: text.split(","), default=["transformers"])
-    parser.add_argument("--vllm-eager", action="store_true", help="vllm without compilation (starts faster)")
-    parser.add_argument("--scratch", default=None, help="URI for the datasets written (default: a temp dir)")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    scratch = args.scratch or tempfile.mkdtemp(prefix="jf-collect-bench-")
-    start = time.time()
-    result = {
-        "benchmark": "trajectory_collection",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
-        # Other processes on a shared machine skew every number; keep the load beside them.
-        "load_average_start": os.getloadavg(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("json_out", "scratch")},
-        "num_prompts": len(read_prompts(args.prompts)),
-        "batch_scaling": [row for b in args.backends for row in batch_scaling(args, args.prompts, scratch, b)],
-        "worker_scaling": [row for b in args.backends for row in worker_scaling(args, args.prompts, scratch, b)],
+def bench_collection(bench: CollectBench, scratch: str | None = None) -> dict:
+    """The report: batch scaling, then worker scaling, of every backend; datasets go under ``scratch``."""
+    machine = MachineRecord.start()
+    scratch = scratch or tempfile.mkdtemp(prefix="jf-collect-bench-")
+    cells = len(bench.backends) * len(bench.batch_sizes)
+    with tqdm(total=cells, desc="bench collect (batch sizes)", unit="run") as bar:
+        by_batch = [row for b in bench.backends for row in batch_scaling(bench, scratch, b, bar)]
+    by_workers = [row for b in bench.backends for row in worker_scaling(bench, scratch, b)]
+    return {
+        "benchmark": "collect",
+        "settings": asdict(bench),
+        "num_prompts": len(read_prompts(bench.prompts)),
+        "batch_scaling": by_batch,
+        "worker_scaling": by_workers,
+        "machine": machine.finish(),
     }
-    result["load_average_end"] = os.getloadavg()
-    result["total_s"] = round(time.time() - start, 1)
-    write_bytes_atomic(args.json_out, (json.dumps(result, indent=2) + "\n").encode())
-    return result
-
-
-if __name__ == "__main__":
-    main()

@@ -86,3 +86,24 @@ def decode_config_from_args(args: argparse.Namespace, decoder: str = "jacobi"):
             "seed": args.seed,
         }
     )
+
+
+def add_set_option(parser: argparse.ArgumentParser, config_name: str) -> None:
+    """Repeatable ``--set KEY=VALUE`` (``dest="overrides"``) setting any field of ``config_name``."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"set a {config_name} field (repeatable; dotted keys reach nested fields, values are YAML)",
+    )
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set every ``KEY=VALUE`` of ``overrides`` in ``data`` (dotted keys, YAML values); returns ``data``."""
+    from jf_ray.config import parse_override, set_dotted
+
+    for item in overrides:
+        set_dotted(data, *parse_override(item))
+    return data
