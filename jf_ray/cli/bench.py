@@ -52,8 +52,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
         help="benchmarks: decoders, collect, train, serve (JSON out, docs/benchmarking.md)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Benchmarks, each writing a JSON report with the machine it ran on and speed-ups of one "
+        "meaning (docs/benchmarking.md).",
     )
     benchmarks = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     benchmarks.required = True
@@ -64,7 +64,9 @@ def register(subparsers) -> None:
 
 
 def add_json_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", dest="json_out", default=None, help="write the report here (path or URI)")
+    parser.add_argument(
+        "--json", dest="json_out", default=None, metavar="PATH|URI", help="write the report here (atomically)"
+    )
 
 
 def check_json_target(args: argparse.Namespace) -> None:
