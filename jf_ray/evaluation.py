@@ -2,8 +2,8 @@
 ``jf-ray eval`` and the job's evaluation (:mod:`jf_ray.pipeline.evaluate`).
 
 :func:`evaluate_decoders` decodes a set of examples with greedy AR (the reference) and each asked decoder,
-back to back (:func:`jf_ray.bench.run_decoders`), and gives every decoder one row: the bench fields (tokens,
-forwards, TPF, tokens/s, speed-up and exactness vs AR, repetition) and the quality fields of
+back to back (:func:`jf_ray.bench.decoders.run_decoders`), and gives every decoder one row: the bench fields
+(tokens, forwards, TPF, tokens/s, speed-up and exactness vs AR, repetition) and the quality fields of
 :mod:`jf_ray.scoring` (``pass_at_1`` for executed code, ``accuracy`` for answers, ``loss`` for the stdlib
 language-modelling set). :func:`evaluate` is the CLI's entry point: one model, one task or user set, one
 decoder beside AR. See docs/evaluation.md.
@@ -122,10 +122,10 @@ def evaluate_decoders(
 
     ``by_loss``: score by the loss of the reference answers, not by passing (the ``stdlib`` set); otherwise
     the examples decide (tests or answers). ``warmup=False`` where only the outputs count, not the timing.
-    ``references``: outside runners timed beside the decoders (``{"vllm": bench.vllm_runner(engine)}``); every
-    row then also carries its speed-up over each of them.
+    ``references``: outside runners timed beside the decoders (``{"vllm": vllm_runner(engine)}``, see
+    :mod:`jf_ray.bench.decoders`); every row then also carries its speed-up over each of them.
     """
-    from jf_ray.bench import run_decoders, summarize_runs
+    from jf_ray.bench.decoders import run_decoders, summarize_runs
     from jf_ray.modeling import encode_prompt, eos_token_ids
     from jf_ray.scoring import NUM_SAMPLES, score_outputs
 

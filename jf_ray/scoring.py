@@ -12,7 +12,7 @@ What is checked follows the examples, not who asks:
   which needs the model (:func:`jf_ray.evaluation.answer_loss`).
 
 Every score has ``n`` and ``correct`` (how many passed) beside its rate. Speed and ``repetition`` come from
-:func:`jf_ray.bench.summarize`, beside these fields in every report row. See docs/evaluation.md.
+:func:`jf_ray.bench.decoders.summarize`, beside these fields in every report row. See docs/evaluation.md.
 """
 
 from __future__ import annotations

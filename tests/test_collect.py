@@ -225,6 +225,21 @@ def test_cli_collect(ray_session, checkpoint, prompts_uri, reference, tmp_path, 
     assert "2 skipped" in capsys.readouterr().out
 
 
+def test_cli_bench_collect_reports_batch_and_worker_scaling(ray_session, checkpoint, prompts_uri, tmp_path):
+    """Every run of the benchmark decodes the same prompts greedily: the same tokens at every setting."""
+    report_path = tmp_path / "collect.json"
+    argv = ["bench", "collect", "--model", str(checkpoint), "--prompts", prompts_uri, "--workers", "1"]
+    argv += ["--batch-sizes", "1,4", "--shard-size", "5", "--block-size", str(BLOCK_SIZE)]
+    argv += ["--max-new-tokens", str(MAX_NEW_TOKENS), "--scratch", str(tmp_path / "scratch")]
+    assert cli_main([*argv, "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["benchmark"] == "collect" and report["num_prompts"] == NUM_PROMPTS
+    rows = report["batch_scaling"] + report["worker_scaling"]
+    assert [r["batch_size"] for r in report["batch_scaling"]] == [1, 4] and report["worker_scaling"][0]["workers"] == 1
+    assert len({r["tokens"] for r in rows}) == 1 and rows[0]["tokens"] > 0
+    assert report["worker_scaling"][0]["steady_tokens_per_s"] > 0 and "load_avg_end" in report["machine"]
+
+
 def test_cli_bad_input_exits_2(tmp_path, capsys):
     argv = [
         "collect",

@@ -270,3 +270,15 @@ def test_registry_imports_no_torch():
 
     code = "import sys, jf_ray.decoding.registry, jf_ray.cli.common; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_generate_reports_progress_as_prompts_finished_since_the_last_call(model, prompts, ar_outputs):
+    """``progress(n)``: n more prompts done (a tqdm bar's update); ``on_step`` sees the engine after each step."""
+    calls, forward_s = [], []
+    config = DecodeConfig(decoder="jacobi", block_size=8, max_new_tokens=70)
+    results = generate(
+        model, prompts, config, [], 2, progress=calls.append, on_step=lambda e: forward_s.append(e.forward_s)
+    )
+    assert [r.token_ids for r in results] == ar_outputs
+    assert sum(calls) == len(prompts) and all(n >= 1 for n in calls)
+    assert len(forward_s) > len(calls) and forward_s == sorted(forward_s) and forward_s[-1] > 0

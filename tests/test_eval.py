@@ -119,7 +119,7 @@ def test_cli_eval_bad_input_exits_2(tmp_path):
 
 
 def test_cli_bench_reports_every_decoder_exact_vs_ar_with_repeats(micro_checkpoint, tmp_path, monkeypatch):
-    import jf_ray.bench as bench
+    import jf_ray.bench.decoders as bench
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Ann has 3 pens.", "def add(a, b):"]))
@@ -130,6 +130,7 @@ def test_cli_bench_reports_every_decoder_exact_vs_ar_with_repeats(micro_checkpoi
     code = main(
         [
             "bench",
+            "decoders",
             "--model",
             str(micro_checkpoint),
             "--prompts",
@@ -151,6 +152,7 @@ def test_cli_bench_reports_every_decoder_exact_vs_ar_with_repeats(micro_checkpoi
     assert code == 0
     report = json.loads(out.read_text())
     assert report["config"]["repeats"] == 2 and set(report["results"]) == {"jacobi", "multiblock"}  # mr: alias
+    assert report["benchmark"] == "decoders" and set(report["machine"]) >= {"cpus", "load_avg_start", "load_avg_end"}
     # an untimed warm-up of every decoder, then the timed runs interleaved
     assert calls == ["ar", "jacobi", "multiblock"] + ["ar", "jacobi", "multiblock", "ar", "jacobi", "multiblock"]
     for row in report["results"].values():
@@ -158,13 +160,13 @@ def test_cli_bench_reports_every_decoder_exact_vs_ar_with_repeats(micro_checkpoi
         low, high = row["speedup_vs_ar_range"]
         assert 0 < low <= row["speedup_vs_ar"] <= high
     with pytest.raises(SystemExit) as exc:
-        main(["bench", "--model", str(micro_checkpoint), "--prompts", str(prompts), "--repeats", "0"])
+        main(["bench", "decoders", "--model", str(micro_checkpoint), "--prompts", str(prompts), "--repeats", "0"])
     assert exc.value.code == 2
 
 
 def test_speedup_pairs_each_run_with_the_ar_run_before_it():
     """A slow phase of the machine hits the AR run and the decoder run beside it alike: their ratio holds."""
-    from jf_ray.bench import DecoderRun, summarize
+    from jf_ray.bench.decoders import DecoderRun, summarize
     from jf_ray.decoding import DecodeResult, DecodeStats
 
     def run(tokens: list[int], walls: list[float]) -> DecoderRun:
@@ -190,6 +192,7 @@ def test_bench_generate_reference_is_greedy_ar_by_transformers(micro_checkpoint,
         main(
             [
                 "bench",
+                "decoders",
                 "--model",
                 str(micro_checkpoint),
                 "--prompts",
@@ -220,7 +223,7 @@ def test_bench_generate_reference_is_greedy_ar_by_transformers(micro_checkpoint,
 
 
 def test_generate_rows_end_at_the_first_eos():
-    from jf_ray.bench import _until_eos
+    from jf_ray.bench.decoders import _until_eos
 
     stopped = _until_eos([5, 7, 2, 0, 0], eos_ids=[2])
     assert stopped.token_ids == [5, 7, 2] and stopped.finish_reason == "stop" and stopped.stats.tokens == 3
@@ -229,7 +232,7 @@ def test_generate_rows_end_at_the_first_eos():
 
 
 def test_run_decoders_without_warmup_runs_each_decoder_once_per_repeat(micro_checkpoint, monkeypatch):
-    import jf_ray.bench as bench
+    import jf_ray.bench.decoders as bench
 
     calls = []
     real_run_decoder = bench.run_decoder

@@ -507,6 +507,22 @@ def test_concurrent_requests_share_forwards(client, server, reference):
     assert any(int(size) > 1 and count > steps_before.get(size, 0) for size, count in hist.items())
 
 
+def test_bench_serve_loads_the_running_app_per_decoder_and_concurrency(server, checkpoint, tmp_path):
+    """``jf-ray bench serve --url``: every cell answered, speed-ups over AR and over offline AR per concurrency."""
+    from jf_ray.cli.main import main
+
+    report_path = tmp_path / "serve.json"
+    argv = ["bench", "serve", "--url", server, "--api-key", API_KEY, "--model", checkpoint]
+    argv += ["--decoders", "ar,jacobi", "--concurrency", "1,2", "--requests-per-client", "2", "--max-tokens", "8"]
+    assert main([*argv, "--endpoint", "completions", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    rows = {(r["decoder"], r["concurrency"]): r for r in report["results"]}
+    assert set(rows) == {(d, c) for d in ("ar", "jacobi") for c in (1, 2)} and report["model"] == "tiny"
+    assert all(r["errors"] == 0 and 0 < r["completion_tokens"] <= 2 * r["concurrency"] * 8 for r in rows.values())
+    assert set(report["speedup_vs_ar"]["jacobi"]) == {"1", "2"} == set(report["served_over_offline_ar"])
+    assert all(v > 0 for v in report["offline_ar"].values()) and "load_avg_start" in report["machine"]
+
+
 def test_overload_is_a_503_and_the_replica_recovers(server, reference):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -338,8 +338,7 @@ def test_dashboard_covers_every_metric():
 
 # --------------------------------------------------------------------------------- load-test numbers
 def test_load_statistics():
-    from jf_ray.cli.bench_serve import speedups
-    from jf_ray.serving.loadtest import RequestRecord, percentile, summarize
+    from jf_ray.bench.serve import RequestRecord, percentile, speedups, summarize
 
     assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0 and percentile([3.0, 1.0, 2.0, 4.0], 99) == 4.0
     records = [
@@ -396,7 +395,7 @@ def test_serve_cli_bad_input_exits_2(tmp_path, capsys):
 
 
 def test_bench_serve_reports_served_over_offline_ar():
-    from jf_ray.cli.bench_serve import served_over_offline
+    from jf_ray.bench.serve import served_over_offline
 
     results = [
         {"decoder": "ar", "concurrency": 16, "throughput_tokens_per_s": 500.0},

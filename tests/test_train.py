@@ -303,6 +303,21 @@ def test_two_worker_ray_run_lowers_the_loss_and_its_checkpoint_loads(ray_run):
 
 
 @pytest.mark.slow
+def test_cli_bench_train_reports_packed_tokens_per_s_per_worker_count(ray_run, tmp_path):
+    from jf_ray.cli.main import main
+
+    config = ray_run[0]
+    report_path = tmp_path / "train.json"
+    argv = ["bench", "train", "--model", config.model, "--data", config.data, "--workers", "1", "--steps", "3"]
+    argv += ["--skip", "1", "--scratch", f"file://{tmp_path}/runs", "--set", "micro_batch_size=2"]
+    assert main([*argv, "--set", "max_row_tokens=200", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    (row,) = report["results"]
+    assert report["benchmark"] == "train" and report["settings"]["set"] == ["micro_batch_size=2", "max_row_tokens=200"]
+    assert row["workers"] == 1 and row["steps"] == 3 and row["tokens_per_s_median"] > 0 and row["tokens_per_step"] > 0
+    assert set(report["machine"]) >= {"cpus", "torch", "load_avg_start", "load_avg_end"}
+
+
 def test_rerunning_the_same_run_resumes_from_the_latest_checkpoint(ray_run):
     from jf_ray.storage import read_bytes
     from jf_ray.training.ray_train import train

@@ -310,7 +310,7 @@ def test_bench_serve_loads_a_vllm_server_beside_the_jf_ray_app(checkpoint, vllm_
     import tempfile
 
     report = tmp_path / "serve.json"
-    command = [sys.executable, "-m", "jf_ray.cli.main", "bench-serve", "--model", str(checkpoint)]
+    command = [sys.executable, "-m", "jf_ray.cli.main", "bench", "serve", "--model", str(checkpoint)]
     command += ["--decoders", "ar,jacobi", "--concurrency", "1,2", "--requests-per-client", "2", "--max-tokens", "8"]
     command += [
         "--reference",

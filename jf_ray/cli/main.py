@@ -21,7 +21,6 @@ SUBCOMMANDS = [
     "jf_ray.cli.pack",
     "jf_ray.cli.train",
     "jf_ray.cli.serve",
-    "jf_ray.cli.bench_serve",
     "jf_ray.cli.base",
     "jf_ray.cli.eval",
 ]

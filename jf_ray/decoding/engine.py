@@ -247,18 +247,24 @@ def generate(
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
     cost_curve: CostCurve | None = None,
+    on_step: Callable[[DecodingEngine], None] | None = None,
 ) -> list[DecodeResult]:
     """Decode every prompt with ``config``, ``batch_size`` at a time (continuous batching); results in order.
 
-    ``cost_curve`` serves the ``auto`` decoder (measured on first use when not given)."""
+    ``progress(n)``: ``n`` more prompts have finished since the last call (a tqdm bar's ``update``); this is
+    what ``progress`` means wherever a decode reports it (trajectory backends, benchmarks). ``cost_curve``
+    serves the ``auto`` decoder (measured on first use when not given). ``on_step(engine)`` runs after every
+    step: the decoder benchmark reads the engine's time inside the model from it (docs/benchmarking.md)."""
     engine = DecodingEngine(model, eos_token_ids, max_batch_size=batch_size, cost_curve=cost_curve)
     for i, prompt in enumerate(prompts):
         engine.add(str(i), prompt, config)
     results: dict[int, DecodeResult] = {}
     while engine.has_work:
-        for out in engine.step():
-            if out.result is not None:
-                results[int(out.request_id)] = out.result
-                if progress is not None:
-                    progress(len(results))
+        finished = [out for out in engine.step() if out.result is not None]
+        for out in finished:
+            results[int(out.request_id)] = out.result
+        if progress is not None and finished:
+            progress(len(finished))
+        if on_step is not None:
+            on_step(engine)
     return [results[i] for i in range(len(prompts))]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from jf_ray.bench import VLLM, vllm_runner
+from jf_ray.bench.decoders import VLLM, vllm_runner
 from jf_ray.decoding import DecodeConfig
 from jf_ray.evaluation import evaluate_decoders
 from jf_ray.workloads import read_examples

@@ -8,8 +8,9 @@
 Modules: ``protocol`` (OpenAI bodies, errors), ``config`` (ServeConfig), ``scheduler`` (continuous batching
 thread), ``detokenizer`` (text deltas, stop strings), ``generation`` (one request's life), ``service``
 (model + validation, no Ray), ``metrics`` (Ray metrics), ``deployment`` (FastAPI ingress + Serve
-deployment + builder), ``loadtest`` (HTTP load generator). The builder's module is not named ``app``: a
-submodule ``app`` would become the package attribute ``app`` and shadow the builder once imported.
+deployment + builder); the HTTP load generator is :mod:`jf_ray.bench.serve`. The builder's module is not
+named ``app``: a submodule ``app`` would become the package attribute ``app`` and shadow the builder once
+imported.
 Ray and FastAPI are imported only when ``app``/``build_app`` is used.
 """
 

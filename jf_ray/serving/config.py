@@ -79,7 +79,7 @@ class ServeConfig(StageConfig):
     cost_curve: Location | None = Field(
         None,
         description="JSON of the forward cost curve the auto decoder plans with ({batch_sizes, widths, ms}, as in "
-        "`jf-ray bench` output); default: measured when the replica starts (docs/load-aware-decoding.md)",
+        "`jf-ray bench decoders` output); default: measured when the replica starts (docs/load-aware-decoding.md)",
     )
     max_batch_size: int = Field(8, ge=1, description="requests decoded together in one forward")
     max_queued_requests: int = Field(

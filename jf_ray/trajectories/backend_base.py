@@ -66,7 +66,9 @@ class GenerationBackend(Protocol):
         seed: int,
         progress: Callable[[int], None] | None = None,
     ) -> list[DecodeResult]:
-        """Greedy Jacobi decode of every prompt with ``record_trajectory``; one result per prompt, in order."""
+        """Greedy Jacobi decode of every prompt with ``record_trajectory``; one result per prompt, in order.
+
+        ``progress(n)``: ``n`` more prompts have finished, as in :func:`jf_ray.decoding.generate`."""
 
 
 class TokenizerBackend:

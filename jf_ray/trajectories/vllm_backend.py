@@ -62,7 +62,7 @@ class VllmBackend(TokenizerBackend):
             RequestState(str(i), list(p), config, eos, policy=JacobiPolicy(block_size, record=True))
             for i, p in enumerate(prompt_ids)
         ]
-        waiting, running, done = deque(requests), [], 0
+        waiting, running = deque(requests), []
         while waiting or running:
             admitted = [waiting.popleft() for _ in range(min(len(waiting), batch_size - len(running)))]
             self._prefill(admitted)
@@ -74,9 +74,8 @@ class VllmBackend(TokenizerBackend):
             for req in finished:
                 req.close()
             running = [r for r in running if not r.finished]
-            done += len(finished)
             if finished and progress is not None:
-                progress(done)
+                progress(len(finished))
         return [DecodeResult(list(r.generated), r.finish_reason, r.stats, r.policy.trajectory(r)) for r in requests]
 
     def _prefill(self, admitted: list[RequestState]) -> None:

@@ -2,7 +2,7 @@
 
 A workload example is a ``prompt`` (what the user sends; the chat template wraps it) and the reference
 ``answer`` (what the model should reply). The JSONL files written here (one ``{"prompt", "answer"}`` object a
-line) are what ``jf-ray bench``, trajectory collection and the pipeline read.
+line) are what ``jf-ray bench decoders``, trajectory collection and the pipeline read.
 """
 
 from __future__ import annotations

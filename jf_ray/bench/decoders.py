@@ -1,23 +1,23 @@
-"""``jf-ray bench``: decoders side by side on the same prompts, in one process, with JSON out.
+"""``jf-ray bench decoders``: decoders side by side on the same prompts, in one process, with JSON out.
 
-Every decoder is timed the same way: from the first prefill to the last token of the last prompt, batched
-``batch_size`` at a time (tokenisation excluded, prefill included). Greedy AR always runs first: it is the
-reference for ``exact_match_vs_ar`` and ``speedup_vs_ar``. With repeats, runs are interleaved and the
-speed-up is the median over repeats of each run's tokens/s over that of the AR run just before it: adjacent
-runs share the machine's state, which on a small shared machine drifts by tens of percent within a minute
-(``speedup_vs_ar_range`` gives the lowest and highest of those paired ratios). ``repetition`` is the share of
-generated tokens that complete a 4-gram already present earlier in prompt + output, so that TPF gained by
-copying loops can be told apart from real parallel decoding. ``generate`` is a reference outside our engine:
-transformers' own greedy ``model.generate`` with its KV cache, to show that the AR baseline is not slow.
-``vllm`` (docs/vllm.md) is the other outside reference, passed in ``references`` rather than named as a
-decoder: vLLM's own greedy AR (offline ``LLM.generate``, at most ``batch_size`` sequences in flight) of the
-same checkpoint; every decoder then also gets ``exact_match_vs_vllm`` and ``speedup_vs_vllm``.
+Every decoder is timed the same way, by :func:`jf_ray.decoding.generate`: from the first prefill to the last
+token of the last prompt, batched ``batch_size`` at a time (tokenisation excluded, prefill included). Greedy
+AR always runs first: it is the reference for ``exact_match_vs_ar`` and ``speedup_vs_ar``. With repeats,
+runs are interleaved and the speed-up is :func:`jf_ray.bench.common.speedup` of each repeat's tokens/s
+paired with the AR run just before it (``speedup_vs_ar_range``: the lowest and highest paired ratio), see
+docs/benchmarking.md. ``repetition`` is the share of generated tokens that complete a 4-gram already present
+earlier in prompt + output, so that TPF gained by copying loops can be told apart from real parallel decoding.
+``generate`` is a reference outside our engine: transformers' own greedy ``model.generate`` with its KV cache,
+to show that the AR baseline is not slow. ``vllm`` (docs/vllm.md) is the other outside reference, passed in
+``references`` rather than named as a decoder: vLLM's own greedy AR (offline ``LLM.generate``, at most
+``batch_size`` sequences in flight) of the same checkpoint; every decoder then also gets
+``exact_match_vs_vllm`` and ``speedup_vs_vllm``.
 """
 
 from __future__ import annotations
 
 import logging
-import statistics
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +27,8 @@ from functools import partial
 import psutil
 import torch
 
-from jf_ray.decoding import DecodeConfig, DecodeResult, DecodeStats, DecodingEngine
+from jf_ray.bench.common import speedup
+from jf_ray.decoding import DecodeConfig, DecodeResult, DecodeStats, generate
 from jf_ray.decoding.auto import measure_cost_curve
 from jf_ray.decoding.planner import CostCurve
 from jf_ray.modeling import attention_backends
@@ -35,7 +36,7 @@ from jf_ray.modeling import attention_backends
 logger = logging.getLogger(__name__)
 
 GENERATE = "generate"  # a reference of jf_ray.decoding.registry.REFERENCES: transformers' greedy generate
-VLLM = "vllm"  # bench reference (not a decoder): vLLM's greedy AR, see vllm_runner
+VLLM = "vllm"  # a reference, not a decoder: vLLM's greedy AR, see vllm_runner
 
 
 @dataclass
@@ -101,22 +102,18 @@ def run_decoder(
     progress: Callable[[int], None] | None = None,
     cost_curve: CostCurve | None = None,
 ) -> DecoderRun:
-    engine = DecodingEngine(model, eos_ids, max_batch_size=batch_size, cost_curve=cost_curve)
-    for i, prompt in enumerate(prompts):
-        engine.add(str(i), prompt, config)
-    results: dict[int, DecodeResult] = {}
+    """Our engine on ``prompts`` (:func:`jf_ray.decoding.generate`), timed, with its time inside the model."""
+    forward_s = [0.0]
+
+    def read_forward_time(engine) -> None:
+        forward_s[0] = engine.forward_s
+
     with PeakRSS() as rss:
         start = time.perf_counter()
-        while engine.has_work:
-            for out in engine.step():
-                if out.result is not None:
-                    results[int(out.request_id)] = out.result
-                    if progress:
-                        progress(1)
+        results = generate(model, prompts, config, eos_ids, batch_size, progress, cost_curve, read_forward_time)
         wall = time.perf_counter() - start
-    ordered = [results[i] for i in range(len(prompts))]
     curve = cost_curve if config.decoder == "auto" else None
-    return DecoderRun(ordered, wall, engine.forward_s, rss.peak / 2**20, cost_curve=curve)
+    return DecoderRun(results, wall, forward_s[0], rss.peak / 2**20, cost_curve=curve)
 
 
 def run_generate(
@@ -223,27 +220,20 @@ def summarize(run: DecoderRun, prompts: list[list[int]], reference: DecoderRun |
 
 
 def versus(run: DecoderRun, reference: DecoderRun, name: str) -> dict:
-    """``exact_match_vs_<name>``, ``speedup_vs_<name>`` (median paired ratio) and its range."""
+    """``exact_match_vs_<name>``, ``speedup_vs_<name>`` and its range (:func:`jf_ray.bench.common.speedup`)."""
     same = sum(a.token_ids == b.token_ids for a, b in zip(run.results, reference.results))
-    ratios = paired_speedups(run, reference)
+    gain = speedup(repeat_tokens_per_s(run), repeat_tokens_per_s(reference))
     return {
         f"exact_match_vs_{name}": round(same / len(run.results), 4) if run.results else None,
-        f"speedup_vs_{name}": round(statistics.median(ratios), 4) if ratios else None,
-        f"speedup_vs_{name}_range": [round(min(ratios), 4), round(max(ratios), 4)] if ratios else None,
+        f"speedup_vs_{name}": gain.median if gain else None,
+        f"speedup_vs_{name}_range": [gain.low, gain.high] if gain else None,
     }
 
 
-def paired_speedups(run: DecoderRun, reference: DecoderRun) -> list[float]:
-    """Per repeat: tokens/s of ``run`` over that of the ``reference`` run timed just before it (same outputs
-    every repeat, so the ratio of wall times). A single run falls back to its own wall time."""
+def repeat_tokens_per_s(run: DecoderRun) -> list[float]:
+    """Tokens/s of every timed repeat, in the order run (every repeat gives the same outputs: greedy)."""
     tokens = sum(r.stats.tokens for r in run.results)
-    ref_tokens = sum(r.stats.tokens for r in reference.results)
-    walls, ref_walls = run.repeat_wall_s or [run.wall_s], reference.repeat_wall_s or [reference.wall_s]
-    return [
-        (tokens / wall) / (ref_tokens / ref_wall)
-        for wall, ref_wall in zip(walls, ref_walls)
-        if wall > 0 and ref_wall > 0 and ref_tokens
-    ]
+    return [tokens / wall if wall > 0 else math.nan for wall in run.repeat_wall_s or [run.wall_s]]
 
 
 def run_decoders(
