@@ -102,15 +102,18 @@ def run_graph(run_dir: str, stages: list[Stage], on_progress: Callable[[dict], N
 
 
 def _recorded_outputs(marker: str, stage: Stage) -> BaseModel:
-    try:
-        return stage.output.model_validate(read_json(marker)["outputs"])
-    except (KeyError, ValidationError) as exc:
-        from jf_ray.errors import UserInputError
+    """The outputs a finished stage recorded, as its output model; an error naming the stage where they do not
+    fit it (a marker written by another version of the job)."""
+    from jf_ray.config import format_validation_error
+    from jf_ray.errors import UserInputError
 
+    try:
+        return stage.output.model_validate(read_json(marker).get("outputs"))
+    except ValidationError as exc:
+        problem = format_validation_error(stage.output.__name__, exc)
         raise UserInputError(
-            f"{marker} does not hold the outputs of stage {stage.name} ({stage.output.__name__}): {exc}; "
-            f"redo the stage with --rerun {stage.name}"
-        ) from exc
+            f"{marker} does not hold the outputs of stage {stage.name} ({problem}); redo it with --rerun {stage.name}"
+        ) from None
 
 
 def _report(run_dir: str, progress: dict, on_progress) -> None:
