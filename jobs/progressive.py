@@ -5,7 +5,7 @@
         python jobs/progressive.py --config jobs/configs/smoke.yaml run_dir=/abs/path/runs/smoke
 
 Joins the Ray cluster of ``--address`` or RAY_ADDRESS (set by ``ray job submit``), else starts a local one
-(docs/cluster.md). Re-running the same
+(docs/cluster.md): here, once; the stages below run on it. Re-running the same
 command resumes: finished stages are skipped. ``--rerun STAGE`` redoes a stage and everything after it.
 """
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from jf_ray.config import ConfigError
     from jf_ray.errors import UserInputError
     from jf_ray.pipeline import PipelineConfig, run_pipeline
-    from jf_ray.raycluster import prepare_local_ray
+    from jf_ray.raycluster import init_ray, prepare_local_ray
     from jf_ray.storage import check_writable
 
     try:
@@ -36,12 +36,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PipelineConfig.load(args.config, overrides)
         prepare_local_ray(cfg.ray_address)  # before ray is first imported
         check_writable(cfg.run_dir, "run_dir")  # a missing bucket or bad credentials fail now, not after a stage
+        init_ray(cfg.ray_address)
         result = run_pipeline(cfg, rerun=args.rerun)
     except (ConfigError, UserInputError) as exc:
         print(f"progressive: error: {exc}", file=sys.stderr)
         return 2
-    report = result.outputs["report"]
-    print(f"done: {len(result.executed)} stages run, {len(result.skipped)} skipped; report: {report['markdown']}")
+    report = result.outputs.report.markdown_uri
+    print(f"done: {len(result.executed)} stages run, {len(result.skipped)} skipped; report: {report}")
     return 0
 
 

@@ -215,7 +215,7 @@ def test_faults_on_the_multinode_cluster(multinode_cluster, moto_s3_endpoint, mo
     s3.create_bucket(Bucket="jf-faults")
     cluster, client = multinode_cluster, JobSubmissionClient(multinode_cluster.dashboard_url)
     entrypoint = "python jobs/progressive.py --config jobs/configs/smoke.yaml run_dir=s3://jf-faults/smoke "
-    entrypoint += "train.workers=2 rounds.0.steps=24 train.extra.checkpoint_every=2"
+    entrypoint += "train.workers=2 rounds.0.steps=24 train.checkpoint_every=2"
 
     def submit() -> str:
         return wait_for(lambda: _try_submit(client, entrypoint), 300, 5, "the job agent")

@@ -5,10 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from jf_ray.pipeline import PipelineConfig
+from jf_ray.config import ConfigError
+from jf_ray.decoding import DecodeConfig
+from jf_ray.packing.config import PackConfig
+from jf_ray.pipeline import PipelineConfig, RunOutputs
 from jf_ray.pipeline.config import WorkloadConfig
-from jf_ray.pipeline.stages import train_config
+from jf_ray.pipeline.outputs import BaseOutput, CollectOutput, DataOutput, PackOutput, TrainOutput
+from jf_ray.pipeline.sections import CollectSection, EvaluationSection, PackSection, TrainSection
+from jf_ray.pipeline.stages import collect_config, pack_config, train_config
+from jf_ray.training.config import TrainConfig
+from jf_ray.trajectories.config import CollectConfig
 
 CONFIGS = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
 
@@ -36,11 +44,15 @@ def test_base_overrides_change_the_built_preset_and_unknown_fields_fail_at_load(
         {"run_dir": str(tmp_path / "run"), "base": {"preset": "micro", "overrides": {"steps": 3, "lr": 1e-3}}}
     )
     built = base_stage(cfg)
-    preset = read_build_info(Path(built["model"]))["preset"]
+    preset = read_build_info(Path(built.model))["preset"]
     assert (preset["steps"], preset["lr"]) == (3, 1e-3)
 
 
-def test_round_settings_and_extra_loss_fields_merge_into_the_train_config():
+def _outputs(**by_name) -> RunOutputs:
+    return RunOutputs(by_name)
+
+
+def test_round_settings_and_typed_train_fields_make_the_train_config():
     cfg = PipelineConfig.from_dict(
         {
             "run_dir": "/tmp/run",
@@ -48,21 +60,93 @@ def test_round_settings_and_extra_loss_fields_merge_into_the_train_config():
                 {"block_size": 16, "steps": 7, "lr": 1e-3},
                 {"block_size": 32, "steps": 3, "lr": 5e-4},
             ],
-            "train": {"ar_weight": 10.0, "extra": {"precision": "bf16", "loss": {"positions": "all"}}},
+            "train": {"precision": "bf16", "anchor_ratio": 0.5, "loss": {"ar_weight": 10.0, "positions": "all"}},
         }
     )
-    outputs = {
-        "base": {"model": "/models/base"},
-        "data": {"anchor": "/tmp/run/data/anchor.jsonl"},
-        "round1.train": {"checkpoint": "/tmp/run/round1/ckpt", "model": "/tmp/run/round1/ckpt/model"},
-        "round2.pack": {"out": "/tmp/run/round2/packed"},
-    }
-    config = train_config(cfg, 2, outputs)
+    data = DataOutput(collect_prompts="/p", num_prompts=1, eval={}, quality={}, anchor="/tmp/run/data/anchor.jsonl")
+    trained = TrainOutput(model="/tmp/run/round1/ckpt/model", checkpoint="/tmp/run/round1/ckpt", metrics_log="/m")
+    outputs = {"base": BaseOutput(model="/models/base", built=False), "data": data, "round1.train": trained}
+    outputs["round2.pack"] = PackOutput(out="/tmp/run/round2/packed", packed=1, tokens=1)
+    config = train_config(cfg, 2, _outputs(**outputs))
     # Round 2 starts from round 1's model files, not from the checkpoint root with its optimizer state.
     assert config.model == "/tmp/run/round1/ckpt/model" and config.data == "/tmp/run/round2/packed"
     assert (config.steps, config.lr, config.precision) == (3, 5e-4, "bf16")
-    # extra.loss refines the loss settings; it does not drop the job-level ar_weight.
-    assert config.loss.ar_weight == 10.0 and config.loss.positions == "all"
+    assert (config.anchor, config.anchor_ratio) == (data.anchor, 0.5)
+    # A loss field set in the job keeps the others at LossConfig's defaults (consistency_weight 1).
+    assert (config.loss.ar_weight, config.loss.positions, config.loss.consistency_weight) == (10.0, "all", 1.0)
+    without_anchors = {**outputs, "data": data.model_copy(update={"anchor": None})}
+    config = train_config(cfg, 2, _outputs(**without_anchors))
+    assert (config.anchor, config.anchor_ratio) == (None, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("section", "stage"),
+    [
+        (CollectSection, CollectConfig),
+        (PackSection, PackConfig),
+        (TrainSection, TrainConfig),
+        (EvaluationSection, DecodeConfig),
+    ],
+    ids=["collect", "pack", "train", "evaluation"],
+)
+def test_sections_are_the_stage_configs_less_the_job_owned_fields(section, stage):
+    stage_fields = set(stage.model_fields) - set(section.job_owned)
+    assert set(section.model_fields) == stage_fields | set(section.__base__.model_fields)  # the job's own ones
+    for name in stage_fields:  # one definition: the stage's defaults, descriptions and bounds
+        field, original = section.model_fields[name], stage.model_fields[name]
+        assert (field.default, field.description, field.metadata) == (
+            original.default,
+            original.description,
+            original.metadata,
+        )
+
+
+def test_job_owned_fields_are_refused_naming_where_the_job_takes_them():
+    with pytest.raises(ConfigError, match=r"collect: .*the job sets block_size \(from rounds.K.block_size\)"):
+        PipelineConfig.from_dict({"collect": {"block_size": 8}})
+    with pytest.raises(ConfigError, match=r"the job sets steps \(from rounds.K.steps\)"):
+        PipelineConfig.from_dict({"train": {"steps": 8}})
+    with pytest.raises(ConfigError, match="the job sets decoder"):
+        PipelineConfig.from_dict({"evaluation": {"decoder": "jacobi"}})
+    with pytest.raises(ConfigError, match=r"train.loss.consistency_weight: Input should be greater than or equal to 0"):
+        PipelineConfig.load(None, ["train.loss.consistency_weight=-1"])
+    with pytest.raises(ConfigError, match=r"collect.workers: Input should be greater than or equal to 1"):
+        PipelineConfig.from_dict({"collect": {"workers": 0}})
+    with pytest.raises(ConfigError, match=r"train.extra: Extra inputs are not permitted"):
+        PipelineConfig.from_dict({"train": {"extra": {"checkpoint_every": 2}}})
+    cfg = PipelineConfig.load(None, ["train.loss.consistency_weight=0.3", "pack.max_tokens=64"])
+    assert (cfg.train.loss.consistency_weight, cfg.pack.max_tokens) == (0.3, 64)
+
+
+def test_collect_and_pack_configs_take_the_round_and_the_sections():
+    cfg = PipelineConfig.from_dict(
+        {
+            "run_dir": "/tmp/run",
+            "seed": 3,
+            "rounds": [{"block_size": 8, "window": 4, "strategy": "random"}],
+            "collect": {"workers": 3, "dtype": "fp32"},
+            "pack": {"max_tokens": 64},
+        }
+    )
+    data = DataOutput(collect_prompts="/tmp/run/p.jsonl", num_prompts=1, eval={}, quality={}, anchor=None)
+    collected = CollectOutput(out="/t", prompts=1, rows=1, tokens=1, forwards=1, tpf=1, tokens_per_s=1, wall_s=1)
+    outputs = _outputs(base=BaseOutput(model="/models/base", built=False), data=data, **{"round1.collect": collected})
+    collect = collect_config(cfg, 1, outputs)
+    assert (collect.model, collect.prompts, collect.block_size, collect.round, collect.seed) == (
+        "/models/base",
+        "/tmp/run/p.jsonl",
+        8,
+        1,
+        3,
+    )
+    assert (collect.workers, collect.dtype, collect.model_id, collect.out) == (
+        3,
+        "fp32",
+        "round0",
+        "/tmp/run/round1/trajectories",
+    )
+    pack = pack_config(cfg, 1, outputs)
+    assert (pack.trajectories, pack.window, pack.strategy, pack.seed, pack.max_tokens) == ("/t", 4, "random", 3, 64)
 
 
 def test_relative_paths_become_absolute_because_ray_workers_run_elsewhere(tmp_path, monkeypatch):
@@ -96,15 +180,17 @@ def test_anchor_examples_as_a_total_or_per_task(tmp_path):
             "workloads": {
                 "train_prompts": {"math": 2, "code": 0},
                 "eval_prompts": {"math": 1, "code": 1},
+                "quality_prompts": {"math": 1, "code": 0},
                 "anchor_examples": {"math": 6},
             },
         }
     )
     assert cfg.workloads.anchors_per_task() == {"math": 6, "code": 0}
     outputs = data_stage(cfg)
-    anchors = [json.loads(line) for line in read_bytes(outputs["anchor"]).decode().splitlines()]
+    anchors = [json.loads(line) for line in read_bytes(outputs.anchor).decode().splitlines()]
     assert len(anchors) == 6 and all("How many" in a["prompt"] for a in anchors)
-    assert outputs["num_prompts"] == 2 and set(outputs["eval"]) == {"math", "code"}  # code: evaluated only
+    assert outputs.num_prompts == 2 and set(outputs.eval) == {"math", "code"}  # code: evaluated only
+    assert outputs.quality_set("code") == outputs.eval["code"]  # no quality set: the benchmark's examples
     with pytest.raises(ValueError, match="no collection prompt"):
         PipelineConfig.from_dict({"workloads": {"train_prompts": {"math": 0, "code": 0}}})
     with pytest.raises(ValueError, match="anchor_examples"):
@@ -123,15 +209,19 @@ def test_benchmark_prompts_are_typed_per_task_with_defaults():
         PipelineConfig.from_dict({"workloads": {"eval_prompts": {"math": 0}}})
 
 
-def test_benchmark_decode_settings_are_checked_at_load():
-    cfg = PipelineConfig.from_dict({"evaluation": {"decode": {"num_blocks": 1, "pool_size": 1}}})
-    assert cfg.evaluation.decode == {"num_blocks": 1, "pool_size": 1}
+def test_benchmark_decode_settings_are_typed_and_checked_at_load():
+    cfg = PipelineConfig.from_dict({"evaluation": {"num_blocks": 1, "pool_size": 1, "block_size": 8}})
+    assert (cfg.evaluation.num_blocks, cfg.evaluation.pool_size, cfg.evaluation.block_size) == (1, 1, 8)
+    assert cfg.evaluation.changed_decode_settings() == {"num_blocks": 1, "pool_size": 1}
+    settings = cfg.evaluation.decode_settings()
+    decode = DecodeConfig(decoder="jacobi", seed=0, **settings)
+    assert decode.model_dump(exclude=set(EvaluationSection.job_owned)) == settings
     with pytest.raises(ValueError, match="pool_sise"):
-        PipelineConfig.from_dict({"evaluation": {"decode": {"pool_sise": 1}}})
+        PipelineConfig.from_dict({"evaluation": {"pool_sise": 1}})
     with pytest.raises(ValueError, match="num_blocks"):
-        PipelineConfig.from_dict({"evaluation": {"decode": {"num_blocks": 0}}})
-    with pytest.raises(ValueError, match="block_size"):
-        PipelineConfig.from_dict({"evaluation": {"decode": {"block_size": 8}}})
+        PipelineConfig.from_dict({"evaluation": {"num_blocks": 0}})
+    with pytest.raises(ValueError, match="the job sets seed"):
+        PipelineConfig.from_dict({"evaluation": {"seed": 8}})
 
 
 def test_benchmark_decoders_are_checked_at_load():
@@ -160,7 +250,7 @@ def test_eta_starts_from_the_estimates_and_then_follows_the_observed_pace(tmp_pa
     from jf_ray.pipeline.graph import Stage, run_graph
 
     seen = []
-    stages = [Stage("first", lambda out: {}, weight=100.0), Stage("second", lambda out: {}, weight=300.0)]
+    stages = [Stage("first", lambda out: Count(), Count, 100.0), Stage("second", lambda out: Count(), Count, 300.0)]
     run_graph(str(tmp_path), stages, on_progress=seen.append)
     first_seconds = json.loads((tmp_path / "stages" / "first.json").read_text())["seconds"]
     assert [p["eta_s"] for p in seen] == [400, round(300 * first_seconds / 100, 0), 0]
@@ -177,3 +267,47 @@ def test_stage_estimates_follow_the_config():
     assert weights["q"]["bench"] < weights["f"]["bench"]
     given = PipelineConfig.from_dict({"base": {"model": "some/checkpoint"}})
     assert {s.name: s.weight for s in build_stages(given)}["base"] < 10  # nothing to build
+
+
+class Count(BaseModel):
+    n: int = 0
+    names: list[str] = []
+
+
+def test_typed_outputs_are_saved_and_read_back_when_a_resubmitted_run_skips_the_stage(tmp_path):
+    from jf_ray.errors import UserInputError
+    from jf_ray.pipeline.graph import Stage, run_graph
+
+    calls = []
+
+    def stages():
+        first = Stage("first", lambda out: calls.append("first") or Count(n=2, names=["a"]), Count)
+        second = Stage("second", lambda out: calls.append("second") or Count(n=out["first"].n + 1), Count)
+        return [first, second]
+
+    done = run_graph(str(tmp_path), stages())
+    again = run_graph(str(tmp_path), stages())
+    assert calls == ["first", "second"] and again.skipped == ["first", "second"]
+    assert again.outputs == done.outputs == {"first": Count(n=2, names=["a"]), "second": Count(n=3)}
+    (tmp_path / "stages" / "second.json").write_text('{"outputs": {"n": "many"}}')
+    with pytest.raises(UserInputError, match="stage second .*--rerun second"):
+        run_graph(str(tmp_path), stages())
+
+
+def test_run_outputs_name_each_rounds_model_and_refuse_a_missing_stage():
+    base = BaseOutput(model="/base", built=True, preset="tiny")
+    trained = TrainOutput(model="/r1/model", checkpoint="/r1", metrics_log="/r1/m.jsonl", wall_s=1.0)
+    outputs = _outputs(base=base, **{"round1.train": trained})
+    assert [outputs.model(k) for k in (0, 1)] == ["/base", "/r1/model"]
+    with pytest.raises(KeyError, match="round2.train"):
+        outputs.model(2)
+
+
+def test_loading_the_job_config_does_not_import_ray():
+    """The job applies the local-cluster settings after loading its config and before Ray is first imported."""
+    import subprocess
+    import sys
+
+    code = "import sys, jf_ray.pipeline; assert 'ray' not in sys.modules, 'ray imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -254,7 +254,7 @@ def test_the_smoke_graph_collects_on_vllm_and_benches_against_it(ray_session, tm
             assert rows["vllm"]["exact_match_vs_ar"] == 1.0, (rnd["round"], task)  # fp32: same tokens as our AR
             assert rows["jacobi"]["exact_match_vs_vllm"] == 1.0 and rows["jacobi"]["speedup_vs_vllm"] > 0
     assert "speed-up vs vLLM" in (tmp_path / "run" / "report.md").read_text()
-    model = result.outputs["round1.train"]["model"]
+    model = result.outputs.model(1)
     llm = open_engine(model, VllmOptions(dtype="fp32", enforce_eager=True))
     prompt = encode_prompt(load_tokenizer(model), "1 + 2 =")
     assert 1 <= len(greedy_ar(llm, [prompt], 8, [])[0]) <= 8

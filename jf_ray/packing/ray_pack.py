@@ -86,10 +86,9 @@ def _total(values) -> int:
 
 
 def pack(config: PackConfig) -> dict:
-    """Run the packing job on the current (or a new local) Ray cluster; returns a summary dict."""
+    """Run the packing job on the Ray cluster this process has joined (docs/cluster.md); returns a summary dict."""
     import ray.data
 
-    from jf_ray.raycluster import init_ray
     from jf_ray.storage import DatasetWriter, fs_and_path, join_uri, read_manifest
     from jf_ray.trajectories.schema import TRAJECTORY_COLUMNS, TRAJECTORY_SCHEMA
 
@@ -97,7 +96,6 @@ def pack(config: PackConfig) -> dict:
     manifest = read_manifest(config.trajectories, TRAJECTORY_SCHEMA)
     if not manifest["shards"]:
         raise UserInputError(f"trajectory dataset {config.trajectories} has no shards")
-    init_ray()
     filesystem, _ = fs_and_path(config.trajectories)
     files = [fs_and_path(join_uri(config.trajectories, shard["file"]))[1] for shard in manifest["shards"]]
     trajectories = ray.data.read_parquet(files, filesystem=filesystem).select_columns(TRAJECTORY_COLUMNS)

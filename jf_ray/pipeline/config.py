@@ -7,8 +7,7 @@ from typing import Literal
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from jf_ray.config import Location, ModelLocation, StageConfig
-from jf_ray.decoding.registry import BENCH_NAMES, DECODER_NAMES, canonical
-from jf_ray.decoding.types import DecodeConfig, DecoderName
+from jf_ray.pipeline.sections import CollectSection, EvaluationSection, PackSection, TrainSection
 from jf_ray.workloads.common import TEST_ONLY_TASKS, Task
 
 # Held-out examples per task in the timed benchmark, where the config names none (HumanEval: all of it).
@@ -98,80 +97,6 @@ class RoundConfig(StageConfig):
     lr: float = Field(5e-4, gt=0, description="peak learning rate of this round")
 
 
-class CollectSettings(StageConfig):
-    workers: int = Field(2, ge=1, description="Ray actors collecting trajectories")
-    batch_size: int = Field(16, ge=1, description="prompts decoded together per actor")
-    shard_size: int = Field(32, ge=1, description="prompts per shard (unit of resume/retry)")
-    max_new_tokens: int = Field(256, ge=1, description="cap per response")
-    num_gpus_per_worker: float = Field(0.0, ge=0, description="1 on GPU clusters")
-    num_cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per actor")
-    backend: str = Field("transformers", description="transformers | vllm (docs/vllm.md)")
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one engine spans")
-    vllm_kv_cache_gib: int = Field(1, ge=1, description="vllm on CPU: KV cache GiB per actor")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm on GPU: share of GPU memory")
-    vllm_enforce_eager: bool = Field(False, description="vllm: no compilation (starts in seconds; small models)")
-
-
-class TrainSettings(StageConfig):
-    workers: int = Field(1, ge=1, description="Ray Train workers")
-    cpus_per_worker: int = Field(2, ge=1, description="CPUs per worker")
-    use_gpu: bool = Field(False, description="one GPU per worker")
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp or fsdp")
-    micro_batch_size: int = Field(2, ge=1, description="packed sequences per micro-batch")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per step")
-    anchor_ratio: float = Field(1.0, ge=0, description="anchor sequences per packed sequence")
-    ar_weight: float = Field(1.0, ge=0, description="w of the AR loss")
-    max_packed_tokens: int | None = Field(None, ge=8, description="cap on packed sequence length")
-    extra: dict = Field({}, description="any other jf_ray.training.TrainConfig field")
-
-
-class EvalSettings(StageConfig):
-    decoders: list[str] = Field(
-        list(DECODER_NAMES),
-        description="decoders of the final benchmark; 'generate' adds transformers' greedy "
-        "model.generate as a reference outside jf-ray's engine",
-    )
-    round_decoder: DecoderName = Field(
-        "ar",
-        description="decoder of the per-round quality evaluation (greedy decoders give the same outputs; "
-        "batched AR is the quickest)",
-    )
-    block_size: int = Field(32, ge=1, description="inference block size n")
-    max_new_tokens: int = Field(256, ge=1, description="cap per answer")
-    batch_size: int = Field(1, ge=1, description="requests decoded together while timing")
-    threads: int | None = Field(None, ge=1, description="torch threads while evaluating (default: all)")
-    repeats: int = Field(
-        1,
-        ge=1,
-        description="final benchmark: timed runs per decoder, interleaved; the (lower) median is kept",
-    )
-    vllm_reference: bool | None = Field(
-        None,
-        description="final benchmark: also time vLLM's greedy AR of each model (docs/vllm.md); default: "
-        "where vLLM is installed and can run the model (else a warning)",
-    )
-    vllm_eager: bool = Field(False, description="vLLM reference without compilation (starts faster, may run slower)")
-    decode: dict = Field(
-        {},
-        description="other DecodeConfig fields of the benchmark and the per-round evaluation (e.g. num_blocks, "
-        "pool_size): on a CPU every extra query token costs time, on a GPU it is nearly free",
-    )
-
-    @field_validator("decode")
-    @classmethod
-    def _decode_fields(cls, value: dict) -> dict:
-        owned = {"decoder", "block_size", "max_new_tokens", "seed", "record_trajectory"} & set(value)
-        if owned:
-            raise ValueError(f"decode may not set {sorted(owned)}: they have their own settings")
-        DecodeConfig(**value)  # unknown fields and bad values fail here, at load time
-        return value
-
-    @field_validator("decoders")
-    @classmethod
-    def _known(cls, value: list[str]) -> list[str]:
-        return [canonical(name, BENCH_NAMES) for name in value]  # aliases (mr) become public names
-
-
 class PipelineConfig(StageConfig):
     """The whole progressive distillation: base -> rounds of collect/pack/train/evaluate -> benchmark."""
 
@@ -188,6 +113,11 @@ class PipelineConfig(StageConfig):
         default_factory=lambda: [RoundConfig(block_size=16), RoundConfig(block_size=32)],
         description="rounds of progressive distillation, in order (block size grows)",
     )
-    collect: CollectSettings = Field(default_factory=CollectSettings)
-    train: TrainSettings = Field(default_factory=TrainSettings)
-    evaluation: EvalSettings = Field(default_factory=EvalSettings)
+    # The stage configs less what the job fills in (jf_ray/pipeline/sections.py, docs/pipeline.md).
+    collect: CollectSection = Field(default_factory=CollectSection, description="collection: CollectConfig")
+    pack: PackSection = Field(default_factory=PackSection, description="packing: PackConfig")
+    train: TrainSection = Field(default_factory=TrainSection, description="training: TrainConfig")
+    evaluation: EvaluationSection = Field(
+        default_factory=EvaluationSection,
+        description="per-round quality evaluation and final benchmark: DecodeConfig and the job's own fields",
+    )

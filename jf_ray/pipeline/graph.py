@@ -1,7 +1,8 @@
 """Running a list of stages idempotently, with completion markers and visible progress.
 
 Each stage writes its outputs first and then ``<run_dir>/stages/<name>.json`` (atomically) as its completion
-marker. A stage whose marker exists is skipped and its recorded outputs are reused, so re-submitting a run
+marker, which holds the stage's typed outputs (a pydantic model, ``Stage.output``). A stage whose marker exists
+is skipped and its recorded outputs are read back into that model and reused, so re-submitting a run
 does no finished work, and a stage that died midway (no marker) is redone; stages themselves are resumable
 (collection skips finished shards, training restarts from its latest checkpoint). ``rerun`` invalidates a
 stage and everything after it. Progress (stage, round, percentage, ETA) is logged and kept in
@@ -15,6 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pydantic import BaseModel, ValidationError
+
 from jf_ray.storage import delete_file, exists, join_uri, read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -23,13 +26,14 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Stage:
     name: str
-    run: Callable[[dict], dict]  # receives the outputs of all earlier stages by name
+    run: Callable[[dict[str, BaseModel]], BaseModel]  # receives the outputs of all earlier stages by name
+    output: type[BaseModel]  # what ``run`` returns; the marker stores it, a resumed run reads it back
     weight: float = 1.0  # estimated seconds: the first ETA sums them, later ones scale them by the pace seen
 
 
 @dataclass
 class GraphRun:
-    outputs: dict[str, dict] = field(default_factory=dict)
+    outputs: dict[str, BaseModel] = field(default_factory=dict)
     executed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -58,7 +62,7 @@ def run_graph(run_dir: str, stages: list[Stage], on_progress: Callable[[dict], N
     for index, stage in enumerate(stages):
         marker = marker_uri(run_dir, stage.name)
         if exists(marker):
-            state.outputs[stage.name] = read_json(marker)["outputs"]
+            state.outputs[stage.name] = _recorded_outputs(marker, stage)
             state.skipped.append(stage.name)
             done_weight += stage.weight
             continue
@@ -72,13 +76,13 @@ def run_graph(run_dir: str, stages: list[Stage], on_progress: Callable[[dict], N
         }
         _report(run_dir, progress, on_progress)
         started = time.perf_counter()
-        outputs = stage.run(state.outputs)
+        outputs = stage.output.model_validate(stage.run(state.outputs))
         seconds = time.perf_counter() - started
         write_json_atomic(
             marker,
             {
                 "stage": stage.name,
-                "outputs": outputs,
+                "outputs": outputs.model_dump(mode="json"),
                 "seconds": round(seconds, 2),
                 "finished_at": time.time(),
             },
@@ -95,6 +99,21 @@ def run_graph(run_dir: str, stages: list[Stage], on_progress: Callable[[dict], N
         on_progress,
     )
     return state
+
+
+def _recorded_outputs(marker: str, stage: Stage) -> BaseModel:
+    """The outputs a finished stage recorded, as its output model; an error naming the stage where they do not
+    fit it (a marker written by another version of the job)."""
+    from jf_ray.config import format_validation_error
+    from jf_ray.errors import UserInputError
+
+    try:
+        return stage.output.model_validate(read_json(marker).get("outputs"))
+    except ValidationError as exc:
+        problem = format_validation_error(stage.output.__name__, exc)
+        raise UserInputError(
+            f"{marker} does not hold the outputs of stage {stage.name} ({problem}); redo it with --rerun {stage.name}"
+        ) from None
 
 
 def _report(run_dir: str, progress: dict, on_progress) -> None:

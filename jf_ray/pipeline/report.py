@@ -8,6 +8,8 @@ import json
 import logging
 
 from jf_ray.pipeline.config import PipelineConfig
+from jf_ray.pipeline.outputs import CollectOutput, ReportOutput, RunOutputs, TrainOutput
+from jf_ray.pipeline.sections import EvaluationSection
 from jf_ray.storage import exists, join_uri, read_bytes, write_bytes_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -15,33 +17,35 @@ logger = logging.getLogger(__name__)
 QUALITY_COLUMNS = {"pass_at_1": "pass@1", "accuracy": "accuracy", "loss": "loss"}  # the task's quality field
 
 
-def write_report(cfg: PipelineConfig, outputs: dict) -> dict:
-    rounds = outputs["bench"]["rounds"]
-    training = [training_curve(outputs.get(f"round{k}.train")) for k in range(1, len(cfg.rounds) + 1)]
+def write_report(cfg: PipelineConfig, outputs: RunOutputs) -> ReportOutput:
+    rounds = [rnd.model_dump(mode="json") for rnd in outputs.bench.rounds]
+    trained = range(1, len(cfg.rounds) + 1)
+    training = [training_curve(outputs.train(k)) for k in trained]
     report = {
         "run_dir": cfg.run_dir,
         "rounds": rounds,
-        "round_eval": [outputs.get(f"round{k}.eval", {}).get("eval") for k in range(len(cfg.rounds) + 1)],
+        "round_eval": [outputs.eval(k).eval for k in range(len(cfg.rounds) + 1)],
         "training": [{"round": k + 1, **curve} for k, curve in enumerate(training)],
-        "collection": [_collect_summary(outputs.get(f"round{k}.collect")) for k in range(1, len(cfg.rounds) + 1)],
+        "collection": [_collect_summary(outputs.collect(k)) for k in trained],
         "config": cfg.model_dump(mode="json"),
     }
-    files = {"json": join_uri(cfg.run_dir, "report.json"), "markdown": join_uri(cfg.run_dir, "report.md")}
-    write_json_atomic(files["json"], report)
+    files = {"json_uri": join_uri(cfg.run_dir, "report.json"), "markdown_uri": join_uri(cfg.run_dir, "report.md")}
+    write_json_atomic(files["json_uri"], report)
     plots = write_plots(cfg.run_dir, rounds, training)
-    write_bytes_atomic(files["markdown"], render_markdown(report, plots).encode())
-    logger.info("report: %s", files["markdown"])
-    return {**files, "plots": plots}
+    write_bytes_atomic(files["markdown_uri"], render_markdown(report, plots).encode())
+    logger.info("report: %s", files["markdown_uri"])
+    return ReportOutput(**files, plots=plots)
 
 
 def bench_settings(config: dict) -> str:
-    """One line saying how the benchmark decoded: speed-ups depend on it as much as on the model."""
-    ev = config["evaluation"]
-    extra = "".join(f", {key} {value}" for key, value in sorted(ev["decode"].items()))
-    threads = ev["threads"] or "all"
+    """One line saying how the benchmark decoded: speed-ups depend on it as much as on the model. Decoder
+    settings are named where they differ from DecodeConfig's defaults (docs/decoding.md)."""
+    ev = EvaluationSection.model_validate(config["evaluation"])
+    extra = "".join(f", {key} {value}" for key, value in sorted(ev.changed_decode_settings().items()))
+    threads = ev.threads or "all"
     return (
-        f"Benchmark: greedy, n={ev['block_size']}{extra}, batch {ev['batch_size']}, up to {ev['max_new_tokens']} "
-        f"new tokens, {threads} threads, {_timing(ev['repeats'])}."
+        f"Benchmark: greedy, n={ev.block_size}{extra}, batch {ev.batch_size}, up to {ev.max_new_tokens} "
+        f"new tokens, {threads} threads, {_timing(ev.repeats)}."
     )
 
 
@@ -73,10 +77,10 @@ def _speedup(row: dict) -> str:
     return f"{row['speedup_vs_ar']:.2f}x{spread}"
 
 
-def training_curve(train_output: dict | None) -> dict:
-    if not train_output or not exists(train_output.get("metrics_log", "")):
+def training_curve(train_output: TrainOutput) -> dict:
+    if not exists(train_output.metrics_log):
         return {"steps": [], "loss": [], "loss_consistency": [], "loss_ar": [], "tokens_per_s": None}
-    rows = [json.loads(line) for line in read_bytes(train_output["metrics_log"]).decode().splitlines() if line]
+    rows = [json.loads(line) for line in read_bytes(train_output.metrics_log).decode().splitlines() if line]
     speeds = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
     return {
         "steps": [r["step"] for r in rows],
@@ -84,15 +88,13 @@ def training_curve(train_output: dict | None) -> dict:
         "loss_consistency": [r.get("loss_consistency") for r in rows],
         "loss_ar": [r.get("loss_ar") for r in rows],
         "tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
-        "wall_s": train_output.get("wall_s"),
+        "wall_s": train_output.wall_s,
     }
 
 
-def _collect_summary(collect_output: dict | None) -> dict | None:
-    if not collect_output:
-        return None
-    keys = ("prompts", "rows", "tokens", "forwards", "tpf", "tokens_per_s", "wall_s")
-    return {k: collect_output.get(k) for k in keys}
+def _collect_summary(collect_output: CollectOutput) -> dict:
+    keys = {"prompts", "rows", "tokens", "forwards", "tpf", "tokens_per_s", "wall_s"}
+    return collect_output.model_dump(mode="json", include=keys)
 
 
 def render_markdown(report: dict, plots: dict[str, str]) -> str:

@@ -9,10 +9,26 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from jf_ray.pipeline.config import PipelineConfig
 from jf_ray.pipeline.graph import Stage
+from jf_ray.pipeline.outputs import (
+    OUTPUT_TYPES,
+    BaseOutput,
+    BenchOutput,
+    BenchRound,
+    CollectOutput,
+    DataOutput,
+    EvalOutput,
+    PackOutput,
+    ReportOutput,
+    RunOutputs,
+    StageOutput,
+    TrainOutput,
+    stage_name,
+)
 from jf_ray.storage import is_local, join_uri, local_path, upload_dir, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
@@ -21,20 +37,25 @@ logger = logging.getLogger(__name__)
 def build_stages(cfg: PipelineConfig) -> list[Stage]:
     est = _estimated_seconds(cfg)
     stages = [
-        Stage("base", lambda out: base_stage(cfg), weight=est["base"]),
-        Stage("data", lambda out: data_stage(cfg), weight=5.0),
-        Stage("round0.eval", lambda out: eval_stage(cfg, out["base"]["model"], out), weight=est["eval"]),
+        _stage("base", None, lambda out: base_stage(cfg), est["base"]),
+        _stage("data", None, lambda out: data_stage(cfg), 5.0),
+        _stage("eval", 0, lambda out: eval_stage(cfg, 0, out), est["eval"]),
     ]
     for k in range(1, len(cfg.rounds) + 1):
         stages += [
-            Stage(f"round{k}.collect", lambda out, k=k: collect_stage(cfg, k, out), weight=est["collect"]),
-            Stage(f"round{k}.pack", lambda out, k=k: pack_stage(cfg, k, out), weight=15.0),
-            Stage(f"round{k}.train", lambda out, k=k: train_stage(cfg, k, out), weight=est[f"round{k}.train"]),
-            Stage(f"round{k}.eval", lambda out, k=k: eval_stage(cfg, model_of(out, k), out), weight=est["eval"]),
+            _stage("collect", k, lambda out, k=k: collect_stage(cfg, k, out), est["collect"]),
+            _stage("pack", k, lambda out, k=k: pack_stage(cfg, k, out), 15.0),
+            _stage("train", k, lambda out, k=k: train_stage(cfg, k, out), est[stage_name("train", k)]),
+            _stage("eval", k, lambda out, k=k: eval_stage(cfg, k, out), est["eval"]),
         ]
-    stages.append(Stage("bench", lambda out: bench_stage(cfg, out), weight=est["bench"]))
-    stages.append(Stage("report", lambda out: report_stage(cfg, out), weight=5.0))
+    stages.append(_stage("bench", None, lambda out: bench_stage(cfg, out), est["bench"]))
+    stages.append(_stage("report", None, lambda out: report_stage(cfg, out), 5.0))
     return stages
+
+
+def _stage(kind: str, k: int | None, run: Callable[[RunOutputs], StageOutput], weight: float) -> Stage:
+    """A graph stage whose function sees the earlier outputs through :class:`RunOutputs`."""
+    return Stage(stage_name(kind, k), lambda out: run(RunOutputs(out)), OUTPUT_TYPES[kind], weight)
 
 
 def _estimated_seconds(cfg: PipelineConfig) -> dict[str, float]:
@@ -60,22 +81,17 @@ def _estimated_seconds(cfg: PipelineConfig) -> dict[str, float]:
         "bench": 0.35 * bench_runs * bench_prompts,  # one decoder run of one prompt at batch 1
     }
     for k, rnd in enumerate(cfg.rounds, start=1):
-        est[f"round{k}.train"] = rnd.steps * (0.3 + 0.003 * rnd.block_size)  # 2 workers, micro-batch 2
+        est[stage_name("train", k)] = rnd.steps * (0.3 + 0.003 * rnd.block_size)  # 2 workers, micro-batch 2
     return est
 
 
-def model_of(outputs: dict, round_index: int) -> str:
-    """The model files of round ``round_index`` (a trained checkpoint's ``model/``, never its optimizer state)."""
-    return outputs["base" if round_index == 0 else f"round{round_index}.train"]["model"]
-
-
-def base_stage(cfg: PipelineConfig) -> dict:
+def base_stage(cfg: PipelineConfig) -> BaseOutput:
     from jf_ray.basemodel import build_base
     from jf_ray.modeling import local_model_path
 
     if cfg.base.model is not None:
         local_model_path(cfg.base.model)  # fails fast, naming the problem, if it is not a checkpoint
-        return {"model": cfg.base.model, "built": False}
+        return BaseOutput(model=cfg.base.model, built=False)
     build_dir = cfg.base.build_dir
     if build_dir is None:
         build_dir = (
@@ -91,10 +107,10 @@ def base_stage(cfg: PipelineConfig) -> dict:
     if not is_local(cfg.run_dir):
         model = join_uri(cfg.run_dir, "base")
         upload_dir(path, model)
-    return {"model": model, "built": True, "preset": cfg.base.preset}
+    return BaseOutput(model=model, built=True, preset=cfg.base.preset)
 
 
-def data_stage(cfg: PipelineConfig) -> dict:
+def data_stage(cfg: PipelineConfig) -> DataOutput:
     """Collection prompts (train split), held-out evaluation sets and AR anchor pairs, as JSONL."""
     from jf_ray.workloads import load_examples, write_examples
 
@@ -114,99 +130,86 @@ def data_stage(cfg: PipelineConfig) -> dict:
     if prompts_uri is None:
         prompts_uri = join_uri(data_dir, "collect_prompts.jsonl")
         write_bytes_atomic(prompts_uri, ("\n".join(lines) + "\n").encode())
-    outputs = {
-        "collect_prompts": prompts_uri,
-        "num_prompts": len(lines),
-        "eval": evals,
-        "quality": quality,
-        "anchor": None,
-    }
-    if anchors:
-        outputs["anchor"] = join_uri(data_dir, "anchor.jsonl")
-        write_examples(outputs["anchor"], anchors)
-    return outputs
+    anchor = join_uri(data_dir, "anchor.jsonl") if anchors else None
+    if anchor:
+        write_examples(anchor, anchors)
+    return DataOutput(collect_prompts=prompts_uri, num_prompts=len(lines), eval=evals, quality=quality, anchor=anchor)
 
 
-def collect_stage(cfg: PipelineConfig, k: int, outputs: dict) -> dict:
+def collect_stage(cfg: PipelineConfig, k: int, outputs: RunOutputs) -> CollectOutput:
     from jf_ray.trajectories.collect import collect
+
+    return CollectOutput.model_validate(collect(collect_config(cfg, k, outputs)))
+
+
+def collect_config(cfg: PipelineConfig, k: int, outputs: RunOutputs):
+    """Round ``k``'s CollectConfig: the ``collect:`` section, the round's block size, the previous model."""
     from jf_ray.trajectories.config import CollectConfig
 
-    settings, rnd = cfg.collect, cfg.rounds[k - 1]
-    config = CollectConfig(
-        model=model_of(outputs, k - 1),
-        prompts=outputs["data"]["collect_prompts"],
-        out=join_uri(cfg.run_dir, f"round{k}", "trajectories"),
-        block_size=rnd.block_size,
-        max_new_tokens=settings.max_new_tokens,
-        workers=settings.workers,
-        batch_size=settings.batch_size,
-        shard_size=settings.shard_size,
-        round=k,
-        model_id=f"round{k - 1}",
-        seed=cfg.seed,
-        num_gpus_per_worker=settings.num_gpus_per_worker,
-        num_cpus_per_worker=settings.num_cpus_per_worker,
-        backend=settings.backend,
-        tensor_parallel_size=settings.tensor_parallel_size,
-        vllm_kv_cache_gib=settings.vllm_kv_cache_gib,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
-        vllm_enforce_eager=settings.vllm_enforce_eager,
-        ray_address=cfg.ray_address,
-    )
-    return collect(config)
+    owned = {
+        "model": outputs.model(k - 1),
+        "prompts": outputs.data.collect_prompts,
+        "out": join_uri(cfg.run_dir, f"round{k}", "trajectories"),
+        "block_size": cfg.rounds[k - 1].block_size,
+        "round": k,
+        "model_id": f"round{k - 1}",
+        "seed": cfg.seed,
+        "resume": True,
+        "ray_address": cfg.ray_address,
+    }
+    return CollectConfig.from_dict({**cfg.collect.model_dump(), **owned})
 
 
-def pack_stage(cfg: PipelineConfig, k: int, outputs: dict) -> dict:
+def pack_stage(cfg: PipelineConfig, k: int, outputs: RunOutputs) -> PackOutput:
     from jf_ray.packing import pack
+
+    return PackOutput.model_validate(pack(pack_config(cfg, k, outputs)))
+
+
+def pack_config(cfg: PipelineConfig, k: int, outputs: RunOutputs):
+    """Round ``k``'s PackConfig: the ``pack:`` section, the round's window and strategy."""
     from jf_ray.packing.config import PackConfig
 
     rnd = cfg.rounds[k - 1]
-    config = PackConfig(
-        trajectories=outputs[f"round{k}.collect"]["out"],
-        out=join_uri(cfg.run_dir, f"round{k}", "packed"),
-        window=rnd.window,
-        strategy=rnd.strategy,
-        seed=cfg.seed,
-        max_tokens=cfg.train.max_packed_tokens,
-    )
-    return pack(config)
+    owned = {
+        "trajectories": outputs.collect(k).out,
+        "out": join_uri(cfg.run_dir, f"round{k}", "packed"),
+        "window": rnd.window,
+        "strategy": rnd.strategy,
+        "seed": cfg.seed,
+    }
+    return PackConfig.from_dict({**cfg.pack.model_dump(), **owned})
 
 
-def train_stage(cfg: PipelineConfig, k: int, outputs: dict) -> dict:
+def train_stage(cfg: PipelineConfig, k: int, outputs: RunOutputs) -> TrainOutput:
     from jf_ray.training import train
 
-    return train(train_config(cfg, k, outputs))
+    return TrainOutput.model_validate(train(train_config(cfg, k, outputs)))
 
 
-def train_config(cfg: PipelineConfig, k: int, outputs: dict):
-    """Round ``k``'s TrainConfig: the round's steps/lr, the job's train settings, ``train.extra`` on top."""
+def train_config(cfg: PipelineConfig, k: int, outputs: RunOutputs):
+    """Round ``k``'s TrainConfig: the ``train:`` section, the round's steps and lr, the previous model.
+
+    Anchors are the data stage's pairs where ``train.anchor_ratio > 0`` and there are any (no anchor, no
+    ratio: a config with ``anchor_examples: 0`` needs no ``anchor_ratio: 0``)."""
     from jf_ray.training.config import TrainConfig
 
-    settings, rnd = cfg.train, cfg.rounds[k - 1]
-    anchor = outputs["data"]["anchor"] if settings.anchor_ratio > 0 else None
-    extra = dict(settings.extra)
-    loss = {"ar_weight": settings.ar_weight, **extra.pop("loss", {})}  # extra.loss refines, not replaces
-    return TrainConfig.from_dict(
-        {
-            "model": model_of(outputs, k - 1),
-            "data": outputs[f"round{k}.pack"]["out"],
-            "out": join_uri(cfg.run_dir, f"round{k}"),
-            "run_name": "train",
-            "workers": settings.workers,
-            "cpus_per_worker": settings.cpus_per_worker,
-            "use_gpu": settings.use_gpu,
-            "strategy": settings.strategy,
-            "steps": rnd.steps,
-            "lr": rnd.lr,
-            "micro_batch_size": settings.micro_batch_size,
-            "grad_accum": settings.grad_accum,
-            "anchor": anchor,
-            "anchor_ratio": settings.anchor_ratio if anchor else 0.0,
-            "loss": loss,
-            "seed": cfg.seed,
-            **extra,
-        }
-    )
+    rnd = cfg.rounds[k - 1]
+    anchor = outputs.data.anchor if cfg.train.anchor_ratio > 0 else None
+    owned = {
+        "model": outputs.model(k - 1),
+        "data": outputs.pack(k).out,
+        "out": join_uri(cfg.run_dir, f"round{k}"),
+        "run_name": "train",
+        "steps": rnd.steps,
+        "lr": rnd.lr,
+        "anchor": anchor,
+        "seed": cfg.seed,
+    }
+    settings = cfg.train.model_dump()
+    if not anchor:
+        settings["anchor_ratio"] = 0.0
+    return TrainConfig.from_dict({**settings, **owned})
 
 
 def _eval_resources(cfg: PipelineConfig) -> dict:
@@ -247,67 +250,65 @@ def _write_heldout(data_dir: str, name: str, task: str, n: int, seed: int) -> st
     return uri
 
 
-def eval_stage(cfg: PipelineConfig, model: str, outputs: dict) -> dict:
-    """Quality of one model on every task's quality set (the benchmark prompts where there is none)."""
+def eval_stage(cfg: PipelineConfig, k: int, outputs: RunOutputs) -> EvalOutput:
+    """Quality of round ``k``'s model on every task's quality set (the benchmark prompts where there is none)."""
     from jf_ray.pipeline.evaluate import evaluate_remote
-    from jf_ray.raycluster import init_ray
 
-    init_ray(cfg.ray_address)
-    ev = cfg.evaluation
+    ev, model = cfg.evaluation, outputs.model(k)
     results = {}
-    for task, bench_examples in outputs["data"]["eval"].items():
+    for task in outputs.data.eval:
         report = evaluate_remote(
             _eval_resources(cfg),
             model_uri=model,
             task=task,
-            examples_uri=outputs["data"].get("quality", {}).get(task, bench_examples),
+            examples_uri=outputs.data.quality_set(task),
             decoders=[ev.round_decoder],
-            block_size=ev.block_size,
-            max_new_tokens=ev.max_new_tokens,
             batch_size=max(ev.batch_size, 16),
             seed=cfg.seed,
             threads=ev.threads,
-            decode=ev.decode,
             warmup=False,
+            **_decode_arguments(cfg),
         )
         results[task] = report[ev.round_decoder]
-    return {"model": model, "eval": results}
+    return EvalOutput(model=model, eval=results)
 
 
-def bench_stage(cfg: PipelineConfig, outputs: dict) -> dict:
+def _decode_arguments(cfg: PipelineConfig) -> dict:
+    """The ``evaluation:`` section's DecodeConfig fields as :func:`evaluate_task` takes them."""
+    decode = cfg.evaluation.decode_settings()
+    return {"block_size": decode.pop("block_size"), "max_new_tokens": decode.pop("max_new_tokens"), "decode": decode}
+
+
+def bench_stage(cfg: PipelineConfig, outputs: RunOutputs) -> BenchOutput:
     """Every model (base and each round) x task x decoder, timed back to back under the same conditions."""
     from jf_ray.pipeline.evaluate import evaluate_remote
-    from jf_ray.raycluster import init_ray
 
-    init_ray(cfg.ray_address)
     ev = cfg.evaluation
     rounds = []
     for k in range(len(cfg.rounds) + 1):
-        model = model_of(outputs, k)
+        model = outputs.model(k)
         per_task = {}
-        for task, examples in outputs["data"]["eval"].items():
+        for task, examples in outputs.data.eval.items():
             per_task[task] = evaluate_remote(
                 _eval_resources(cfg),
                 model_uri=model,
                 task=task,
                 examples_uri=examples,
                 decoders=ev.decoders,
-                block_size=ev.block_size,
-                max_new_tokens=ev.max_new_tokens,
                 batch_size=ev.batch_size,
                 seed=cfg.seed,
                 threads=ev.threads,
                 repeats=ev.repeats,
-                decode=ev.decode,
                 vllm_reference=ev.vllm_reference,
                 vllm_eager=ev.vllm_eager,
+                **_decode_arguments(cfg),
             )
         block_size = None if k == 0 else cfg.rounds[k - 1].block_size
-        rounds.append({"round": k, "block_size": block_size, "model": model, "eval": per_task})
-    return {"rounds": rounds}
+        rounds.append(BenchRound(round=k, block_size=block_size, model=model, eval=per_task))
+    return BenchOutput(rounds=rounds)
 
 
-def report_stage(cfg: PipelineConfig, outputs: dict) -> dict:
+def report_stage(cfg: PipelineConfig, outputs: RunOutputs) -> ReportOutput:
     from jf_ray.pipeline.report import write_report
 
     return write_report(cfg, outputs)

@@ -34,18 +34,17 @@ SUMMARY_FILE = "summary.json"
 
 
 def train(config: TrainConfig) -> dict:
-    """Run training on the current (or a new local) Ray cluster; returns the summary also written to
+    """Run training on the Ray cluster this process has joined (docs/cluster.md); returns the summary also written to
     ``<out>/<run_name>/summary.json``: final metrics, ``model`` (the URI of the model files, what consumers
     load), ``checkpoint`` (the checkpoint root, what a resume reads), tokens/s."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from jf_ray.raycluster import init_ray, require_fit
+    from jf_ray.raycluster import require_fit
     from jf_ray.storage import fs_and_path, join_uri, write_json_atomic
     from jf_ray.training.checkpoint import MODEL_DIR
 
     check_inputs(config)
-    init_ray()
     filesystem, storage_path = fs_and_path(config.out)
     resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
     require_fit(resources, "a training worker")

@@ -115,8 +115,9 @@ def check_backend(config: CollectConfig) -> None:
 
 
 def collect(config: CollectConfig, on_shard_done: Callable[[dict], None] | None = None) -> dict:
-    """Collect trajectories as configured; returns a summary (counts, tokens/s, per-worker throughput)."""
-    from jf_ray.raycluster import init_ray, require_fit
+    """Collect trajectories as configured on the Ray cluster this process has joined (its entry point joins
+    or starts one: docs/cluster.md); returns a summary (counts, tokens/s, per-worker throughput)."""
+    from jf_ray.raycluster import require_fit
     from jf_ray.trajectories.ray_pool import PoolOptions, run_shards
 
     start = time.perf_counter()
@@ -138,7 +139,6 @@ def collect(config: CollectConfig, on_shard_done: Callable[[dict], None] | None 
     )
     reports, retries = [], []
     if todo:
-        init_ray(config.ray_address)
         require_fit({"CPU": config.num_cpus_per_worker, "GPU": config.num_gpus_per_worker}, "a collection actor")
         options = PoolOptions(
             config.workers,
