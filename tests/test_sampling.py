@@ -77,11 +77,11 @@ def test_sampling_matches_the_model_distribution(model, decoder, temperature, to
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9)])
 def test_auto_with_recycled_candidates_keeps_the_distribution(model, temperature, top_k, top_p):
-    """Width is free: auto verifies every candidate on offer beside its draft, all in one exact walk."""
+    """Width is free: auto verifies every candidate on offer beside its draft, in one exact walk (several at a
+    node: the test below)."""
     free = CostCurve([1, 256, 2048], [1, 64], [[1.0, 1.0]] * 3)
     counts, stats = sample_counts(model, "auto", temperature, top_k, top_p, free)
     assert sum(n for s in stats for k, n in s.candidates_hist.items() if k > 0) > SAMPLES // 4
-    assert sum(n for s in stats for k, n in s.candidates_hist.items() if k > 1) > 0  # walks through a tree
     expected = exact_marginals(model, temperature, top_k, top_p)
     for t in range(DEPTH):
         assert chi_square_ok(counts[t], expected[t]), (t, counts[t], expected[t] * SAMPLES)
