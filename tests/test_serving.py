@@ -164,8 +164,8 @@ def test_usage_and_metrics_report_the_draft_shape_auto_chose(checkpoint, tmp_pat
         def __getattr__(self, name):  # observe / inc / set: every call recorded with its value
             return lambda value, tags=None: self.calls.append(value)
 
-    metrics = object.__new__(ServingMetrics)  # Ray metrics replaced by recorders: what would be exported
-    metrics._m = {name: Recorder() for name in METRICS}
+    metrics = ServingMetrics("tiny")  # Ray checks every metric's definition (buckets) here, without a cluster
+    metrics._m = {name: Recorder() for name in METRICS}  # then recorders stand in: what would be exported
     curve = tmp_path / "free.json"
     curve.write_text(json.dumps({"batch_sizes": [1, 4], "widths": [1, 256], "ms": [[1.0, 1.0], [1.0, 1.0]]}))
     svc = CompletionService(ServeConfig(model=checkpoint, max_batch_size=2, cost_curve=str(curve)), metrics)

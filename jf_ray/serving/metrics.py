@@ -20,7 +20,7 @@ TPF_BUCKETS = [1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0]
 TOKENS_PER_S_BUCKETS = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
 DRAFT_BUCKETS = [1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128]
-COUNT_BUCKETS = [0, 0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 16]
+COUNT_BUCKETS = [0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 16]
 
 # name -> (kind, description, extra tag keys); the dashboard and the tests read this table.
 METRICS = {
