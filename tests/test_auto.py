@@ -8,7 +8,7 @@ from tiny_models import random_qwen2
 
 from jf_ray.decoding import DecodeConfig, DecodingEngine, generate
 from jf_ray.decoding.auto import lower_envelope, measure_cost_curve
-from jf_ray.decoding.planner import CostCurve
+from jf_ray.decoding.planner import CostCurve, DraftShape
 
 BATCHES, WIDTHS = [1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 32, 64]
 
@@ -60,12 +60,45 @@ def test_auto_stops_at_eos_anywhere_with_many_rows(model, prompts, ar_outputs, e
 def test_drafts_follow_the_load(model, prompts, rows, knee, width):
     """At the prior acceptance: alone the whole block, sixteen rows a few tokens, AR where width is not free."""
     engine = DecodingEngine(model, [], max_batch_size=16, cost_curve=knee_curve(knee))
+    config = DecodeConfig(decoder="auto", block_size=32, max_new_tokens=40, pool_size=0)  # the window alone
     for i in range(rows):
-        engine.add(str(i), prompts[i % len(prompts)], DecodeConfig(decoder="auto", block_size=32, max_new_tokens=40))
+        engine.add(str(i), prompts[i % len(prompts)], config)
     engine.step()
     assert engine.last_plan.width == width
     assert all(dict(req.stats.draft_hist) == {width: 1} for req in engine.running)
+    assert all(dict(req.stats.candidates_hist) == {0: 1} for req in engine.running)
     assert all(req.stats.query_tokens == width for req in engine.running)
+
+
+def test_free_width_buys_candidates_and_costly_width_is_ar(model):
+    """Every token occurs in the prompt, so the context offers one candidate from the first forward on."""
+    prompt = list(range(200))
+    config = DecodeConfig(decoder="auto", block_size=8, max_new_tokens=30)
+    engine = DecodingEngine(model, [], max_batch_size=1, cost_curve=knee_curve(4096))
+    engine.add("free", prompt, config)
+    engine.step()
+    assert engine.last_plan.shapes == [DraftShape(8, 1)]
+    (req,) = engine.running
+    assert dict(req.stats.candidates_hist) == {1: 1} and req.stats.query_tokens == 16
+    proportional = CostCurve(BATCHES, WIDTHS, [[1000.0 * b * w for w in WIDTHS] for b in BATCHES])
+    (result,) = generate(model, [prompt], config, [], 1, cost_curve=proportional)
+    decoding = result.stats.forwards - 1
+    assert result.stats.draft_hist == {1: decoding} and result.stats.candidates_hist == {0: decoding}
+    assert result.stats.tpf == 1.0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_candidates_in_every_forward_and_greedy_equals_ar(model, temperature):
+    """Prompts holding every token: the context offers a candidate in every forward and free width takes it."""
+    gen = torch.Generator().manual_seed(3)
+    prompts = [list(range(200)), torch.randperm(200, generator=gen).tolist()]
+    config = DecodeConfig(decoder="auto", block_size=8, max_new_tokens=40, temperature=temperature, seed=3)
+    results = generate(model, prompts, config, [], 2, cost_curve=knee_curve(4096))
+    for result in results:  # only a forward with a 1-token budget left has no room for a candidate
+        assert result.stats.candidates_hist[0] <= 1 and sum(result.stats.candidates_hist.values()) > 5
+    if temperature == 0.0:
+        ar = generate(model, prompts, DecodeConfig(decoder="ar", max_new_tokens=40), [])
+        assert [r.token_ids for r in results] == [r.token_ids for r in ar]
 
 
 def test_engine_measures_a_cost_curve_and_records_its_plan(model, prompts):

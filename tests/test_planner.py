@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jf_ray.decoding.planner import AcceptanceEstimate, CostCurve, plan_drafts
+from jf_ray.decoding.planner import AcceptanceEstimate, CostCurve, DraftRow, DraftShape, plan_drafts
 
 BATCHES, WIDTHS = [1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 32, 64]
 
@@ -18,13 +18,13 @@ def knee(tokens: int) -> float:
     return lambda b, w: 10.0 * max(1.0, b * w / tokens)
 
 
-def good_rows(count: int, longest: int = 64) -> list[tuple[AcceptanceEstimate, int]]:
+def good_rows(count: int, longest: int = 64, candidates: int = 0) -> list[DraftRow]:
     rows = []
     for _ in range(count):
         estimate = AcceptanceEstimate()
         for _ in range(20):  # a request that accepts 4 tokens of every 8-token draft
             estimate.observe(8, 4)
-        rows.append((estimate, longest))
+        rows.append(DraftRow(estimate, longest, candidates))
     return rows
 
 
@@ -51,15 +51,53 @@ def test_ar_at_saturation_and_for_requests_that_accept_nothing():
     hopeless = AcceptanceEstimate()
     for _ in range(30):
         hopeless.observe(16, 1)
-    assert plan_drafts(curve(lambda b, w: 10.0 + 0.01 * b * w), [(hopeless, 64)]).width == 1
+    assert plan_drafts(curve(lambda b, w: 10.0 + 0.01 * b * w), [DraftRow(hopeless, 64)]).width == 1
 
 
 def test_caps_and_fixed_rows():
     plan = plan_drafts(curve(knee(64)), good_rows(2, longest=5))
-    assert plan.lengths == [5, 5]
+    assert plan.lengths == [5, 5] and plan.shapes == [DraftShape(5)] * 2
     # Another request already makes the forward 32 wide: the auto row may use that width for free.
     shared = plan_drafts(curve(knee(16)), good_rows(1), fixed_rows=1, fixed_width=32)
     assert shared.width >= 32
+
+
+def test_free_width_alone_takes_the_biggest_shape():
+    free = curve(lambda b, w: 10.0)  # beyond the grid (64 tokens) the cost grows in proportion
+    plan = plan_drafts(free, good_rows(1, longest=16, candidates=3))
+    assert plan.shapes == [DraftShape(16, 3)] and plan.width == 64
+    # Wider than the grid costs more: 32 tokens and 3 candidates (128 wide) lose to 16 and 3 (64 wide).
+    assert plan_drafts(free, good_rows(1, longest=32, candidates=3)).shapes == [DraftShape(16, 3)]
+
+
+def test_width_that_costs_what_it_gains_is_ar_even_with_candidates():
+    proportional = curve(lambda b, w: 1.0 * b * w)
+    for rows in (1, 4, 16):
+        rich = good_rows(rows, candidates=4)
+        for row in rich:
+            for _ in range(20):  # candidates that always win many tokens
+                row.acceptance.observe_candidates(4, 6)
+        assert plan_drafts(proportional, rich).shapes == [DraftShape(1)] * rows
+
+
+def test_shapes_shrink_as_rows_are_added():
+    plans = [plan_drafts(curve(knee(64)), good_rows(rows, longest=16, candidates=3)) for rows in (1, 4, 16)]
+    assert plans[0].shapes == [DraftShape(16, 3)]  # 64 tokens: up to the knee
+    assert [p.width for p in plans] == sorted((p.width for p in plans), reverse=True) and plans[-1].width <= 4
+    assert all(shape.candidates == 0 for shape in plans[-1].shapes)
+
+
+def test_candidates_only_where_offered_and_while_they_pay():
+    nearly_free = curve(lambda b, w: 10.0 + 0.01 * b * w)
+    estimate = AcceptanceEstimate()
+    assert plan_drafts(nearly_free, [DraftRow(estimate, 8, 0)]).shapes == [DraftShape(8)]  # none offered
+    assert plan_drafts(nearly_free, [DraftRow(estimate, 8, 2)]).shapes == [DraftShape(8, 2)]
+    assert DraftRow(estimate, 8, 2).best_shape(3) == DraftShape(3)  # no room for a 2-token draft and a candidate
+    for _ in range(30):
+        estimate.observe_candidates(2, 0)  # candidates that never win
+    assert estimate.recycled < 0.01
+    assert plan_drafts(nearly_free, [DraftRow(estimate, 8, 2)]).shapes == [DraftShape(8)]
+    assert estimate.expected(4, 100) <= 4  # never more than the draft's length
 
 
 def test_acceptance_estimate_learns():

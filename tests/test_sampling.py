@@ -13,7 +13,7 @@ import torch
 from tiny_models import random_qwen2
 
 from jf_ray.decoding import DecodeConfig, DecodingEngine
-from jf_ray.decoding.acceptance import filter_probs
+from jf_ray.decoding.acceptance import filter_probs, speculative_verify_tree
 from jf_ray.decoding.planner import CostCurve
 
 VOCAB, PROMPT, SAMPLES, DEPTH = 8, [3, 1, 4], 2000, 4
@@ -67,10 +67,32 @@ def chi_square_ok(counts: torch.Tensor, expected_probs: torch.Tensor) -> bool:
     ],
 )
 def test_sampling_matches_the_model_distribution(model, decoder, temperature, top_k, top_p):
+    # auto: a curve under which the draft length changes with the rows still running (4 when few, 1 when many)
+    curve = CostCurve([1, 256, 2048], [1, 4], [[1.0, 1.0], [1.0, 2.0], [8.0, 16.0]])
+    counts, _ = sample_counts(model, decoder, temperature, top_k, top_p, curve)
     expected = exact_marginals(model, temperature, top_k, top_p)
-    counts = torch.zeros(DEPTH, VOCAB)
-    configs = [
-        DecodeConfig(
+    for t in range(DEPTH):
+        assert chi_square_ok(counts[t], expected[t]), (t, counts[t], expected[t] * SAMPLES)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9)])
+def test_auto_with_recycled_candidates_keeps_the_distribution(model, temperature, top_k, top_p):
+    """Width is free: auto verifies every candidate on offer beside its draft, in one exact walk (several at a
+    node: the test below)."""
+    free = CostCurve([1, 256, 2048], [1, 64], [[1.0, 1.0]] * 3)
+    counts, stats = sample_counts(model, "auto", temperature, top_k, top_p, free)
+    assert sum(n for s in stats for k, n in s.candidates_hist.items() if k > 0) > SAMPLES // 4
+    expected = exact_marginals(model, temperature, top_k, top_p)
+    for t in range(DEPTH):
+        assert chi_square_ok(counts[t], expected[t]), (t, counts[t], expected[t] * SAMPLES)
+
+
+def sample_counts(model, decoder, temperature, top_k, top_p, curve) -> tuple[torch.Tensor, list]:
+    """Counts of each token at each of the first DEPTH steps over SAMPLES seeds, and every request's stats."""
+    counts, stats = torch.zeros(DEPTH, VOCAB), []
+    engine = DecodingEngine(model, [], max_batch_size=256, cost_curve=curve)  # one request per seed, batched
+    for seed in range(SAMPLES):
+        config = DecodeConfig(
             decoder=decoder,
             block_size=4,
             max_new_tokens=DEPTH,
@@ -79,20 +101,14 @@ def test_sampling_matches_the_model_distribution(model, decoder, temperature, to
             top_p=top_p,
             seed=seed,
         )
-        for seed in range(SAMPLES)
-    ]
-    # auto: a curve under which the draft length changes with the rows still running (4 when few, 1 when many)
-    curve = CostCurve([1, 256, 2048], [1, 4], [[1.0, 1.0], [1.0, 2.0], [8.0, 16.0]])
-    engine = DecodingEngine(model, [], max_batch_size=256, cost_curve=curve)  # one request per seed, batched
-    for i, config in enumerate(configs):
-        engine.add(str(i), PROMPT, config)
+        engine.add(str(seed), PROMPT, config)
     while engine.has_work:
         for out in engine.step():
             if out.result is not None:
+                stats.append(out.result.stats)
                 for t, token in enumerate(out.result.token_ids):
                     counts[t, token] += 1
-    for t in range(DEPTH):
-        assert chi_square_ok(counts[t], expected[t]), (t, counts[t], expected[t] * SAMPLES)
+    return counts, stats
 
 
 def test_chi_square_detects_a_wrong_distribution(model):
@@ -101,6 +117,19 @@ def test_chi_square_detects_a_wrong_distribution(model):
     wrong = exact_marginals(model, 0.8, 0, 1.0)[1]
     assert not chi_square_ok(wrong * SAMPLES, expected)
     assert chi_square_ok(expected * SAMPLES, expected)
+
+
+def test_tree_verification_commits_each_token_with_its_model_probability():
+    """Drafts from one head that share and split prefixes: the first token after the head is still a sample."""
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4]] * 3)  # the same distribution at every position, for every draft
+    drafts = [[0, 1, 2], [0, 3, 1], [0, 1, 3], [0, 3, 1]]
+    generator, counts = torch.Generator().manual_seed(0), torch.zeros(4)
+    for _ in range(SAMPLES):
+        winner, verdict = speculative_verify_tree(drafts, lambda i: probs, generator)
+        counts[drafts[winner][1] if verdict.accepted > 1 else verdict.next_head] += 1
+        accepted = drafts[winner][: verdict.accepted]
+        assert winner == next(i for i, d in enumerate(drafts) if d[: verdict.accepted] == accepted)  # the first
+    assert chi_square_ok(counts, probs[0])
 
 
 def test_filter_probs_top_k_and_top_p():

@@ -151,6 +151,41 @@ def test_service_greedy_decoders_equal_transformers_ar(service, reference):
             assert usage.forwards == usage.completion_tokens
 
 
+def test_usage_and_metrics_report_the_draft_shape_auto_chose(checkpoint, tmp_path):
+    """Free width: auto drafts its whole block with candidates; usage and the metrics say so."""
+    from jf_ray.serving.config import ServeConfig
+    from jf_ray.serving.metrics import METRICS, ServingMetrics
+    from jf_ray.serving.service import CompletionService
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls = []
+
+        def __getattr__(self, name):  # observe / inc / set: every call recorded with its value
+            return lambda value, tags=None: self.calls.append(value)
+
+    metrics = ServingMetrics("tiny")  # Ray checks every metric's definition (buckets) here, without a cluster
+    metrics._m = {name: Recorder() for name in METRICS}  # then recorders stand in: what would be exported
+    curve = tmp_path / "free.json"
+    curve.write_text(json.dumps({"batch_sizes": [1, 4], "widths": [1, 256], "ms": [[1.0, 1.0], [1.0, 1.0]]}))
+    svc = CompletionService(ServeConfig(model=checkpoint, max_batch_size=2, cost_curve=str(curve)), metrics)
+    try:
+        prompt = PROMPT * 4  # repeated text: the context offers candidates
+        _, _, usage, _ = run_to_end(svc, completion(svc, prompt=prompt, max_tokens=40, decoder="auto"))
+    finally:
+        svc.shutdown()
+    decoding = usage.forwards - 1
+    assert sum(usage.draft_hist.values()) == sum(usage.candidates_hist.values()) == decoding
+    assert usage.blocks_hist == {"1": decoding}
+    assert sum(n for k, n in usage.candidates_hist.items() if k != "0") > 0
+    drafted = sum(int(k) * n for k, n in usage.draft_hist.items())
+    assert usage.query_tokens > drafted  # the candidates' tokens come on top of the drafts
+    assert metrics._m["draft_tokens"].calls == [drafted] and metrics._m["query_tokens"].calls == [usage.query_tokens]
+    mean_candidates = sum(int(k) * n for k, n in usage.candidates_hist.items()) / decoding
+    assert metrics._m["request_candidates"].calls == [pytest.approx(mean_candidates)]
+    assert metrics._m["request_blocks"].calls == [1.0]
+
+
 def test_scheduler_rejects_beyond_capacity(service):
     from jf_ray.decoding import DecodeConfig, DecodingEngine
     from jf_ray.serving.scheduler import BatchScheduler, QueueFullError
@@ -347,7 +382,9 @@ def test_completions_greedy_equal_ar_for_every_decoder(client, reference):
         usage = out.usage.model_dump()
         assert usage["completion_tokens"] == len(expected)
         assert usage["decoder"] == {None: "multiblock", "mr": "multiblock"}.get(decoder, decoder)  # server: mr
-        assert sum(usage["draft_hist"].values()) == usage["forwards"] - 1  # every forward after the prefill
+        decoding = usage["forwards"] - 1  # every forward after the prefill has a shape
+        assert sum(usage["draft_hist"].values()) == sum(usage["candidates_hist"].values()) == decoding
+        assert sum(usage["blocks_hist"].values()) == decoding
         assert usage["forwards"] >= 1 and usage["tokens_per_forward"] == pytest.approx(
             usage["completion_tokens"] / usage["forwards"], abs=1e-3
         )

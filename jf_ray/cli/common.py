@@ -79,9 +79,9 @@ def add_decode_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=positive_int, default=64, help="Jacobi block size n")
     parser.add_argument("--max-new-tokens", type=positive_int, default=256)
     parser.add_argument("--num-blocks", type=positive_int, default=2, help="multiblock: blocks in flight K")
-    parser.add_argument("--pool-size", type=int, default=4, help="multiblock: candidates verified per forward")
+    parser.add_argument("--pool-size", type=int, default=4, help="multiblock, auto: most candidates per forward")
     parser.add_argument("--spawn-ratio", type=float, default=0.85, help="multiblock: spawn at ceil(r*n) accepted")
-    parser.add_argument("--no-recycle-context", action="store_true", help="multiblock: no copied candidates")
+    parser.add_argument("--no-recycle-context", action="store_true", help="multiblock, auto: no copied candidates")
     parser.add_argument("--seed", type=int, default=0)
 
 

@@ -8,6 +8,7 @@ prediction after the last accepted one) becomes the next head. So every forward 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,3 +67,43 @@ def speculative_verify(draft: list[int], probs: torch.Tensor, generator: torch.G
             continue
         return Verdict(accepted=i + 1, next_head=sample(residual / total, generator))
     return Verdict(accepted=len(draft), next_head=sample(probs[len(draft) - 1], generator))
+
+
+def speculative_verify_tree(
+    drafts: list[list[int]], probs_of: Callable[[int], torch.Tensor], generator: torch.Generator
+) -> tuple[int, Verdict]:
+    """Distribution-preserving acceptance of several point-mass drafts from the same head: a token tree.
+
+    Walking down from the head, the distinct next tokens of the drafts that still agree with everything
+    accepted are tried in order, each accepted with its probability under the residual the ones rejected
+    before it left (recursive rejection sampling: token ``d`` is then accepted with probability ``p(d)``
+    overall); once all are rejected the next token is drawn from the last residual. With one draft this is
+    :func:`speculative_verify`. Returns the first draft holding the accepted prefix and its verdict; a node's
+    distribution is read from that draft's ``probs_of(i)`` [len, V] (every draft through the node has the
+    same prefix, so it is the same distribution).
+    """
+    live, depth, probs = list(range(len(drafts))), 0, {}
+    while True:
+        lead = live[0]
+        if lead not in probs:
+            probs[lead] = probs_of(lead)
+        children = list(dict.fromkeys(drafts[i][depth + 1] for i in live if len(drafts[i]) > depth + 1))
+        token, residual = _recursive_rejection(children, probs[lead][depth], generator)
+        if token is None:
+            return lead, Verdict(accepted=depth + 1, next_head=sample(residual, generator))
+        live = [i for i in live if len(drafts[i]) > depth + 1 and drafts[i][depth + 1] == token]
+        depth += 1
+
+
+def _recursive_rejection(tokens: list[int], probs: torch.Tensor, generator: torch.Generator):
+    """Try each point-mass proposal in turn: (the accepted token, probs) or (None, the residual to sample from)."""
+    for token in tokens:
+        if float(torch.rand(1, generator=generator)) < float(probs[token]):
+            return token, probs
+        residual = probs.clone()
+        residual[token] = 0.0
+        total = float(residual.sum())
+        if total <= 0.0:  # probs is a point mass on the token up to rounding: it is accepted
+            return token, probs
+        probs = residual / total
+    return None, probs

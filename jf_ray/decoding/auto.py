@@ -1,10 +1,10 @@
-"""The load-aware decoder ``auto``: rolling Jacobi whose window the engine sizes before every forward.
+"""The load-aware decoder ``auto``: rolling Jacobi whose draft shape the engine sets before every forward.
 
-The engine asks :func:`jf_ray.decoding.planner.plan_drafts` for every ``auto`` request's draft length, from
-the forward cost curve of its hardware (:func:`measure_cost_curve`, or one loaded from a file) and each
-request's :class:`~jf_ray.decoding.planner.AcceptanceEstimate`. Only verified tokens are committed, as in
-every Jacobi decoder, so greedy output is greedy AR and sampling keeps the model's distribution whatever the
-lengths chosen. See docs/load-aware-decoding.md.
+The engine asks :func:`jf_ray.decoding.planner.plan_drafts` for every ``auto`` request's draft shape (window
+length and recycled candidates), from the forward cost curve of its hardware (:func:`measure_cost_curve`, or
+one loaded from a file) and each request's :class:`~jf_ray.decoding.planner.AcceptanceEstimate`. Only
+verified tokens are committed, as in every Jacobi decoder, so greedy output is greedy AR and sampling keeps
+the model's distribution whatever the shapes chosen. See docs/load-aware-decoding.md.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 
 from jf_ray.decoding.cache import RaggedKVCache
 from jf_ray.decoding.jacobi import RollingJacobiPolicy
-from jf_ray.decoding.planner import AcceptanceEstimate, CostCurve, candidate_widths
+from jf_ray.decoding.multiblock import Recycler
+from jf_ray.decoding.planner import AcceptanceEstimate, CostCurve, DraftRow, DraftShape, candidate_widths
 from jf_ray.decoding.query import Segment, build_query, prefill_query
 from jf_ray.decoding.request import RequestState
 from jf_ray.decoding.types import DecodeConfig
@@ -30,31 +31,58 @@ PAST_THE_KNEE = 4.0  # a row of the grid stops being timed once a forward costs 
 
 
 class AutoPolicy(RollingJacobiPolicy):
-    def __init__(self, longest: int):
+    """Rolling Jacobi whose window length and recycled candidates the engine's planner sets before each forward.
+
+    Candidates come from :class:`~jf_ray.decoding.multiblock.Recycler` (the context and a pool of rejected
+    drafts, as in ``multiblock``); greedy keeps the one that accepts the most, sampling verifies them all in
+    one distribution-exact walk.
+    """
+
+    def __init__(self, longest: int, max_candidates: int):
         super().__init__(longest)
         self.longest = longest
+        self.max_candidates = max_candidates
         self.acceptance = AcceptanceEstimate()
+        self.recycler = Recycler(max_candidates)
+        self.candidates = 0  # candidates the plan allows in the next forward
+        self.num_candidates = 0  # candidates laid out in it
 
-    def longest_draft(self, req: RequestState) -> int:
-        return max(1, min(self.longest, req.budget))
+    def draft_row(self, req: RequestState) -> DraftRow:
+        """What the planner may give this request: its acceptance, longest draft and candidates on offer now."""
+        longest = max(1, min(self.longest, req.budget))
+        if self.tail is None:  # the first decoding forward: guesses for the longest window (resize cuts them)
+            self.tail = req.context_sample(self.longest - 1)
+        draft = [req.head] + self.tail[: longest - 1]
+        offered = len(self.recycler.candidates(req, draft, self.max_candidates)) if longest > 1 else 0
+        return DraftRow(self.acceptance, longest, offered)
 
-    def resize(self, req: RequestState, length: int) -> None:
-        """Draft ``length`` tokens (head included) in the next forward; a longer window is topped up with
-        context samples, a shorter one keeps its first guesses."""
-        self.n = length
-        if self.tail is not None and len(self.tail) < length - 1:
-            self.tail = self.tail + req.context_sample(length - 1 - len(self.tail))
+    def resize(self, req: RequestState, shape: DraftShape) -> None:
+        """Draft ``shape.length`` tokens (head included) and up to ``shape.candidates`` candidates next; a
+        longer window is topped up with context samples, a shorter one keeps its first guesses."""
+        self.n, self.candidates = shape.length, shape.candidates
+        if len(self.tail) < shape.length - 1:
+            self.tail = self.tail + req.context_sample(shape.length - 1 - len(self.tail))
+
+    def plan(self, req: RequestState) -> list[Segment]:
+        main = self.main_segment(req)
+        candidates = self.recycler.segments(req, main, self.candidates)
+        self.num_candidates = len(candidates)
+        return [main, *candidates]
 
     def update(self, req: RequestState) -> None:
-        verdict = req.verify(0)
-        self.acceptance.observe(len(req.segments[0].tokens), verdict.accepted)
-        if not req.accept(0, verdict):
-            self.advance(req, verdict, req.outputs[0].predictions)
+        judged = self.recycler.judge(req, self.num_candidates)
+        self.acceptance.observe(len(req.segments[0].tokens), judged.main_accepted)
+        if self.num_candidates:
+            extra = judged.verdict.accepted - judged.main_accepted
+            self.acceptance.observe_candidates(self.num_candidates, extra)
+        if not req.accept(judged.winner, judged.verdict):
+            self.advance(req, judged.verdict, req.outputs[judged.winner].predictions)
 
 
 def auto(config: DecodeConfig) -> AutoPolicy:
-    """Builder named in jf_ray.decoding.registry: drafts of at most ``block_size`` tokens."""
-    return AutoPolicy(config.block_size)
+    """Builder named in jf_ray.decoding.registry: drafts of at most ``block_size`` tokens, at most
+    ``pool_size`` candidates."""
+    return AutoPolicy(config.block_size, config.pool_size)
 
 
 @torch.inference_mode()

@@ -20,7 +20,7 @@ import torch
 from jf_ray.decoding.auto import AutoPolicy, measure_cost_curve
 from jf_ray.decoding.cache import RaggedKVCache
 from jf_ray.decoding.planner import CostCurve, DraftPlan, plan_drafts
-from jf_ray.decoding.query import build_query, prefill_query
+from jf_ray.decoding.query import Segment, build_query, prefill_query
 from jf_ray.decoding.registry import policy_builder
 from jf_ray.decoding.request import RequestState, SegmentOutput
 from jf_ray.decoding.types import DecodeConfig, DecodeResult, DecodeStats, FinishReason, TokenLogprob
@@ -154,12 +154,12 @@ class DecodingEngine:
         return self._cost_curve
 
     def _plan(self) -> None:
-        """Lay out every running request's segments; ``auto`` drafts are sized last, knowing the others."""
+        """Lay out every running request's segments; ``auto`` shapes are chosen last, knowing the others."""
         sized = [req for req in self.running if isinstance(req.policy, AutoPolicy)]
         for req in self.running:  # every running request is unfinished here (see step)
-            # The verification budget (pool_size candidates) is shared by the batch: extra candidate rows buy
-            # tokens per forward when the hardware has idle parallelism, and only cost time once the batch
-            # already fills it.
+            # multiblock: the verification budget (pool_size candidates) is shared by the batch: extra candidate
+            # rows buy tokens per forward when the hardware has idle parallelism, and only cost time once the
+            # batch already fills it (auto's planner sizes its candidates itself).
             req.verify_budget = req.config.pool_size // len(self.running)
             if not isinstance(req.policy, AutoPolicy):
                 req.segments = req.policy.plan(req)
@@ -167,15 +167,14 @@ class DecodingEngine:
         if sized:
             fixed = [req for req in self.running if not isinstance(req.policy, AutoPolicy)]
             others = [sum(len(s.tokens) for s in req.segments) for req in fixed]
-            rows = [(req.policy.acceptance, req.policy.longest_draft(req)) for req in sized]
+            rows = [req.policy.draft_row(req) for req in sized]
             curve = self._cost_curve  # measured by _decode before its clock started
             self.last_plan = plan_drafts(curve, rows, len(others), max(others, default=1), self.overhead_ms)
-            for req, length in zip(sized, self.last_plan.lengths):
-                req.policy.resize(req, length)
+            for req, shape in zip(sized, self.last_plan.shapes):
+                req.policy.resize(req, shape)
                 req.segments = req.policy.plan(req)
         for req in self.running:
-            req.stats.draft_hist[len(req.segments[0].tokens)] += 1
-            req.stats.query_tokens += sum(len(s.tokens) for s in req.segments)
+            record_shape(req.stats, req.segments)
 
     def _decode(self) -> None:
         if any(isinstance(req.policy, AutoPolicy) for req in self.running):
@@ -237,6 +236,19 @@ class DecodingEngine:
             self.cache.keep_rows(keep)
         else:
             self.cache = RaggedKVCache(self.device)
+
+
+def record_shape(stats: DecodeStats, segments: list[Segment]) -> None:
+    """Count one decoding forward's shape: main draft length, candidates, blocks in flight and query tokens.
+
+    A recycled candidate sees only the cache, a pseudo-active block sees the drafts before it
+    (jf_ray/decoding/query.py); both follow the main draft.
+    """
+    pseudo = sum(1 for s in segments[1:] if s.sees)
+    stats.draft_hist[len(segments[0].tokens)] += 1
+    stats.candidates_hist[len(segments) - 1 - pseudo] += 1
+    stats.blocks_hist[1 + pseudo] += 1
+    stats.query_tokens += sum(len(s.tokens) for s in segments)
 
 
 def generate(

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import dataclass
 
+from jf_ray.decoding.acceptance import Verdict
 from jf_ray.decoding.jacobi import JacobiPolicy
 from jf_ray.decoding.lookup import lookup_continuation
 from jf_ray.decoding.query import Segment
@@ -54,35 +56,24 @@ class NGramPool:
         return found
 
 
-class MultiBlockPolicy:
-    def __init__(self, block_size: int, num_blocks: int, pool_size: int, spawn_ratio: float):
-        self.ra = JacobiPolicy(block_size)
-        self.n = block_size
-        self.max_blocks = num_blocks
-        self.pool_size = pool_size
-        self.spawn_at = math.ceil(spawn_ratio * block_size)
+@dataclass
+class Judgement:
+    winner: int  # the segment whose verified prefix is committed (0: the main draft)
+    verdict: Verdict  # the winner's
+    main_accepted: int  # head + the main draft's tokens among those accepted: what it gained alone
+
+
+class Recycler:
+    """Rejection recycling, shared by ``multiblock`` and ``auto``: candidate drafts from the context and from
+    an :class:`NGramPool` of rejected drafts, verified beside the main draft (segment 0) in the same forward."""
+
+    def __init__(self, pool_size: int):
         self.pool = NGramPool(capacity=4 * pool_size)
-        self.pseudo: list[list[int]] = []  # contents of the pseudo-active blocks, nearest first
-        self.stable: list[int] = []  # per pseudo block: leading tokens its last refinement left unchanged
-        self.num_candidates = 0
 
-    def plan(self, req: RequestState) -> list[Segment]:
-        main = self.ra.main_segment(req)
-        segments = [main]
-        if req.config.greedy and req.verify_budget:
-            for cand in self._candidates(req, main.tokens, req.verify_budget):
-                segments.append(Segment(cand, main.start_position))
-        self.num_candidates = len(segments) - 1
-        block_end = len(req.prompt_ids) + self.ra.block_start + self.n
-        for k, content in enumerate(self.pseudo):
-            before = [0] + [1 + self.num_candidates + j for j in range(k)]
-            segments.append(Segment(content, block_end + k * self.n, sees=before))
-        return segments
-
-    def _candidates(self, req: RequestState, draft: list[int], limit: int) -> list[list[int]]:
+    def candidates(self, req: RequestState, draft: list[int], limit: int) -> list[list[int]]:
         """Context continuation first (when enabled), then pool entries; at most ``limit``, all distinct."""
         found = []
-        if req.config.recycle_context:
+        if limit and req.config.recycle_context:
             copied = lookup_continuation(req.prompt_ids + req.generated, req.config.lookup_max_ngram, len(draft) - 1)
             candidate = [draft[0]] + copied + draft[1 + len(copied) :]
             if copied and candidate != draft:
@@ -92,18 +83,61 @@ class MultiBlockPolicy:
                 found.append(candidate)
         return found
 
-    def update(self, req: RequestState) -> None:
-        verdicts = [req.verify(i) for i in range(1 + self.num_candidates)]
-        winner = max(range(len(verdicts)), key=lambda i: (verdicts[i].accepted, -i))
-        main_tokens, main_accepted = req.segments[0].tokens, verdicts[0].accepted
+    def segments(self, req: RequestState, main: Segment, limit: int) -> list[Segment]:
+        """Up to ``limit`` candidates of ``main`` as segments that see only the cache."""
+        return [Segment(cand, main.start_position) for cand in self.candidates(req, main.tokens, limit)]
+
+    def judge(self, req: RequestState, count: int) -> Judgement:
+        """Verify the main draft and the ``count`` candidates after it; the main draft's rejected part joins
+        the pool.
+
+        Greedy: the candidate that accepts the most wins (the main draft on ties). Sampled: one
+        distribution-exact walk over all of them (:func:`jf_ray.decoding.acceptance.speculative_verify_tree`).
+        """
+        if count and not req.config.greedy:
+            winner, verdict = req.verify_tree(1 + count)
+        else:
+            verdicts = [req.verify(i) for i in range(1 + count)]
+            winner = max(range(len(verdicts)), key=lambda i: (verdicts[i].accepted, -i))
+            verdict = verdicts[winner]
         if winner:
             req.stats.recycled_hits += 1
-        self.pool.add(main_tokens[main_accepted:])
+        main, accepted = req.segments[0].tokens, req.segments[winner].tokens[1 : verdict.accepted]
+        main_accepted = 1 + _leading_matches(main[1:], accepted)
+        self.pool.add(main[main_accepted:])
+        return Judgement(winner, verdict, main_accepted)
+
+
+class MultiBlockPolicy:
+    def __init__(self, block_size: int, num_blocks: int, pool_size: int, spawn_ratio: float):
+        self.ra = JacobiPolicy(block_size)
+        self.n = block_size
+        self.max_blocks = num_blocks
+        self.spawn_at = math.ceil(spawn_ratio * block_size)
+        self.recycler = Recycler(pool_size)
+        self.pseudo: list[list[int]] = []  # contents of the pseudo-active blocks, nearest first
+        self.stable: list[int] = []  # per pseudo block: leading tokens its last refinement left unchanged
+        self.num_candidates = 0
+
+    def plan(self, req: RequestState) -> list[Segment]:
+        main = self.ra.main_segment(req)
+        segments = [main]
+        if req.config.greedy and req.verify_budget:
+            segments += self.recycler.segments(req, main, req.verify_budget)
+        self.num_candidates = len(segments) - 1
+        block_end = len(req.prompt_ids) + self.ra.block_start + self.n
+        for k, content in enumerate(self.pseudo):
+            before = [0] + [1 + self.num_candidates + j for j in range(k)]
+            segments.append(Segment(content, block_end + k * self.n, sees=before))
+        return segments
+
+    def update(self, req: RequestState) -> None:
+        judged = self.recycler.judge(req, self.num_candidates)
         self._refine_pseudo(req)
-        if req.accept(winner, verdicts[winner]):
+        if req.accept(judged.winner, judged.verdict):
             return
         block_before = self.ra.block_start
-        self.ra.advance(req, verdicts[winner], req.outputs[winner].predictions)
+        self.ra.advance(req, judged.verdict, req.outputs[judged.winner].predictions)
         if self.ra.block_start != block_before:
             self._promote(req)  # the prediction after the old block is the new head, not a spawn guess
         else:
@@ -117,7 +151,7 @@ class MultiBlockPolicy:
             predictions = req.outputs[first + k].predictions
             refined = [carry] + predictions[: len(content) - 1]
             self.stable[k] = _leading_matches(content, refined)
-            self.pool.add(content)
+            self.recycler.pool.add(content)
             self.pseudo[k] = refined
             carry = predictions[-1]
 

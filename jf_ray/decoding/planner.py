@@ -1,11 +1,12 @@
-"""The load-aware planner: how long a draft each request gets in the next forward (docs/load-aware-decoding.md).
+"""The load-aware planner: what each request drafts in the next forward (docs/load-aware-decoding.md).
 
 Pure and torch-free. A forward's cost depends on its rows and on its query width (every row is padded to the
-widest), and is read from a :class:`CostCurve` measured on the hardware. A request's gain from a draft of
-length L is its expected accepted tokens per forward, from an :class:`AcceptanceEstimate` of its recent
-forwards. :func:`plan_drafts` tries every width and keeps the one with the most expected tokens per second
-for the whole batch: alone, width is nearly free and drafts are long; as rows are added the cost of width
-grows and drafts shorten; where the curve says width costs as much as it gains, every draft is 1 token (AR).
+widest), and is read from a :class:`CostCurve` measured on the hardware. A request's :class:`DraftShape` is
+its main draft's length and the number of recycled candidates verified beside it; its gain is the expected
+accepted tokens per forward, from an :class:`AcceptanceEstimate` of its recent forwards. :func:`plan_drafts`
+tries every width and keeps the one with the most expected tokens per second for the whole batch: alone,
+width is nearly free and drafts are long, with every candidate on offer; as rows are added the cost of width
+grows and shapes shrink; where the curve says width costs as much as it gains, every draft is 1 token (AR).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 PRIOR_ACCEPTANCE = 0.6  # per-token acceptance assumed for a request with no history (see the docs)
+PRIOR_RECYCLED = 0.5  # tokens one recycled candidate is assumed to add beyond the main draft, with no history
 DECAY = 0.8  # weight of the past in the exponential averages: about the last five forwards count
 
 
@@ -55,26 +57,51 @@ class CostCurve:
         return cls(list(data["batch_sizes"]), list(data["widths"]), [list(map(float, r)) for r in data["ms"]])
 
 
+@dataclass(frozen=True)
+class DraftShape:
+    """What one request puts into a forward: a main draft of ``length`` tokens (head included) and
+    ``candidates`` recycled candidates of the same length verified beside it (docs/load-aware-decoding.md)."""
+
+    length: int
+    candidates: int = 0
+
+    @property
+    def width(self) -> int:
+        return self.length * (1 + self.candidates)
+
+
+def harmonic(count: int) -> float:
+    """1 + 1/2 + ... + 1/count: the k-th candidate is expected to add 1/k of what the first adds."""
+    return sum(1.0 / k for k in range(1, count + 1))
+
+
 @dataclass
 class AcceptanceEstimate:
-    """Recent acceptance of one request, as the probability ``p`` that a drafted token is accepted.
+    """Recent acceptance of one request, for both shape families: the window and its recycled candidates.
 
-    ``p`` is the ratio of exponential averages of matched and of examined draft tokens per forward (a draft
-    token is examined when every token before it matched), so a forward with any draft length informs every
-    length. A draft of L tokens (head included) is then expected to gain ``1 + p + ... + p^(L-1)`` tokens: a
-    geometric model, increasing in L with diminishing returns.
+    ``p`` is the probability that a drafted token is accepted: the ratio of exponential averages of matched and
+    of examined draft tokens per forward (a draft token is examined when every token before it matched), so a
+    forward with any draft length informs every length. A draft of L tokens (head included) is then expected
+    to gain ``1 + p + ... + p^(L-1)`` tokens: a geometric model, increasing in L with diminishing returns.
+
+    ``recycled`` is the exponential average of the tokens the best of a forward's candidates gained beyond the
+    main draft, per unit of ``harmonic(candidates)``: ``c`` candidates are expected to add
+    ``recycled * harmonic(c)``. It learns only from forwards that verified candidates.
     """
 
     matched: float = PRIOR_ACCEPTANCE
     examined: float = 1.0
+    recycled: float = PRIOR_RECYCLED
 
     @property
     def p(self) -> float:
         return min(self.matched / self.examined, 0.99) if self.examined > 0 else PRIOR_ACCEPTANCE
 
-    def expected(self, length: int) -> float:
+    def expected(self, length: int, candidates: int = 0) -> float:
+        """Expected tokens gained by a forward with this shape; never more than ``length`` (the winner's)."""
         p = self.p
-        return (1.0 - p**length) / (1.0 - p)
+        window = (1.0 - p**length) / (1.0 - p)
+        return min(float(length), window + self.recycled * harmonic(candidates))
 
     def observe(self, length: int, accepted: int) -> None:
         """One forward with a draft of ``length`` tokens (head included) that gained ``accepted`` tokens."""
@@ -83,12 +110,45 @@ class AcceptanceEstimate:
         self.matched = DECAY * self.matched + (1 - DECAY) * matched
         self.examined = DECAY * self.examined + (1 - DECAY) * examined
 
+    def observe_candidates(self, candidates: int, extra: int) -> None:
+        """One forward whose ``candidates`` verified candidates gained ``extra`` tokens beyond the main draft."""
+        self.recycled = DECAY * self.recycled + (1 - DECAY) * extra / harmonic(candidates)
+
+
+@dataclass
+class DraftRow:
+    """What the planner may give one load-aware request in the next forward."""
+
+    acceptance: AcceptanceEstimate
+    longest: int  # longest main draft allowed (its block size, cut to its remaining token budget)
+    candidates: int = 0  # recycled candidates it has on offer now (0 when none matches its head)
+
+    @property
+    def widest(self) -> int:
+        return self.longest * (1 + self.candidates)
+
+    def best_shape(self, width: int) -> DraftShape:
+        """The shape of most expected tokens within ``width`` query tokens (fewer candidates on ties)."""
+        best = DraftShape(max(1, min(width, self.longest)))
+        for candidates in range(1, self.candidates + 1):
+            length = min(width // (1 + candidates), self.longest)
+            if length < 2:  # a 1-token candidate is the head itself
+                break
+            shape = DraftShape(length, candidates)
+            if self.acceptance.expected(length, candidates) > self.acceptance.expected(best.length, best.candidates):
+                best = shape
+        return best
+
 
 @dataclass
 class DraftPlan:
-    lengths: list[int]  # draft length (head included) of every load-aware row, in order
+    shapes: list[DraftShape]  # shape of every load-aware row, in order
     width: int  # query tokens per row of the forward (rows are padded to it)
     expected_tokens_per_s: float
+
+    @property
+    def lengths(self) -> list[int]:
+        return [shape.length for shape in self.shapes]
 
 
 def candidate_widths(longest: int) -> list[int]:
@@ -102,26 +162,28 @@ def candidate_widths(longest: int) -> list[int]:
 
 def plan_drafts(
     curve: CostCurve,
-    rows: Sequence[tuple[AcceptanceEstimate, int]],
+    rows: Sequence[DraftRow],
     fixed_rows: int = 0,
     fixed_width: int = 1,
     overhead_ms: float = 0.0,
 ) -> DraftPlan:
-    """Draft lengths for the load-aware ``rows`` (acceptance, longest draft allowed) that maximise the batch's
-    expected tokens per second.
+    """Draft shapes for the load-aware ``rows`` that maximise the batch's expected tokens per second.
 
-    ``fixed_rows`` other requests share the forward with a query of up to ``fixed_width`` tokens (counted as one
-    token gained each); ``overhead_ms`` is the engine's own time per step outside the model.
+    Every row is padded to the forward's width, so for each candidate width each row takes its best shape
+    that fits in it, and the width of highest value wins (ties go to the narrower one). ``fixed_rows`` other
+    requests share the forward with a query of up to ``fixed_width`` tokens (counted as one token gained
+    each); ``overhead_ms`` is the engine's own time per step outside the model.
     """
     if not rows:
         raise ValueError("plan_drafts needs at least one load-aware row")
     batch = len(rows) + fixed_rows
     best: DraftPlan | None = None
-    for width in candidate_widths(max(cap for _, cap in rows)):
-        lengths = [max(1, min(width, cap)) for _, cap in rows]
-        tokens = fixed_rows + sum(acceptance.expected(n) for (acceptance, _), n in zip(rows, lengths))
-        seconds = (curve.cost_ms(batch, max(width, fixed_width)) + overhead_ms) / 1000.0
+    for width in candidate_widths(max(row.widest for row in rows)):
+        shapes = [row.best_shape(width) for row in rows]
+        tokens = fixed_rows + sum(row.acceptance.expected(s.length, s.candidates) for row, s in zip(rows, shapes))
+        forward_width = max(fixed_width, *(shape.width for shape in shapes))
+        seconds = (curve.cost_ms(batch, forward_width) + overhead_ms) / 1000.0
         rate = tokens / seconds if seconds > 0 else float("inf")
         if best is None or rate > best.expected_tokens_per_s:
-            best = DraftPlan(lengths, max(lengths), rate)
+            best = DraftPlan(shapes, max(shape.width for shape in shapes), rate)
     return best

@@ -37,8 +37,8 @@ DECODERS: tuple[Decoder, ...] = (
     ),
     Decoder(
         "auto",
-        "load-aware: sizes every request's draft before each forward from the measured forward cost curve "
-        "(long drafts alone, AR at saturation)",
+        "load-aware: sizes every request's draft (window length, recycled candidates) before each forward from "
+        "the measured forward cost curve (long drafts and candidates alone, AR at saturation)",
         "jf_ray.decoding.auto:auto",
     ),
 )

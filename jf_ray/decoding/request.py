@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from jf_ray.decoding.acceptance import Verdict, filter_probs, greedy_verify, speculative_verify
+from jf_ray.decoding.acceptance import (
+    Verdict,
+    filter_probs,
+    greedy_verify,
+    speculative_verify,
+    speculative_verify_tree,
+)
 from jf_ray.decoding.query import Segment
 from jf_ray.decoding.types import DecodeConfig, DecodeStats, FinishReason, TokenLogprob
 
@@ -84,8 +90,16 @@ class RequestState:
         tokens, out = self.segments[segment_index].tokens, self.outputs[segment_index]
         if self.config.greedy:
             return greedy_verify(tokens, out.predictions)
-        probs = filter_probs(out.logits, self.config.temperature, self.config.top_k, self.config.top_p)
-        return speculative_verify(tokens, probs, self.generator)
+        return speculative_verify(tokens, self._probs(segment_index), self.generator)
+
+    def verify_tree(self, count: int) -> tuple[int, Verdict]:
+        """Sampled verification of segments ``0 .. count-1``, drafts from the same head: (winner, its verdict)."""
+        drafts = [self.segments[i].tokens for i in range(count)]
+        return speculative_verify_tree(drafts, self._probs, self.generator)
+
+    def _probs(self, segment_index: int) -> torch.Tensor:
+        logits = self.outputs[segment_index].logits
+        return filter_probs(logits, self.config.temperature, self.config.top_k, self.config.top_p)
 
     def first_token(self, last_logits: torch.Tensor) -> int:
         """The token after the prompt, from the prefill's last logits."""

@@ -37,11 +37,14 @@ class DecodeConfig(StageConfig):
     block_size: int = Field(64, ge=1, description="Jacobi block size n (tokens refined in parallel)")
     max_new_tokens: int = Field(256, ge=1, description="cap on generated tokens per request")
     num_blocks: int = Field(2, ge=1, description="multiblock: K, blocks in flight (1 real-active + K-1 pseudo-active)")
-    pool_size: int = Field(4, ge=0, description="multiblock: n-gram pool capacity = verification budget per step")
+    pool_size: int = Field(
+        4, ge=0, description="multiblock, auto: n-gram pool capacity = most recycled candidates verified per step"
+    )
     spawn_ratio: float = Field(0.85, gt=0.0, le=1.0, description="multiblock: spawn a block at ceil(r*n) accepted")
     recycle_context: bool = Field(
         True,
-        description="multiblock: also draw candidates from the prompt + output (copying), not only rejected drafts",
+        description="multiblock, auto: also draw candidates from the prompt + output (copying), not only rejected "
+        "drafts",
     )
     lookup_tokens: int | None = Field(
         None, ge=1, description="lookup: max tokens copied per candidate (default block_size - 1)"
@@ -95,6 +98,8 @@ class DecodeStats:
     accepted_hist: Counter = field(default_factory=Counter)  # tokens gained by one forward -> count
     recycled_hits: int = 0  # forwards where a recycled/looked-up candidate beat the plain draft
     draft_hist: Counter = field(default_factory=Counter)  # main draft length (head included) -> decoding forwards
+    candidates_hist: Counter = field(default_factory=Counter)  # recycled candidates verified -> decoding forwards
+    blocks_hist: Counter = field(default_factory=Counter)  # blocks in flight (1 + pseudo-active) -> decoding forwards
     query_tokens: int = 0  # tokens this request put into decoding forwards (its share of their width)
 
     @property
@@ -114,6 +119,8 @@ class DecodeStats:
             accepted_hist=self.accepted_hist + other.accepted_hist,
             recycled_hits=self.recycled_hits + other.recycled_hits,
             draft_hist=self.draft_hist + other.draft_hist,
+            candidates_hist=self.candidates_hist + other.candidates_hist,
+            blocks_hist=self.blocks_hist + other.blocks_hist,
             query_tokens=self.query_tokens + other.query_tokens,
         )
 
@@ -128,6 +135,8 @@ class DecodeStats:
             "accepted_hist": {str(k): v for k, v in sorted(self.accepted_hist.items())},
             "recycled_hits": self.recycled_hits,
             "draft_hist": {str(k): v for k, v in sorted(self.draft_hist.items())},
+            "candidates_hist": {str(k): v for k, v in sorted(self.candidates_hist.items())},
+            "blocks_hist": {str(k): v for k, v in sorted(self.blocks_hist.items())},
             "query_tokens": self.query_tokens,
         }
 

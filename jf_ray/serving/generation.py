@@ -20,11 +20,28 @@ from jf_ray.serving.protocol import Usage, invalid_request
 from jf_ray.serving.scheduler import BatchScheduler
 
 
+@dataclass
+class DraftCounts:
+    """The shapes of a request's decoding forwards, as DecodeStats counts them (docs/load-aware-decoding.md)."""
+
+    draft_hist: dict[str, int] = field(default_factory=dict)  # main draft length (head included) -> forwards
+    candidates_hist: dict[str, int] = field(default_factory=dict)  # recycled candidates verified -> forwards
+    blocks_hist: dict[str, int] = field(default_factory=dict)  # blocks in flight -> forwards
+    query_tokens: int = 0  # tokens put into decoding forwards: the request's width budget
+
+    @classmethod
+    def of(cls, stats) -> DraftCounts:
+        as_dict = lambda hist: {str(k): v for k, v in sorted(hist.items())}  # noqa: E731
+        return cls(
+            as_dict(stats.draft_hist), as_dict(stats.candidates_hist), as_dict(stats.blocks_hist), stats.query_tokens
+        )
+
+
 class RequestObserver(Protocol):
     def on_first_token(self, decoder: str, ttft_s: float) -> None: ...
 
     def on_request_done(
-        self, decoder: str, status: str, latency_s: float, tokens: int, forwards: int, draft_hist: dict | None = None
+        self, decoder: str, status: str, latency_s: float, tokens: int, forwards: int, drafts: DraftCounts
     ) -> None: ...
 
 
@@ -55,8 +72,7 @@ class _Tally:
     steps: int = 0
     batch_sum: int = 0
     accepted_hist: dict | None = None
-    draft_hist: dict | None = None
-    query_tokens: int = 0
+    drafts: DraftCounts = field(default_factory=DraftCounts)
     first_token_at: float | None = None
 
     def add(self, event) -> bool:
@@ -67,8 +83,7 @@ class _Tally:
         self.batch_sum += event.batch_size
         self.forwards = out.stats.forwards
         self.accepted_hist = {str(k): v for k, v in sorted(out.stats.accepted_hist.items())}
-        self.draft_hist = {str(k): v for k, v in sorted(out.stats.draft_hist.items())}
-        self.query_tokens = out.stats.query_tokens
+        self.drafts = DraftCounts.of(out.stats)
         if self.first_token_at is None and out.new_token_ids:
             self.first_token_at = time.perf_counter()
             return True
@@ -84,8 +99,10 @@ class _Tally:
             accepted_hist=self.accepted_hist or {},
             mean_batch_size=round(self.batch_sum / self.steps, 3) if self.steps else 0.0,
             decoder=decoder,
-            draft_hist=self.draft_hist or {},
-            query_tokens=self.query_tokens,
+            draft_hist=self.drafts.draft_hist,
+            candidates_hist=self.drafts.candidates_hist,
+            blocks_hist=self.drafts.blocks_hist,
+            query_tokens=self.drafts.query_tokens,
         )
 
 
@@ -150,7 +167,7 @@ async def stream_text(
         scheduler.abort(request.request_id)  # frees the slot; a no-op when the engine already finished it
         if observer is not None:
             latency = time.perf_counter() - request.created_at
-            observer.on_request_done(decoder, status, latency, tally.tokens, tally.forwards, tally.draft_hist)
+            observer.on_request_done(decoder, status, latency, tally.tokens, tally.forwards, tally.drafts)
 
 
 class _Logprobs:

@@ -7,7 +7,12 @@ carries ``model`` and ``replica`` tags (Ray adds only its own node/worker tags),
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ray.util.metrics import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from jf_ray.serving.generation import DraftCounts
 
 PREFIX = "jf_serve_"
 LATENCY_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
@@ -15,6 +20,7 @@ TPF_BUCKETS = [1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0]
 TOKENS_PER_S_BUCKETS = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
 DRAFT_BUCKETS = [1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128]
+COUNT_BUCKETS = [0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 16]
 
 # name -> (kind, description, extra tag keys); the dashboard and the tests read this table.
 METRICS = {
@@ -26,7 +32,10 @@ METRICS = {
     "completion_tokens": ("counter", "generated tokens", ()),
     "forwards": ("counter", "model forwards spent on requests (per request, prefill included)", ()),
     "request_draft_length": ("histogram", "mean draft length (head included) of a request's decoding forwards", ()),
-    "draft_tokens": ("counter", "draft tokens put into decoding forwards (auto: the width it chose)", ()),
+    "draft_tokens": ("counter", "main draft tokens put into decoding forwards (auto: the length it chose)", ()),
+    "request_candidates": ("histogram", "mean recycled candidates verified per decoding forward of a request", ()),
+    "request_blocks": ("histogram", "mean blocks in flight (1 + pseudo-active) per decoding forward of a request", ()),
+    "query_tokens": ("counter", "tokens put into decoding forwards: drafts, candidates, pseudo blocks", ()),
     "batch_size": ("histogram", "requests in one engine step (one shared forward)", ()),
     "running_requests": ("gauge", "requests in the engine's running batch after the last step", ()),
     "queue_length": ("gauge", "requests waiting for a batch slot after the last step", ()),
@@ -39,6 +48,8 @@ _BUCKETS = {
     "request_tokens_per_s": TOKENS_PER_S_BUCKETS,
     "request_tokens_per_forward": TPF_BUCKETS,
     "request_draft_length": DRAFT_BUCKETS,
+    "request_candidates": COUNT_BUCKETS,
+    "request_blocks": COUNT_BUCKETS,
     "batch_size": BATCH_BUCKETS,
     "step_latency_s": LATENCY_BUCKETS_S,
 }
@@ -74,14 +85,10 @@ class ServingMetrics:
         self._m["time_to_first_token_s"].observe(ttft_s, tags={"decoder": decoder})
 
     def on_request_done(
-        self, decoder: str, status: str, latency_s: float, tokens: int, forwards: int, draft_hist: dict | None = None
+        self, decoder: str, status: str, latency_s: float, tokens: int, forwards: int, drafts: DraftCounts
     ) -> None:
         tags = {"decoder": decoder}
-        decoding = sum((draft_hist or {}).values())
-        if decoding:
-            drafted = sum(int(length) * count for length, count in draft_hist.items())
-            self._m["request_draft_length"].observe(drafted / decoding, tags=tags)
-            self._m["draft_tokens"].inc(drafted, tags=tags)
+        self._observe_drafts(drafts, tags)
         self._m["request_latency_s"].observe(latency_s, tags={**tags, "status": status})
         self._m["requests"].inc(1, tags={**tags, "status": status})
         if tokens:
@@ -91,6 +98,19 @@ class ServingMetrics:
         if forwards:
             self._m["forwards"].inc(forwards, tags=tags)
             self._m["request_tokens_per_forward"].observe(tokens / forwards, tags=tags)
+
+    def _observe_drafts(self, drafts: DraftCounts, tags: dict) -> None:
+        """Per-request means of the draft shape (length, candidates, blocks) and the tokens put into forwards."""
+        decoding = sum(drafts.draft_hist.values())
+        if not decoding:
+            return
+        drafted = sum(int(length) * count for length, count in drafts.draft_hist.items())
+        self._m["request_draft_length"].observe(drafted / decoding, tags=tags)
+        self._m["draft_tokens"].inc(drafted, tags=tags)
+        for name, hist in (("request_candidates", drafts.candidates_hist), ("request_blocks", drafts.blocks_hist)):
+            if hist:
+                self._m[name].observe(sum(int(k) * v for k, v in hist.items()) / decoding, tags=tags)
+        self._m["query_tokens"].inc(drafts.query_tokens, tags=tags)
 
     def on_rejected(self) -> None:
         self._m["rejected_requests"].inc(1)

@@ -237,6 +237,8 @@ class Usage(BaseModel):
     mean_batch_size: float = Field(description="mean number of requests sharing this request's forwards")
     decoder: str = Field(description="decoder that served the request")
     draft_hist: dict[str, int] = Field({}, description="draft length (head included) -> decoding forwards")
+    candidates_hist: dict[str, int] = Field({}, description="recycled candidates verified -> decoding forwards")
+    blocks_hist: dict[str, int] = Field({}, description="blocks in flight (1 + pseudo-active) -> decoding forwards")
     query_tokens: int = Field(0, description="tokens this request put into decoding forwards (its width budget)")
 
 
