@@ -159,6 +159,10 @@ def test_cli_bench_reports_every_decoder_exact_vs_ar_with_repeats(micro_checkpoi
         assert row["exact_match_vs_ar"] == 1.0 and row["tpf"] >= 1.0 and row["speedup_vs_ar"] > 0
         low, high = row["speedup_vs_ar_range"]
         assert 0 < low <= row["speedup_vs_ar"] <= high
+    # the shape of every decoding forward: one main draft, its candidates and its blocks each
+    shapes = report["results"]["multiblock"]
+    assert sum(shapes["draft_hist"].values()) == sum(shapes["candidates_hist"].values())
+    assert sum(shapes["draft_hist"].values()) == sum(shapes["blocks_hist"].values()) > 0
     with pytest.raises(SystemExit) as exc:
         main(["bench", "decoders", "--model", str(micro_checkpoint), "--prompts", str(prompts), "--repeats", "0"])
     assert exc.value.code == 2

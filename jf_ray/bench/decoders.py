@@ -210,6 +210,8 @@ def summarize(run: DecoderRun, prompts: list[list[int]], reference: DecoderRun |
         "accepted_hist": {str(k): v for k, v in sorted(stats.accepted_hist.items())},
         "recycled_hits": stats.recycled_hits,
         "draft_hist": {str(k): v for k, v in sorted(stats.draft_hist.items())},  # main draft length -> forwards
+        "candidates_hist": {str(k): v for k, v in sorted(stats.candidates_hist.items())},  # recycled candidates
+        "blocks_hist": {str(k): v for k, v in sorted(stats.blocks_hist.items())},  # blocks in flight
         "query_tokens_per_forward": round(stats.query_tokens / decoding, 3) if decoding else None,
     }
     if run.cost_curve is not None:
