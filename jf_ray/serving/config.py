@@ -87,6 +87,19 @@ class ServeConfig(StageConfig):
         ge=0,
         description="requests waiting for a batch slot per replica; beyond it the server answers 503",
     )
+    stream_interval_ms: float = Field(
+        20.0,
+        ge=0,
+        description="a request's tokens reach its handler (and a streaming client) at most once per this many ms, "
+        "the first and the last at once; 0 = after every engine step (docs/serving.md)",
+    )
+    stream_chunks_per_s: float | None = Field(
+        200.0,
+        gt=0,
+        description="chunks per second a replica sends at most over all its streams: with many requests running, "
+        "each one's interval grows to running / this. Every chunk costs CPU in the replica, Serve's proxy and the "
+        "client that the model's forwards then lack (docs/serving.md); null = no cap",
+    )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that gives none")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica (also its torch threads)")

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from jf_ray.decoding.types import DecodeConfig, TokenLogprob
+from jf_ray.decoding.types import DecodeConfig, DecodeStats, TokenLogprob
 from jf_ray.errors import UserInputError
 from jf_ray.serving.detokenizer import IncrementalDetokenizer
 from jf_ray.serving.protocol import Usage, invalid_request
@@ -48,15 +48,16 @@ class TextChunk:
 
 @dataclass
 class _Tally:
-    """Counters of one request, filled from its step events."""
+    """Counters of one request, filled from its step events.
+
+    The decoder's own counters are read from the engine's stats object once, at the end: summarising them
+    per step event would be per-step work on the event loop that the engine thread competes with.
+    """
 
     tokens: int = 0
-    forwards: int = 0
     steps: int = 0
     batch_sum: int = 0
-    accepted_hist: dict | None = None
-    draft_hist: dict | None = None
-    query_tokens: int = 0
+    stats: DecodeStats | None = None  # the engine's running counters of this request
     first_token_at: float | None = None
 
     def add(self, event) -> bool:
@@ -65,28 +66,38 @@ class _Tally:
         self.tokens += len(out.new_token_ids)
         self.steps += 1
         self.batch_sum += event.batch_size
-        self.forwards = out.stats.forwards
-        self.accepted_hist = {str(k): v for k, v in sorted(out.stats.accepted_hist.items())}
-        self.draft_hist = {str(k): v for k, v in sorted(out.stats.draft_hist.items())}
-        self.query_tokens = out.stats.query_tokens
+        self.stats = out.stats
         if self.first_token_at is None and out.new_token_ids:
             self.first_token_at = time.perf_counter()
             return True
         return False
 
+    @property
+    def forwards(self) -> int:
+        return self.stats.forwards if self.stats else 0
+
+    @property
+    def draft_hist(self) -> dict:
+        return _str_keys(self.stats.draft_hist) if self.stats else {}
+
     def usage(self, prompt_tokens: int, decoder: str) -> Usage:
+        stats = self.stats or DecodeStats()
         return Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=self.tokens,
             total_tokens=prompt_tokens + self.tokens,
-            forwards=self.forwards,
-            tokens_per_forward=round(self.tokens / self.forwards, 4) if self.forwards else 0.0,
-            accepted_hist=self.accepted_hist or {},
+            forwards=stats.forwards,
+            tokens_per_forward=round(self.tokens / stats.forwards, 4) if stats.forwards else 0.0,
+            accepted_hist=_str_keys(stats.accepted_hist),
             mean_batch_size=round(self.batch_sum / self.steps, 3) if self.steps else 0.0,
             decoder=decoder,
-            draft_hist=self.draft_hist or {},
-            query_tokens=self.query_tokens,
+            draft_hist=_str_keys(stats.draft_hist),
+            query_tokens=stats.query_tokens,
         )
+
+
+def _str_keys(hist: dict) -> dict:
+    return {str(k): v for k, v in sorted(hist.items())}
 
 
 @dataclass
