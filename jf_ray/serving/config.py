@@ -102,7 +102,14 @@ class ServeConfig(StageConfig):
     )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that gives none")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica (also its torch threads)")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="intra-op threads of the replica's forwards; default num_cpus - 1 (at least 1): one core is "
+        "left to the replica's event loop (detokenizing, SSE, Serve's streaming), since an OpenMP thread that loses "
+        "its core to it stalls every forward (docs/serving.md)",
+    )
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines)")
     autoscaling: AutoscalingSettings = Field(
         default_factory=AutoscalingSettings, description="replica autoscaling (min/max, target load)"
@@ -130,6 +137,10 @@ class ServeConfig(StageConfig):
         if self.model_name:
             return self.model_name
         return default_model_name(self.model)
+
+    @property
+    def forward_threads(self) -> int:
+        return self.torch_threads or max(1, int(self.num_cpus) - 1)
 
     @property
     def max_ongoing_requests(self) -> int:

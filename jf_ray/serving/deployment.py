@@ -83,8 +83,8 @@ class JacobiDecoderDeployment:
         from jf_ray.serving.service import CompletionService
 
         self.config = ServeConfig.from_dict(config)
-        # Ray gives the replica num_cpus cores; more torch threads than that fight other processes.
-        set_torch_threads(max(1, int(self.config.num_cpus)))
+        # Ray gives the replica num_cpus cores, its forwards one fewer: more threads than free cores stall them.
+        set_torch_threads(self.config.forward_threads)
         replica = serve.get_replica_context().replica_id.unique_id
         self.headers = {REPLICA_HEADER: replica}  # which replica answered: for debugging and the scaling tests
         self.metrics = ServingMetrics(self.config.served_model_name, replica)
