@@ -222,6 +222,73 @@ def test_closing_a_stream_frees_its_batch_slot(service):
     assert not service.scheduler.engine.has_work  # the engine dropped it too, long before 150 tokens
 
 
+def stream_chunks(service, interval_s: float, observer=None, chunks_per_s=None, **fields):
+    """Every chunk of one request, run by an engine and scheduler of its own (coalescing every ``interval_s``,
+    or longer where ``chunks_per_s`` says so)."""
+    from jf_ray.decoding import DecodingEngine
+    from jf_ray.serving.generation import stream_text
+    from jf_ray.serving.scheduler import BatchScheduler
+
+    engine = DecodingEngine(service.model, service.eos_token_ids, max_batch_size=2)
+    scheduler = BatchScheduler(engine, 2, 0, observer, interval_s, chunks_per_s).start()
+    request = completion(service, **fields)
+
+    async def collect():
+        queue = scheduler.submit(request.request_id, request.prompt_ids, request.decode)
+        return [chunk async for chunk in stream_text(scheduler, service.tokenizer, request, queue)]
+
+    try:
+        return run(collect()), scheduler
+    finally:
+        scheduler.stop()
+
+
+def test_streamed_tokens_are_coalesced_the_first_and_last_at_once(service):
+    fields = dict(prompt=PROMPT, max_tokens=40, decoder="ar", logprobs=0)
+    per_step, _ = stream_chunks(service, 0.0, **fields)
+    by_interval, _ = stream_chunks(service, 3600.0, **fields)
+    by_rate, _ = stream_chunks(service, 0.0, chunks_per_s=1e-3, **fields)  # one running stream: 1000 s apart
+    assert len(per_step) > 5  # about one chunk per AR step
+    for coalesced in (by_interval, by_rate):
+        assert len(coalesced) <= 2  # the first token at once, then nothing held back for long but the end
+        assert coalesced[0].finish_reason is None or len(coalesced) == 1
+    for chunks in (per_step, by_interval, by_rate):
+        last = chunks[-1]
+        assert last.finish_reason == "length" and last.usage.completion_tokens == 40
+        assert last.usage.forwards == 40 and last.usage.tokens_per_forward == 1.0
+        assert "".join(c.text for c in chunks) == "".join(c.text for c in per_step)
+        logprobs = [t.logprob for c in chunks for t in c.logprobs]
+        assert len(logprobs) == 40 and logprobs == pytest.approx([t.logprob for c in per_step for t in c.logprobs])
+
+
+def test_time_outside_the_forwards_is_measured_and_planned_with(service):
+    class SlowObserver:  # 20 ms of work on the engine thread after every step, as a busy serving path costs
+        def on_step(self, *args) -> None:
+            time.sleep(0.02)
+
+    _, scheduler = stream_chunks(service, 0.0, SlowObserver(), prompt=PROMPT, max_tokens=30, decoder="ar")
+    assert scheduler.step_overhead_ms > 15  # a running average over 30 steps: most of the 20 ms
+    assert scheduler.engine.caller_overhead_ms > 10  # beyond the engine's own time outside the model
+    assert scheduler.snapshot()["step_overhead_ms"] == round(scheduler.step_overhead_ms, 3)
+
+
+def test_auto_drafts_longer_when_each_step_costs_the_caller_more(service):
+    from jf_ray.decoding import DecodeConfig, DecodingEngine
+    from jf_ray.decoding.planner import CostCurve
+
+    widths = [1, 2, 4, 8, 16]
+    curve = CostCurve([1, 2], widths, [[float(w) for w in widths]] * 2)  # every query token costs 1 ms
+    prompt_ids = service.tokenizer(PROMPT)["input_ids"]
+    chosen = []
+    for caller_ms in (0.0, 1000.0):  # the forward is the whole cost / the step around it dwarfs the forward
+        engine = DecodingEngine(service.model, [], max_batch_size=2, cost_curve=curve)
+        engine.caller_overhead_ms = caller_ms
+        engine.add("r", prompt_ids, DecodeConfig(decoder="auto", block_size=16, max_new_tokens=20))
+        engine.step()
+        chosen.append(engine.last_plan.width)
+    assert chosen == [1, 16]
+
+
 def test_stop_string_ends_the_text_before_it(service):
     full, _, _, _ = run_to_end(service, completion(service, prompt=PROMPT, max_tokens=40))
     stop = full[12:15]

@@ -306,6 +306,13 @@ def test_app_args_from_cli_strings_and_yaml_mappings():
     assert options["max_ongoing_requests"] == config.max_ongoing_requests
 
 
+def test_replica_forwards_leave_a_core_to_the_serving_path():
+    from jf_ray.serving.config import ServeConfig
+
+    assert [ServeConfig(model="/m", num_cpus=n).forward_threads for n in (0.5, 1, 2, 8)] == [1, 1, 1, 7]
+    assert ServeConfig(model="/m", num_cpus=8, torch_threads=8).forward_threads == 8
+
+
 def test_serve_config_file_is_valid_for_serve_and_for_the_app():
     from ray.serve.schema import ServeDeploySchema
 

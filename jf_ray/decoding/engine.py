@@ -70,6 +70,9 @@ class DecodingEngine:
         self.forward_s = 0.0  # time spent inside the model; wall time minus this is the engine's overhead
         self._cost_curve = cost_curve  # measured on first use by an ``auto`` request when not given
         self.overhead_ms = 0.0  # running average of a decoding step's time outside the model (auto plans with it)
+        # Per-step time its driver spends outside step() (a server's delivery and streaming, measured by
+        # jf_ray.serving.scheduler; docs/serving.md): auto plans with it too, since fewer steps pay less of it.
+        self.caller_overhead_ms = 0.0
         self.last_plan: DraftPlan | None = None  # the load-aware plan of the last forward, if any
 
     # -- requests ------------------------------------------------------------------------------------------
@@ -169,7 +172,8 @@ class DecodingEngine:
             others = [sum(len(s.tokens) for s in req.segments) for req in fixed]
             rows = [req.policy.draft_row(req) for req in sized]
             curve = self._cost_curve  # measured by _decode before its clock started
-            self.last_plan = plan_drafts(curve, rows, len(others), max(others, default=1), self.overhead_ms)
+            overhead_ms = self.overhead_ms + self.caller_overhead_ms
+            self.last_plan = plan_drafts(curve, rows, len(others), max(others, default=1), overhead_ms)
             for req, shape in zip(sized, self.last_plan.shapes):
                 req.policy.resize(req, shape)
                 req.segments = req.policy.plan(req)

@@ -87,9 +87,29 @@ class ServeConfig(StageConfig):
         ge=0,
         description="requests waiting for a batch slot per replica; beyond it the server answers 503",
     )
+    stream_interval_ms: float = Field(
+        20.0,
+        ge=0,
+        description="a request's tokens reach its handler (and a streaming client) at most once per this many ms, "
+        "the first and the last at once; 0 = after every engine step (docs/serving.md)",
+    )
+    stream_chunks_per_s: float | None = Field(
+        200.0,
+        gt=0,
+        description="chunks per second a replica sends at most over all its streams: with many requests running, "
+        "each one's interval grows to running / this. Every chunk costs CPU in the replica, Serve's proxy and the "
+        "client that the model's forwards then lack (docs/serving.md); null = no cap",
+    )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that gives none")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica (also its torch threads)")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="intra-op threads of the replica's forwards; default num_cpus - 1 (at least 1): one core is "
+        "left to the replica's event loop (detokenizing, SSE, Serve's streaming), since an OpenMP thread that loses "
+        "its core to it stalls every forward (docs/serving.md)",
+    )
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines)")
     autoscaling: AutoscalingSettings = Field(
         default_factory=AutoscalingSettings, description="replica autoscaling (min/max, target load)"
@@ -117,6 +137,10 @@ class ServeConfig(StageConfig):
         if self.model_name:
             return self.model_name
         return default_model_name(self.model)
+
+    @property
+    def forward_threads(self) -> int:
+        return self.torch_threads or max(1, int(self.num_cpus) - 1)
 
     @property
     def max_ongoing_requests(self) -> int:

@@ -83,8 +83,8 @@ class JacobiDecoderDeployment:
         from jf_ray.serving.service import CompletionService
 
         self.config = ServeConfig.from_dict(config)
-        # Ray gives the replica num_cpus cores; more torch threads than that fight other processes.
-        set_torch_threads(max(1, int(self.config.num_cpus)))
+        # Ray gives the replica num_cpus cores, its forwards one fewer: more threads than free cores stall them.
+        set_torch_threads(self.config.forward_threads)
         replica = serve.get_replica_context().replica_id.unique_id
         self.headers = {REPLICA_HEADER: replica}  # which replica answered: for debugging and the scaling tests
         self.metrics = ServingMetrics(self.config.served_model_name, replica)
@@ -157,18 +157,25 @@ class JacobiDecoderDeployment:
     async def _sse_events(
         self, chunks: AsyncIterator[TextChunk], rid: str, model: str, chat: bool, include_usage: bool
     ) -> AsyncIterator[str]:
-        if chat:
-            yield sse(protocol.chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
+        # Events are joined into as few writes as the stream allows (the role with the first text, the finish
+        # with the usage and [DONE]): each write is one message through Serve's proxy (docs/serving.md).
+        head = sse(protocol.chat_chunk(rid, model, {"role": "assistant", "content": ""}, None)) if chat else ""
         try:
             async for chunk in chunks:
+                out = head
                 if chunk.text or chunk.finish_reason or chunk.logprobs:
-                    yield sse(_text_chunk(rid, model, chat, chunk.text, chunk.finish_reason, None, chunk.logprobs))
+                    out += sse(_text_chunk(rid, model, chat, chunk.text, chunk.finish_reason, None, chunk.logprobs))
                 if chunk.finish_reason and include_usage:
-                    yield sse(_text_chunk(rid, model, chat, "", None, chunk.usage))
+                    out += sse(_text_chunk(rid, model, chat, "", None, chunk.usage))
+                if chunk.finish_reason:
+                    head = out  # sent with [DONE]
+                elif out:
+                    head = ""
+                    yield out
         except Exception as exc:  # headers are sent: report in-band, as OpenAI does
             logger.exception("stream %s failed", rid)
-            yield sse(APIError(500, str(exc), "server_error").body())
-        yield sse("[DONE]")
+            head += sse(APIError(500, str(exc), "server_error").body())
+        yield head + sse("[DONE]")
 
 
 def parse_app_args(args: dict[str, Any]) -> ServeConfig:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from jf_ray.decoding.types import DecodeConfig, TokenLogprob
+from jf_ray.decoding.types import DecodeConfig, DecodeStats, TokenLogprob
 from jf_ray.errors import UserInputError
 from jf_ray.serving.detokenizer import IncrementalDetokenizer
 from jf_ray.serving.protocol import Usage, invalid_request
@@ -31,10 +31,8 @@ class DraftCounts:
 
     @classmethod
     def of(cls, stats) -> DraftCounts:
-        as_dict = lambda hist: {str(k): v for k, v in sorted(hist.items())}  # noqa: E731
-        return cls(
-            as_dict(stats.draft_hist), as_dict(stats.candidates_hist), as_dict(stats.blocks_hist), stats.query_tokens
-        )
+        hists = (stats.draft_hist, stats.candidates_hist, stats.blocks_hist)
+        return cls(*(_str_keys(hist) for hist in hists), stats.query_tokens)
 
 
 class RequestObserver(Protocol):
@@ -65,14 +63,16 @@ class TextChunk:
 
 @dataclass
 class _Tally:
-    """Counters of one request, filled from its step events."""
+    """Counters of one request, filled from its step events.
+
+    The decoder's own counters are read from the engine's stats object once, at the end: summarising them
+    per step event would be per-step work on the event loop that the engine thread competes with.
+    """
 
     tokens: int = 0
-    forwards: int = 0
     steps: int = 0
     batch_sum: int = 0
-    accepted_hist: dict | None = None
-    drafts: DraftCounts = field(default_factory=DraftCounts)
+    stats: DecodeStats | None = None  # the engine's running counters of this request
     first_token_at: float | None = None
 
     def add(self, event) -> bool:
@@ -81,29 +81,37 @@ class _Tally:
         self.tokens += len(out.new_token_ids)
         self.steps += 1
         self.batch_sum += event.batch_size
-        self.forwards = out.stats.forwards
-        self.accepted_hist = {str(k): v for k, v in sorted(out.stats.accepted_hist.items())}
-        self.drafts = DraftCounts.of(out.stats)
+        self.stats = out.stats
         if self.first_token_at is None and out.new_token_ids:
             self.first_token_at = time.perf_counter()
             return True
         return False
 
+    @property
+    def forwards(self) -> int:
+        return self.stats.forwards if self.stats else 0
+
+    @property
+    def drafts(self) -> DraftCounts:
+        return DraftCounts.of(self.stats) if self.stats else DraftCounts()
+
     def usage(self, prompt_tokens: int, decoder: str) -> Usage:
+        stats = self.stats or DecodeStats()
         return Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=self.tokens,
             total_tokens=prompt_tokens + self.tokens,
-            forwards=self.forwards,
-            tokens_per_forward=round(self.tokens / self.forwards, 4) if self.forwards else 0.0,
-            accepted_hist=self.accepted_hist or {},
+            forwards=stats.forwards,
+            tokens_per_forward=round(self.tokens / stats.forwards, 4) if stats.forwards else 0.0,
+            accepted_hist=_str_keys(stats.accepted_hist),
             mean_batch_size=round(self.batch_sum / self.steps, 3) if self.steps else 0.0,
             decoder=decoder,
-            draft_hist=self.drafts.draft_hist,
-            candidates_hist=self.drafts.candidates_hist,
-            blocks_hist=self.drafts.blocks_hist,
-            query_tokens=self.drafts.query_tokens,
+            **vars(DraftCounts.of(stats)),
         )
+
+
+def _str_keys(hist: dict) -> dict:
+    return {str(k): v for k, v in sorted(hist.items())}
 
 
 @dataclass

@@ -3,8 +3,13 @@ talk to it through a command queue and per-request asyncio queues.
 
 The engine is not thread-safe, so only the engine thread touches it: ``submit`` and ``abort`` enqueue
 commands that the thread applies between two steps (this is where requests join and leave the batch).
-Every step's outputs go back to the waiting handlers with ``loop.call_soon_threadsafe``. No Ray here: the
-Serve deployment wraps this, and the tests drive it directly.
+Outputs go back to the waiting handlers with ``loop.call_soon_threadsafe``, coalesced: a request's first and
+last outputs at once, the others for all requests together once per interval: ``stream_interval_s``, or longer
+where ``stream_chunks_per_s`` would be exceeded with this many requests running. A handler (and the SSE chunk
+it sends through Serve's proxy) then wakes once per interval rather than once per engine step. The
+time each step spends outside the model's forwards, this thread's delivery and waits included, is measured
+and handed to the engine, whose ``auto`` planner counts it (docs/serving.md). No Ray here: the Serve
+deployment wraps this, and the tests drive it directly.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ class StepEvent:
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    started: bool = False  # its first output went out (that one is never held back: time to first token)
+    pending: list = field(default_factory=list)  # StepEvents held back until the next flush
 
 
 @dataclass
@@ -77,8 +84,12 @@ class BatchScheduler:
         max_batch_size: int,
         max_queued_requests: int,
         observer: StepObserver | None = None,
+        stream_interval_s: float = 0.0,
+        stream_chunks_per_s: float | None = None,
     ) -> None:
         self.engine = engine
+        self.stream_interval_s = stream_interval_s
+        self.stream_chunks_per_s = stream_chunks_per_s
         self.capacity = max_batch_size + max_queued_requests
         self.max_batch_size = max_batch_size
         self.observer = observer
@@ -87,6 +98,10 @@ class BatchScheduler:
         self._commands: list[tuple] = []
         self._wakeup = threading.Condition()
         self._stopping = False
+        self._held: dict[str, _Stream] = {}  # streams with pending events (engine thread only)
+        self._flushed_at = time.perf_counter()
+        self._last_start: tuple[float, float] | None = None  # (wall, engine.forward_s) when the last step began
+        self.step_overhead_ms = 0.0  # running average of a busy step's wall time outside the model's forwards
         self._thread = threading.Thread(target=self._run, name="jf-ray-engine", daemon=True)
 
     # ---- handler side (any thread / the event loop) ----
@@ -144,6 +159,7 @@ class BatchScheduler:
             "alive": self.alive,
             "active": self.num_active,
             "queued": self.queue_length,
+            "step_overhead_ms": round(self.step_overhead_ms, 3),
             **self.stats.to_dict(),
         }
 
@@ -153,6 +169,7 @@ class BatchScheduler:
         while True:
             with self._wakeup:
                 while not (self._stopping or self._commands or self.engine.has_work):
+                    self._last_start = None  # idle time is no step's overhead
                     self._wakeup.wait()
                 if self._stopping:
                     break
@@ -184,6 +201,7 @@ class BatchScheduler:
 
     def _step(self) -> None:
         started = time.perf_counter()
+        self._measure_overhead(started)
         try:
             outputs = self.engine.step()
         except Exception as exc:  # keep the replica serving: fail this batch, not the process
@@ -198,8 +216,25 @@ class BatchScheduler:
         if self.observer is not None:
             self.observer.on_step(batch_size, self.engine.num_running, self.queue_length, step_s)
 
+    def _measure_overhead(self, now: float) -> None:
+        """Wall time since the last step began minus its forwards: what the serving path costs per step."""
+        forward_s = self.engine.forward_s
+        if self._last_start is not None:
+            began, forward_before = self._last_start
+            outside_ms = ((now - began) - (forward_s - forward_before)) * 1000.0
+            self.step_overhead_ms = 0.8 * self.step_overhead_ms + 0.2 * outside_ms
+            # the engine measures its own part (overhead_ms); the planner adds what the serving path adds
+            self.engine.caller_overhead_ms = max(0.0, self.step_overhead_ms - self.engine.overhead_ms)
+        self._last_start = (now, forward_s)
+
     def _deliver(self, outputs: list, batch_size: int) -> None:
-        """Hand a step's outputs to their handlers: one wake-up per event loop, not one per request."""
+        """Hand a step's outputs to their handlers: first and last outputs now, the rest once per interval,
+        with one wake-up per event loop, not one per request."""
+        now = time.perf_counter()
+        interval = self.stream_interval_s
+        if self.stream_chunks_per_s:  # every running request sends one chunk per flush
+            interval = max(interval, self.engine.num_running / self.stream_chunks_per_s)
+        flush_all = now - self._flushed_at >= interval
         per_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._wakeup:
             for out in outputs:
@@ -209,13 +244,31 @@ class BatchScheduler:
                 if out.finished:
                     del self._streams[out.request_id]
                     self.stats.finished += 1
-                per_loop.setdefault(stream.loop, []).append((stream.queue, StepEvent(out, batch_size)))
+                stream.pending.append(StepEvent(out, batch_size))
+                if out.finished or not stream.started:
+                    self._release(stream, per_loop)
+                    self._held.pop(out.request_id, None)
+                else:
+                    self._held[out.request_id] = stream
+            if flush_all:
+                self._flushed_at = now
+                held, self._held = self._held, {}
+                for request_id, stream in held.items():
+                    if request_id in self._streams:  # not aborted since it was held
+                        self._release(stream, per_loop)
         for loop, items in per_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
+
+    @staticmethod
+    def _release(stream: _Stream, per_loop: dict) -> None:
+        stream.started = True
+        per_loop.setdefault(stream.loop, []).extend((stream.queue, event) for event in stream.pending)
+        stream.pending = []
 
     def _fail_all(self, error: Exception) -> None:
         with self._wakeup:
             streams, self._streams = self._streams, {}
+            self._held = {}  # their held events are superseded by the error
         for request_id, stream in streams.items():
             try:
                 self.engine.abort(request_id)

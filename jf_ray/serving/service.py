@@ -51,7 +51,12 @@ class CompletionService:
         if config.decode.decoder == "auto":  # measured now (where not loaded), not in the first request
             logger.info("auto decoder: forward cost curve %s", self.engine.ensure_cost_curve().to_dict())
         self.scheduler = BatchScheduler(
-            self.engine, config.max_batch_size, config.max_queued_requests, step_observer
+            self.engine,
+            config.max_batch_size,
+            config.max_queued_requests,
+            step_observer,
+            stream_interval_s=config.stream_interval_ms / 1000.0,
+            stream_chunks_per_s=config.stream_chunks_per_s,
         ).start()
         self.request_observer = request_observer
         logger.info(
