@@ -136,3 +136,15 @@ def largest_cpus(needs_gpu: bool = False) -> float:
 def _describe(capacity: dict[str, float]) -> str:
     shown = sorted((k, v) for k, v in capacity.items() if not (k.startswith("node:") or k.endswith("memory")))
     return "{" + ", ".join(f"{key}: {value:g}" for key, value in shown) + "}"
+
+
+def show_info_logs_in_worker() -> None:
+    """Inside a Ray task or actor: let this package's INFO lines through (Ray leaves a worker's root logger at
+    WARNING); the worker's stderr is forwarded to the driver's log, which is where a long build shows progress."""
+    package = logging.getLogger("jf_ray")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+        package.propagate = False
+    package.setLevel(logging.INFO)

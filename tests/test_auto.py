@@ -116,6 +116,20 @@ def test_engine_measures_a_cost_curve_and_records_its_plan(model, prompts):
     assert curve.batch_sizes == [1, 2] and curve.widths[-1] == 64
 
 
+def test_auto_requests_share_the_engines_length_calibration_and_overhead_fit(model, prompts):
+    engine = DecodingEngine(model, [], max_batch_size=4, cost_curve=knee_curve(64))
+    config = DecodeConfig(decoder="auto", block_size=16, max_new_tokens=20, pool_size=0)
+    for i in range(2):
+        engine.add(str(i), prompts[i], config)
+    for _ in range(3):
+        engine.step()
+    assert all(req.policy.acceptance.calibration is engine.length_calibration for req in engine.running)
+    assert engine.length_calibration.gained  # every window judged counts, per length
+    # A random model accepts nearly nothing: its long windows are valued below the geometric prior's guess.
+    assert engine.length_calibration.factor(16) < 1.0
+    assert engine.overhead.weight > 0 and engine.last_step_tokens >= 2  # offline, the engine times itself
+
+
 def test_lower_envelope_removes_timing_noise():
     noisy = [[5.0, 1.0, 12.0, 8.0], [9.0, 2.0, 20.0, 30.0]]
     assert lower_envelope(noisy) == [[1.0, 1.0, 8.0, 8.0], [2.0, 2.0, 20.0, 30.0]]

@@ -62,13 +62,15 @@ def test_bench_bad_settings_exit_2_before_any_work(tmp_path, capsys):
     assert "--set configures the local app" in capsys.readouterr().err
     assert main(["bench", "serve", "--decoders", "ar", "--concurrency", "1", "--no-offline"]) == 2
     assert "pass --model" in capsys.readouterr().err
+    assert main(["bench", "serve", "--url", "http://127.0.0.1:9", "--decoders", "none"]) == 2
+    assert "--decoders none needs at least one --reference" in capsys.readouterr().err
     argv = ["bench", "train", "--model", str(tmp_path), "--data", "file:///nowhere", "--steps", "3", "--skip", "3"]
     assert main(argv) == 2
     assert "--skip" in capsys.readouterr().err
 
 
 def test_set_option_overrides_dotted_fields_of_the_local_app():
-    from jf_ray.cli.bench import local_config
+    from jf_ray.cli.bench_serve import local_config
     from jf_ray.cli.main import build_parser
 
     argv = ["bench", "serve", "--model", "/m", "--concurrency", "2,8", "--max-tokens", "32"]

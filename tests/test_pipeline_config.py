@@ -36,14 +36,14 @@ def test_embedded_configs_build_the_small_base_with_two_growing_rounds(name):
 
 def test_base_overrides_change_the_built_preset_and_unknown_fields_fail_at_load(tmp_path):
     from jf_ray.basemodel.build import read_build_info
-    from jf_ray.pipeline.stages import base_stage
+    from jf_ray.pipeline.stages import build_base_output
 
     with pytest.raises(ValueError, match="stepz"):
         PipelineConfig.from_dict({"base": {"overrides": {"stepz": 3}}})
     cfg = PipelineConfig.from_dict(
         {"run_dir": str(tmp_path / "run"), "base": {"preset": "micro", "overrides": {"steps": 3, "lr": 1e-3}}}
     )
-    built = base_stage(cfg)
+    built = build_base_output(cfg)
     preset = read_build_info(Path(built.model))["preset"]
     assert (preset["steps"], preset["lr"]) == (3, 1e-3)
 

@@ -117,3 +117,51 @@ def test_cost_curve_interpolates_and_round_trips():
     assert CostCurve.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match="increasing"):
         CostCurve([2, 1], [1], [[1.0], [1.0]])
+
+
+def test_step_overhead_fit_splits_fixed_and_per_token_time():
+    from jf_ray.decoding.planner import StepOverhead
+
+    fit = StepOverhead()
+    for tokens in [1, 4, 9, 2, 16, 7] * 10:
+        fit.observe(tokens, 5.0 + 0.5 * tokens)
+    assert fit.fixed_ms == pytest.approx(5.0, abs=1e-6) and fit.per_token_ms == pytest.approx(0.5, abs=1e-6)
+    assert fit.step_ms(10) == pytest.approx(10.0)
+    constant = StepOverhead()
+    for _ in range(10):
+        constant.observe(8, 12.0)  # no variation in tokens: all of it counts as fixed
+    assert constant.per_token_ms == 0.0 and constant.fixed_ms == pytest.approx(12.0)
+
+
+def test_per_token_overhead_rewards_width_less_than_the_same_fixed_overhead():
+    from jf_ray.decoding.planner import StepOverhead
+
+    fixed, per_token = StepOverhead(), StepOverhead()
+    for tokens in (1, 2, 3, 4) * 10:
+        fixed.observe(tokens, 40.0)
+        per_token.observe(tokens, 10.0 * tokens)  # detokenizing and streaming: each token costs 10 ms
+    proportional = curve(lambda b, w: 2.0 * b * w)
+    assert plan_drafts(proportional, good_rows(4), overhead=fixed).width > 1  # fewer, wider steps pay less of it
+    assert plan_drafts(proportional, good_rows(4), overhead=per_token).width == 1
+
+
+def test_length_calibration_values_long_windows_by_what_they_gained():
+    from jf_ray.decoding.planner import LengthCalibration
+
+    calibration = LengthCalibration()
+    estimate = AcceptanceEstimate(calibration=calibration)
+    for _ in range(40):
+        estimate.observe(8, 4)
+    plain = AcceptanceEstimate(matched=estimate.matched, examined=estimate.examined)
+    assert estimate.expected(8) == pytest.approx(4.0, rel=0.15)  # what windows of 8 gained
+    # Jacobi's long runs: windows of 32 gained 12, far beyond the geometric model's ~2.5 at the same p.
+    for _ in range(40):
+        estimate.observe(32, 12)
+    long_run = AcceptanceEstimate(matched=estimate.matched, examined=estimate.examined, calibration=calibration)
+    assert long_run.expected(32) > 2 * plain.expected(32)
+    assert long_run.expected(16) == pytest.approx(long_run.expected(32), rel=0.5)  # 16 borrows 32's ratio
+    assert long_run.expected(32, candidates=3) <= 32
+    gentle = curve(lambda b, w: 10.0 + 0.1 * b * w)
+    uncalibrated = plan_drafts(gentle, [DraftRow(plain, 32)])
+    calibrated = plan_drafts(gentle, [DraftRow(long_run, 32)])
+    assert calibrated.width == 32 and calibrated.width > uncalibrated.width

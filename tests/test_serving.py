@@ -268,7 +268,8 @@ def test_time_outside_the_forwards_is_measured_and_planned_with(service):
 
     _, scheduler = stream_chunks(service, 0.0, SlowObserver(), prompt=PROMPT, max_tokens=30, decoder="ar")
     assert scheduler.step_overhead_ms > 15  # a running average over 30 steps: most of the 20 ms
-    assert scheduler.engine.caller_overhead_ms > 10  # beyond the engine's own time outside the model
+    assert scheduler.engine.overhead_timed_by_caller
+    assert scheduler.engine.overhead.step_ms(1) > 15  # what the planner is told a 1-token step costs outside
     assert scheduler.snapshot()["step_overhead_ms"] == round(scheduler.step_overhead_ms, 3)
 
 
@@ -282,7 +283,8 @@ def test_auto_drafts_longer_when_each_step_costs_the_caller_more(service):
     chosen = []
     for caller_ms in (0.0, 1000.0):  # the forward is the whole cost / the step around it dwarfs the forward
         engine = DecodingEngine(service.model, [], max_batch_size=2, cost_curve=curve)
-        engine.caller_overhead_ms = caller_ms
+        for _ in range(20):
+            engine.overhead.observe(1, caller_ms)
         engine.add("r", prompt_ids, DecodeConfig(decoder="auto", block_size=16, max_new_tokens=20))
         engine.step()
         chosen.append(engine.last_plan.width)
@@ -617,12 +619,14 @@ def test_bench_serve_loads_the_running_app_per_decoder_and_concurrency(server, c
 
     report_path = tmp_path / "serve.json"
     argv = ["bench", "serve", "--url", server, "--api-key", API_KEY, "--model", checkpoint]
-    argv += ["--decoders", "ar,jacobi", "--concurrency", "1,2", "--requests-per-client", "2", "--max-tokens", "8"]
-    assert main([*argv, "--endpoint", "completions", "--json", str(report_path)]) == 0
+    argv += ["--decoders", "ar,jacobi", "--concurrency", "1,2", "--requests-per-client", "1", "--max-tokens", "8"]
+    assert main([*argv, "--min-requests", "3", "--endpoint", "completions", "--json", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
     rows = {(r["decoder"], r["concurrency"]): r for r in report["results"]}
     assert set(rows) == {(d, c) for d in ("ar", "jacobi") for c in (1, 2)} and report["model"] == "tiny"
-    assert all(r["errors"] == 0 and 0 < r["completion_tokens"] <= 2 * r["concurrency"] * 8 for r in rows.values())
+    # at least 3 requests per level: 3 from one client, 2 from each of two
+    assert [rows["ar", c]["requests"] for c in (1, 2)] == [3, 4]
+    assert all(r["errors"] == 0 and 0 < r["completion_tokens"] <= r["requests"] * 8 for r in rows.values())
     assert set(report["speedup_vs_ar"]["jacobi"]) == {"1", "2"} == set(report["served_over_offline_ar"])
     assert all(v > 0 for v in report["offline_ar"].values()) and "load_avg_start" in report["machine"]
 

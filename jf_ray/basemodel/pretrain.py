@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 import time
 
 import torch
@@ -77,7 +78,10 @@ def pretrain(model, rows: TokenRows, preset: BasePreset, seed: int, show_progres
     order = batch_order(len(rows), preset.steps, preset.batch_size, seed)
     losses: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(range(preset.steps), desc="pretrain", disable=not show_progress, mininterval=1.0)
+    # A bar on a terminal; elsewhere (a Ray task's forwarded log, a file) one log line per 5% of the steps.
+    on_terminal = sys.stderr.isatty()
+    bar = tqdm(range(preset.steps), desc="pretrain", disable=not (show_progress and on_terminal), mininterval=1.0)
+    log_every = max(1, preset.steps // 20) if show_progress and not on_terminal else 0
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, preset)
@@ -85,6 +89,8 @@ def pretrain(model, rows: TokenRows, preset: BasePreset, seed: int, show_progres
         losses.append(loss)
         tokens_per_s = (step + 1) * preset.batch_size * preset.seq_len / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+        if log_every and ((step + 1) % log_every == 0 or step + 1 == preset.steps):
+            logger.info("pretrain step %d/%d loss %.3f, %.0f tokens/s", step + 1, preset.steps, loss, tokens_per_s)
     model.eval()
     wall_s = time.perf_counter() - start
     tail = losses[-max(1, len(losses) // 20) :]

@@ -189,6 +189,7 @@ def load_targets(
     prompts: list[str],
     concurrency: list[int],
     requests_per_client: int,
+    min_requests: int,
     max_tokens: int,
     chat: bool = True,
     api_key: str = "unused",
@@ -202,7 +203,8 @@ def load_targets(
             load = [url, model, prompts, decoder]
             asyncio.run(run_load(*load, 1, 1, max_tokens, chat, api_key, label))  # warm-up, discarded
             for clients in concurrency:
-                result = asyncio.run(run_load(*load, clients, requests_per_client, max_tokens, chat, api_key, label))
+                each = requests_each(clients, requests_per_client, min_requests)
+                result = asyncio.run(run_load(*load, clients, each, max_tokens, chat, api_key, label))
                 logger.info(row_line(result))
                 results.append(result.to_dict())
                 bar.update(1)
@@ -240,8 +242,20 @@ def served_over_offline(results: list[dict], offline: dict) -> dict:
     return out
 
 
+def requests_each(clients: int, requests_per_client: int, min_requests: int) -> int:
+    """Requests each client sends: ``requests_per_client``, more where few clients would send fewer than
+    ``min_requests`` in all (one client's four requests are too short a run to time)."""
+    return max(requests_per_client, -(-min_requests // clients))
+
+
 def offline_ar(
-    config, prompts: list[str], concurrency: list[int], requests_per_client: int, max_tokens: int, chat: bool
+    config,
+    prompts: list[str],
+    concurrency: list[int],
+    requests_per_client: int,
+    min_requests: int,
+    max_tokens: int,
+    chat: bool,
 ) -> dict:
     """{concurrency: tokens/s} of offline AR: the load's requests decoded in one engine at batch = concurrency,
     with ``config`` (the app's ServeConfig) model, dtype and device, and as many torch threads as a replica
@@ -258,7 +272,8 @@ def offline_ar(
     decode = DecodeConfig(decoder="ar", max_new_tokens=max_tokens)
     out = {}
     for clients in concurrency:
-        batch = [encoded[i % len(encoded)] for i in range(clients * requests_per_client)]
+        count = clients * requests_each(clients, requests_per_client, min_requests)
+        batch = [encoded[i % len(encoded)] for i in range(count)]
         run_decoder(model, batch[:clients], decode.model_copy(update={"max_new_tokens": 8}), eos, clients)
         run = run_decoder(model, batch, decode, eos, clients)
         out[str(clients)] = round(sum(len(r.token_ids) for r in run.results) / run.wall_s, 2)

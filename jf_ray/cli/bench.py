@@ -12,26 +12,21 @@ import argparse
 import json
 from functools import partial
 
+from jf_ray.cli.bench_serve import register_serve
 from jf_ray.cli.common import (
     add_address_option,
     add_decode_options,
+    add_json_option,
     add_model_options,
     add_set_option,
+    check_json_target,
     decoder_list,
+    int_list,
     join_or_start_ray,
     positive_int,
+    write_report,
 )
 from jf_ray.decoding.registry import BENCH_NAMES, DECODER_NAMES, describe
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def name_list(text: str) -> list[str]:
@@ -39,13 +34,6 @@ def name_list(text: str) -> list[str]:
     if not names:
         raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
     return names
-
-
-def reference_arg(text: str) -> tuple[str, str]:
-    name, _, url = text.partition("=")
-    if not name or not url.startswith(("http://", "https://")):
-        raise argparse.ArgumentTypeError(f"expected NAME=http://host:port, got {text!r}")
-    return name, url
 
 
 def register(subparsers) -> None:
@@ -61,28 +49,6 @@ def register(subparsers) -> None:
     register_collect(benchmarks)
     register_train(benchmarks)
     register_serve(benchmarks)
-
-
-def add_json_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--json", dest="json_out", default=None, metavar="PATH|URI", help="write the report here (atomically)"
-    )
-
-
-def check_json_target(args: argparse.Namespace) -> None:
-    """Fail before any work where the report could not be written."""
-    from jf_ray.storage import check_writable_file
-
-    if args.json_out:
-        check_writable_file(args.json_out, "--json")
-
-
-def write_report(args: argparse.Namespace, report: dict) -> None:
-    from jf_ray.storage import write_json_atomic
-
-    if args.json_out:
-        write_json_atomic(args.json_out, report)
-        print(f"wrote {args.json_out}")
 
 
 # -- decoders ------------------------------------------------------------------------------------------------
@@ -287,127 +253,3 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"workers {row['workers']:<3} {row['tokens_per_s_median']:>9.1f} tok/s (median)")
     write_report(args, report)
     return 0
-
-
-# -- serve ---------------------------------------------------------------------------------------------------
-def register_serve(benchmarks) -> None:
-    parser = benchmarks.add_parser(
-        "serve",
-        help="the Serve app under closed-loop load: throughput, p50/p99 latency per decoder and concurrency",
-        description="Starts the app locally unless --url is given, then loads it with streaming OpenAI clients "
-        "per decoder (chosen per request: same replica and model) and concurrency, and loads every --reference "
-        "server the same way. With --model, AR first decodes the same requests offline (served_over_offline_ar).",
-    )
-    parser.add_argument("--model", default=None, help="checkpoint to serve (not needed with --url)")
-    parser.add_argument("--url", default=None, help="benchmark this running server instead of starting one")
-    parser.add_argument("--model-name", default=None, help="`model` sent in requests (default: the served name)")
-    parser.add_argument("--api-key", default="unused", help="API key of the server")
-    parser.add_argument("--decoders", type=decoder_list, default=["ar", "auto"], help="comma-separated decoders")
-    parser.add_argument("--concurrency", type=int_list, default=[1, 4, 16], help="comma-separated client counts")
-    parser.add_argument("--requests-per-client", type=positive_int, default=4, help="requests each client sends")
-    parser.add_argument("--max-tokens", type=positive_int, default=64, help="max_tokens of every request")
-    parser.add_argument("--prompts", default=None, help='JSONL file or URI, one {"prompt": ...} per line')
-    parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat", help="API to call")
-    add_set_option(parser, "ServeConfig (the local app)")
-    parser.add_argument(
-        "--reference",
-        dest="references",
-        type=reference_arg,
-        action="append",
-        default=[],
-        metavar="NAME=URL",
-        help="also load this running OpenAI-compatible server of the same checkpoint (repeatable), e.g. "
-        "vllm=http://127.0.0.1:8001 from `python -m vllm.entrypoints.openai.api_server` (docs/vllm.md)",
-    )
-    parser.add_argument("--port", type=positive_int, default=8000, help="port of the local app")
-    parser.add_argument("--ray-cpus", type=positive_int, default=None, help="CPUs of a locally started cluster")
-    add_json_option(parser)
-    parser.add_argument(
-        "--no-offline", dest="offline", action="store_false", help="skip the offline batch-N AR reference"
-    )
-    add_address_option(parser)
-    parser.set_defaults(func=run_serve)
-
-
-def local_config(args: argparse.Namespace):
-    """The app's config: enough batch slots and queue that every client is served, none refused."""
-    from jf_ray.cli.common import apply_overrides
-    from jf_ray.errors import UserInputError
-    from jf_ray.serving.config import ServeConfig
-
-    if not args.model:
-        raise UserInputError("pass --model (to start the app) or --url (to use a running server)")
-    peak = max(args.concurrency)
-    data: dict = {
-        "model": args.model,
-        "port": args.port,
-        "max_batch_size": peak,
-        "max_queued_requests": peak,
-        "default_max_tokens": args.max_tokens,
-        "max_tokens_limit": max(args.max_tokens, 4096),
-    }
-    return ServeConfig.from_dict(apply_overrides(data, args.overrides))
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    from jf_ray.bench import serve as bench
-    from jf_ray.bench.common import MachineRecord
-    from jf_ray.errors import UserInputError
-
-    if args.url and args.overrides:
-        raise UserInputError("--set configures the local app; it has no effect on the server at --url")
-    check_json_target(args)
-    machine = MachineRecord.start()
-    prompts, chat = bench.read_load_prompts(args.prompts), args.endpoint == "chat"
-    load = (args.concurrency, args.requests_per_client, args.max_tokens, chat)
-    # before the app starts: the offline engine gets the replica's CPU share, not shared with the replica
-    offline = bench.offline_ar(local_config(args), prompts, *load) if args.offline and args.model else {}
-    config, stop = (None, None) if args.url else start_local(local_config(args), args)
-    url = args.url or f"http://{config.host}:{config.port}"
-    model = args.model_name or (config.served_model_name if config else None) or bench.served_model(url, args.api_key)
-    # jf-ray's decoders first, then each reference server under its name with its own served model
-    targets = [bench.Target(None, url, model, decoder) for decoder in args.decoders]
-    targets += [bench.Target(name, ref, bench.served_model(ref, args.api_key), name) for name, ref in args.references]
-    try:
-        results = bench.load_targets(targets, prompts, *load, api_key=args.api_key)
-    finally:
-        if stop is not None:
-            stop()
-    report = {
-        "benchmark": "serve",
-        "url": url,
-        "model": model,
-        "endpoint": args.endpoint,
-        "max_tokens": args.max_tokens,
-        "requests_per_client": args.requests_per_client,
-        "num_prompts": len(prompts),
-        "server_config": config.model_dump(exclude={"api_key"}) if config else None,
-        "results": results,
-        "speedup_vs_ar": bench.speedups(results),
-        "offline_ar": offline,
-        "served_over_offline_ar": bench.served_over_offline(results, offline),
-        **{f"speedup_vs_{name}": bench.speedups(results, name) for name, _ in args.references},
-        "machine": machine.finish(),
-    }
-    write_report(args, report)
-    return 0
-
-
-def start_local(config, args: argparse.Namespace):
-    """Deploy the app on a cluster of our own (or the one ``--address`` names, leaving its other apps be)."""
-    started_cluster = join_or_start_ray(args, num_cpus=args.ray_cpus)  # before ray is imported
-    import ray
-    from ray import serve
-
-    from jf_ray.serving.deployment import build_app
-
-    serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
-
-    def stop() -> None:
-        serve.delete(config.app_name)
-        if started_cluster:
-            serve.shutdown()
-            ray.shutdown()
-
-    return config, stop

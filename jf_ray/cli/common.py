@@ -185,3 +185,35 @@ def _dotted_value(data: dict, key: str) -> Any:
             return None
         node = node.get(part)
     return node
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", dest="json_out", default=None, metavar="PATH|URI", help="write the report here (atomically)"
+    )
+
+
+def check_json_target(args: argparse.Namespace) -> None:
+    """Fail before any work where the report could not be written."""
+    from jf_ray.storage import check_writable_file
+
+    if args.json_out:
+        check_writable_file(args.json_out, "--json")
+
+
+def write_report(args: argparse.Namespace, report: dict) -> None:
+    from jf_ray.storage import write_json_atomic
+
+    if args.json_out:
+        write_json_atomic(args.json_out, report)
+        print(f"wrote {args.json_out}")

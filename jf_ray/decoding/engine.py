@@ -19,7 +19,7 @@ import torch
 
 from jf_ray.decoding.auto import AutoPolicy, measure_cost_curve
 from jf_ray.decoding.cache import RaggedKVCache
-from jf_ray.decoding.planner import CostCurve, DraftPlan, plan_drafts
+from jf_ray.decoding.planner import CostCurve, DraftPlan, LengthCalibration, StepOverhead, plan_drafts
 from jf_ray.decoding.query import Segment, build_query, prefill_query
 from jf_ray.decoding.registry import policy_builder
 from jf_ray.decoding.request import RequestState, SegmentOutput
@@ -69,10 +69,13 @@ class DecodingEngine:
         self.last_batch_size = 0
         self.forward_s = 0.0  # time spent inside the model; wall time minus this is the engine's overhead
         self._cost_curve = cost_curve  # measured on first use by an ``auto`` request when not given
-        self.overhead_ms = 0.0  # running average of a decoding step's time outside the model (auto plans with it)
-        # Per-step time its driver spends outside step() (a server's delivery and streaming, measured by
-        # jf_ray.serving.scheduler; docs/serving.md): auto plans with it too, since fewer steps pay less of it.
-        self.caller_overhead_ms = 0.0
+        # A decoding step's time outside the model, fixed and per token committed: auto plans with it. The
+        # engine times its own part unless its driver times whole steps, delivery and streaming included, and
+        # feeds them to observe_overhead (jf_ray.serving.scheduler does; docs/load-aware-decoding.md).
+        self.overhead = StepOverhead()
+        self.overhead_timed_by_caller = False
+        self.last_step_tokens = 0  # tokens committed by the last decoding forward
+        self.length_calibration = LengthCalibration()  # shared by every auto request: one model, one engine
         self.last_plan: DraftPlan | None = None  # the load-aware plan of the last forward, if any
 
     # -- requests ------------------------------------------------------------------------------------------
@@ -171,9 +174,10 @@ class DecodingEngine:
             fixed = [req for req in self.running if not isinstance(req.policy, AutoPolicy)]
             others = [sum(len(s.tokens) for s in req.segments) for req in fixed]
             rows = [req.policy.draft_row(req) for req in sized]
+            for row in rows:
+                row.acceptance.calibration = self.length_calibration
             curve = self._cost_curve  # measured by _decode before its clock started
-            overhead_ms = self.overhead_ms + self.caller_overhead_ms
-            self.last_plan = plan_drafts(curve, rows, len(others), max(others, default=1), overhead_ms)
+            self.last_plan = plan_drafts(curve, rows, len(others), max(others, default=1), self.overhead)
             for req, shape in zip(sized, self.last_plan.shapes):
                 req.policy.resize(req, shape)
                 req.segments = req.policy.plan(req)
@@ -184,6 +188,7 @@ class DecodingEngine:
         if any(isinstance(req.policy, AutoPolicy) for req in self.running):
             self.ensure_cost_curve()  # a measurement is not the engine's overhead: done before the clock starts
         started, forward_before = time.perf_counter(), self.forward_s
+        tokens_before = sum(len(req.generated) for req in self.running)
         self._plan()
         query = build_query([r.segments for r in self.running], self.cache.valid, self.dtype, self.pad_token_id)
         slots_before = self.cache.num_slots
@@ -202,8 +207,10 @@ class DecodingEngine:
             self.cache.commit(b, slots_before + offset, count)
             req.outputs = []
         self.cache.maybe_compact()
-        outside_ms = (time.perf_counter() - started - (self.forward_s - forward_before)) * 1000.0
-        self.overhead_ms = 0.8 * self.overhead_ms + 0.2 * outside_ms
+        self.last_step_tokens = sum(len(req.generated) for req in self.running) - tokens_before
+        if not self.overhead_timed_by_caller:
+            outside_ms = (time.perf_counter() - started - (self.forward_s - forward_before)) * 1000.0
+            self.overhead.observe(self.last_step_tokens, outside_ms)
 
     def _forward(self, query, cache: RaggedKVCache) -> torch.Tensor:
         self.last_batch_size = query.input_ids.shape[0]

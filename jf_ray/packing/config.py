@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field
 
 from jf_ray.config import Location, StageConfig
+from jf_ray.packing.schedules import Strategy
 
 
 class PackConfig(StageConfig):
@@ -15,7 +14,7 @@ class PackConfig(StageConfig):
     trajectories: Location = Field(..., description="URI of the trajectory dataset written by `jf-ray collect`")
     out: Location = Field(..., description="URI of the packed dataset to write")
     window: int = Field(16, ge=1, description="noise-schedule window W in blocks (ratios linspace(0, 1, W))")
-    strategy: Literal["progressive", "random", "reverse"] = Field(
+    strategy: Strategy = Field(
         "progressive",
         description="target ratio per block: cyclic ramp (method), random or reverse (ablations)",
     )

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from jf_ray.config import Location, ModelLocation, StageConfig
+from jf_ray.packing.schedules import Strategy
 from jf_ray.pipeline.sections import CollectSection, EvaluationSection, PackSection, TrainSection
 from jf_ray.workloads.common import TEST_ONLY_TASKS, Task
 
@@ -92,7 +91,7 @@ class WorkloadConfig(StageConfig):
 class RoundConfig(StageConfig):
     block_size: int = Field(..., ge=1, description="Jacobi block size n of this round's trajectories")
     window: int = Field(16, ge=1, description="noise-schedule window W")
-    strategy: Literal["progressive", "random", "reverse"] = Field("progressive", description="noise schedule")
+    strategy: Strategy = Field("progressive", description="noise schedule")
     steps: int = Field(200, ge=1, description="optimizer steps of this round")
     lr: float = Field(5e-4, gt=0, description="peak learning rate of this round")
 

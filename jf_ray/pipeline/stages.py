@@ -86,12 +86,34 @@ def _estimated_seconds(cfg: PipelineConfig) -> dict[str, float]:
 
 
 def base_stage(cfg: PipelineConfig) -> BaseOutput:
-    from jf_ray.basemodel import build_base
+    """The given checkpoint, or the embedded base built in a Ray task that holds a whole node's CPUs.
+
+    Not in this driver process: on a cluster the driver may run on a small head pod, and on one 2-core machine
+    the same build trained about 20% slower in the driver (which carries the Ray core worker and the job's
+    imports) than in a fresh process (docs/results.md)."""
+    import ray
+
     from jf_ray.modeling import local_model_path
+    from jf_ray.raycluster import largest_cpus
 
     if cfg.base.model is not None:
         local_model_path(cfg.base.model)  # fails fast, naming the problem, if it is not a checkpoint
         return BaseOutput(model=cfg.base.model, built=False)
+    build = ray.remote(num_cpus=max(1, int(largest_cpus())), max_retries=0)(_build_base_task)
+    return ray.get(build.remote(cfg))
+
+
+def _build_base_task(cfg: PipelineConfig) -> BaseOutput:
+    from jf_ray.raycluster import show_info_logs_in_worker
+
+    show_info_logs_in_worker()
+    return build_base_output(cfg)
+
+
+def build_base_output(cfg: PipelineConfig) -> BaseOutput:
+    """Build (or reuse) the base of ``cfg.base.preset`` and put it under the run directory."""
+    from jf_ray.basemodel import build_base
+
     build_dir = cfg.base.build_dir
     if build_dir is None:
         build_dir = (

@@ -88,6 +88,7 @@ class BatchScheduler:
         stream_chunks_per_s: float | None = None,
     ) -> None:
         self.engine = engine
+        engine.overhead_timed_by_caller = True  # _measure_overhead times whole steps, delivery included
         self.stream_interval_s = stream_interval_s
         self.stream_chunks_per_s = stream_chunks_per_s
         self.capacity = max_batch_size + max_queued_requests
@@ -217,14 +218,14 @@ class BatchScheduler:
             self.observer.on_step(batch_size, self.engine.num_running, self.queue_length, step_s)
 
     def _measure_overhead(self, now: float) -> None:
-        """Wall time since the last step began minus its forwards: what the serving path costs per step."""
+        """Wall time since the last step began minus its forwards: what a step costs outside the model, the
+        serving path included; the engine's planner learns it against the tokens that step committed."""
         forward_s = self.engine.forward_s
         if self._last_start is not None:
             began, forward_before = self._last_start
             outside_ms = ((now - began) - (forward_s - forward_before)) * 1000.0
             self.step_overhead_ms = 0.8 * self.step_overhead_ms + 0.2 * outside_ms
-            # the engine measures its own part (overhead_ms); the planner adds what the serving path adds
-            self.engine.caller_overhead_ms = max(0.0, self.step_overhead_ms - self.engine.overhead_ms)
+            self.engine.overhead.observe(self.engine.last_step_tokens, outside_ms)
         self._last_start = (now, forward_s)
 
     def _deliver(self, outputs: list, batch_size: int) -> None:

@@ -21,15 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from jf_ray.packing.schedules import first_divergence
+from jf_ray.training.config import ConsistencyPositions
 from jf_ray.training.masks import CLEAN, NOISY, PAD, PROMPT
 
 IGNORE = -100
-ConsistencyPositions = Literal["from_divergence", "all"]
 
 
 @dataclass

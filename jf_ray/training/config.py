@@ -8,6 +8,10 @@ from pydantic import Field, model_validator
 
 from jf_ray.config import Location, ModelLocation, StageConfig
 
+MaskKind = Literal["nc", "clean_context", "nc_ic"]  # noise-aware mask variants (jf_ray.training.masks)
+Reduction = Literal["token", "block"]  # consistency-loss normalisation (jf_ray.training.losses)
+ConsistencyPositions = Literal["from_divergence", "all"]  # consistency pairs (jf_ray.training.batches)
+
 
 class LossConfig(StageConfig):
     """What the Jacobi Forcing objective looks like; see :mod:`jf_ray.training.losses` for the formulas."""
@@ -17,10 +21,10 @@ class LossConfig(StageConfig):
         1.0, ge=0.0, description="weight of L_pc (1 = the method; 0 = AR-only fine-tuning, the control run)"
     )
     temperature: float = Field(1.0, gt=0.0, description="distillation temperature tau of the consistency loss")
-    reduction: Literal["token", "block"] = Field(
+    reduction: Reduction = Field(
         "token", description="consistency normalisation: token = mean over pairs; block = paper Eq. 8"
     )
-    positions: Literal["from_divergence", "all"] = Field(
+    positions: ConsistencyPositions = Field(
         "from_divergence",
         description="consistency pairs: from each block's first divergence (official) or all",
     )
@@ -29,7 +33,7 @@ class LossConfig(StageConfig):
 
 
 class MaskConfig(StageConfig):
-    kind: Literal["nc", "clean_context", "nc_ic"] = Field(
+    kind: MaskKind = Field(
         "nc", description="nc = noise-conditioned (main method); clean_context = CLLM-style; nc_ic = windowed"
     )
     window: int = Field(16, ge=1, description="nc_ic only: window in blocks (noisy context within a window)")

@@ -22,14 +22,12 @@ All losses are computed in fp32 whatever the model dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from jf_ray.training.batches import IGNORE, PackedBatch
-
-Reduction = Literal["token", "block"]
+from jf_ray.training.config import Reduction
 
 
 @dataclass

@@ -20,11 +20,10 @@ Visibility (query -> key), always causal in packed order and within one sequence
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-MaskKind = Literal["nc", "clean_context", "nc_ic"]
+from jf_ray.training.config import MaskKind
+
 MASK_KINDS: tuple[str, ...] = ("nc", "clean_context", "nc_ic")
 
 # Segment labels of packed tokens.
