@@ -94,8 +94,10 @@ def test_candidates_in_every_forward_and_greedy_equals_ar(model, temperature):
     prompts = [list(range(200)), torch.randperm(200, generator=gen).tolist()]
     config = DecodeConfig(decoder="auto", block_size=8, max_new_tokens=40, temperature=temperature, seed=3)
     results = generate(model, prompts, config, [], 2, cost_curve=knee_curve(4096))
-    for result in results:  # only a forward with a 1-token budget left has no room for a candidate
-        assert result.stats.candidates_hist[0] <= 1 and sum(result.stats.candidates_hist.values()) > 5
+    for result in results:  # a forward with a 1-token budget left has no room for a candidate, and a window
+        # expected to gain its whole length leaves a candidate nothing to add (ties take fewer): rare
+        forwards = sum(result.stats.candidates_hist.values())
+        assert result.stats.candidates_hist[0] <= 0.1 * forwards and forwards > 5
     if temperature == 0.0:
         ar = generate(model, prompts, DecodeConfig(decoder="ar", max_new_tokens=40), [])
         assert [r.token_ids for r in results] == [r.token_ids for r in ar]
@@ -116,18 +118,21 @@ def test_engine_measures_a_cost_curve_and_records_its_plan(model, prompts):
     assert curve.batch_sizes == [1, 2] and curve.widths[-1] == 64
 
 
-def test_auto_requests_share_the_engines_length_calibration_and_overhead_fit(model, prompts):
+def test_auto_requests_share_the_engines_gain_table_and_overhead_fit(model, prompts):
     engine = DecodingEngine(model, [], max_batch_size=4, cost_curve=knee_curve(64))
     config = DecodeConfig(decoder="auto", block_size=16, max_new_tokens=20, pool_size=0)
     for i in range(2):
         engine.add(str(i), prompts[i], config)
-    for _ in range(3):
+    for _ in range(6):
         engine.step()
-    assert all(req.policy.acceptance.calibration is engine.length_calibration for req in engine.running)
-    assert engine.length_calibration.gained  # every window judged counts, per length
-    # A random model accepts nearly nothing: its long windows are valued below the geometric prior's guess.
-    assert engine.length_calibration.factor(16) < 1.0
-    assert engine.overhead.weight > 0 and engine.last_step_tokens >= 2  # offline, the engine times itself
+    assert all(req.policy.acceptance.table is engine.gain_table for req in engine.running)
+    table = engine.gain_table
+    (measured,) = [length for length in table.mean if table.measured(length)]  # judged once settled, all rows
+    # A random model accepts nearly nothing: the measured length is worth its head; an untried one is still
+    # valued optimistically, so the planner would try it where it could pay.
+    assert table.gain(measured) < 1.5 and table.gain(2 * measured) > 2.0
+    assert engine.overhead.sums[0] > 0 and engine.last_step_tokens >= 2  # offline, the engine times itself
+    assert engine.last_step_query == 2 * engine.last_plan.width
 
 
 def test_lower_envelope_removes_timing_noise():

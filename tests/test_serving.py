@@ -167,7 +167,8 @@ def test_usage_and_metrics_report_the_draft_shape_auto_chose(checkpoint, tmp_pat
     metrics = ServingMetrics("tiny")  # Ray checks every metric's definition (buckets) here, without a cluster
     metrics._m = {name: Recorder() for name in METRICS}  # then recorders stand in: what would be exported
     curve = tmp_path / "free.json"
-    curve.write_text(json.dumps({"batch_sizes": [1, 4], "widths": [1, 256], "ms": [[1.0, 1.0], [1.0, 1.0]]}))
+    free = {"batch_sizes": [1, 4], "widths": [1, 256], "ms": [[1e3, 1e3], [1e3, 1e3]]}  # the engine's own time: nothing
+    curve.write_text(json.dumps(free))
     svc = CompletionService(ServeConfig(model=checkpoint, max_batch_size=2, cost_curve=str(curve)), metrics)
     try:
         prompt = PROMPT * 4  # repeated text: the context offers candidates
@@ -269,7 +270,7 @@ def test_time_outside_the_forwards_is_measured_and_planned_with(service):
     _, scheduler = stream_chunks(service, 0.0, SlowObserver(), prompt=PROMPT, max_tokens=30, decoder="ar")
     assert scheduler.step_overhead_ms > 15  # a running average over 30 steps: most of the 20 ms
     assert scheduler.engine.overhead_timed_by_caller
-    assert scheduler.engine.overhead.step_ms(1) > 15  # what the planner is told a 1-token step costs outside
+    assert scheduler.engine.overhead.step_ms(1, 1) > 15  # what the planner is told a 1-token step costs outside
     assert scheduler.snapshot()["step_overhead_ms"] == round(scheduler.step_overhead_ms, 3)
 
 
@@ -284,7 +285,7 @@ def test_auto_drafts_longer_when_each_step_costs_the_caller_more(service):
     for caller_ms in (0.0, 1000.0):  # the forward is the whole cost / the step around it dwarfs the forward
         engine = DecodingEngine(service.model, [], max_batch_size=2, cost_curve=curve)
         for _ in range(20):
-            engine.overhead.observe(1, caller_ms)
+            engine.overhead.observe(1, 1, caller_ms)
         engine.add("r", prompt_ids, DecodeConfig(decoder="auto", block_size=16, max_new_tokens=20))
         engine.step()
         chosen.append(engine.last_plan.width)

@@ -194,16 +194,20 @@ def load_targets(
     chat: bool = True,
     api_key: str = "unused",
 ) -> list[dict]:
-    """Every target at every concurrency (after one discarded warm-up request each): one row per cell."""
+    """Every target at every concurrency (after one discarded warm-up request each): one row per cell.
+
+    Targets take turns at each concurrency, so the cells compared with each other ran minutes apart at most
+    (a drift in the machine's speed shifts all of them, not one decoder's)."""
     from tqdm import tqdm
 
+    for label, url, model, decoder in targets:
+        asyncio.run(run_load(url, model, prompts, decoder, 1, 1, max_tokens, chat, api_key, label))  # warm-up
     results = []
     with tqdm(total=len(targets) * len(concurrency), desc="bench serve", unit="cell") as bar:
-        for label, url, model, decoder in targets:
-            load = [url, model, prompts, decoder]
-            asyncio.run(run_load(*load, 1, 1, max_tokens, chat, api_key, label))  # warm-up, discarded
-            for clients in concurrency:
-                each = requests_each(clients, requests_per_client, min_requests)
+        for clients in concurrency:
+            each = requests_each(clients, requests_per_client, min_requests)
+            for label, url, model, decoder in targets:
+                load = [url, model, prompts, decoder]
                 result = asyncio.run(run_load(*load, clients, each, max_tokens, chat, api_key, label))
                 logger.info(row_line(result))
                 results.append(result.to_dict())

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 MEASURED_CONTEXT = 32  # tokens already cached in every row while a forward is timed
 MAX_MEASURED_BATCH = 64  # larger batches are extrapolated (proportionally: no free rows assumed)
 PAST_THE_KNEE = 4.0  # a row of the grid stops being timed once a forward costs this many times its 1-wide one
+SETTLING_FORWARDS = 2  # forwards after a window grows (or starts) that do not count towards its gain
 
 
 class AutoPolicy(RollingJacobiPolicy):
@@ -46,19 +47,25 @@ class AutoPolicy(RollingJacobiPolicy):
         self.recycler = Recycler(max_candidates)
         self.candidates = 0  # candidates the plan allows in the next forward
         self.num_candidates = 0  # candidates laid out in it
+        self.settled = 0  # forwards since the window last grew (its new guesses are fresh: not yet refined)
 
-    def draft_row(self, req: RequestState) -> DraftRow:
-        """What the planner may give this request: its acceptance, longest draft and candidates on offer now."""
+    def draft_row(self, req: RequestState, with_candidates: bool = True) -> DraftRow:
+        """What the planner may give this request: its acceptance, longest draft and candidates on offer now
+        (none looked for without ``with_candidates``: the search costs Python time in every forward)."""
         longest = max(1, min(self.longest, req.budget))
         if self.tail is None:  # the first decoding forward: guesses for the longest window (resize cuts them)
             self.tail = req.context_sample(self.longest - 1)
-        draft = [req.head] + self.tail[: longest - 1]
-        offered = len(self.recycler.candidates(req, draft, self.max_candidates)) if longest > 1 else 0
+        offered = 0
+        if with_candidates and longest > 1:
+            draft = [req.head] + self.tail[: longest - 1]
+            offered = len(self.recycler.candidates(req, draft, self.max_candidates))
         return DraftRow(self.acceptance, longest, offered)
 
     def resize(self, req: RequestState, shape: DraftShape) -> None:
         """Draft ``shape.length`` tokens (head included) and up to ``shape.candidates`` candidates next; a
         longer window is topped up with context samples, a shorter one keeps its first guesses."""
+        if shape.length > self.n:
+            self.settled = 0
         self.n, self.candidates = shape.length, shape.candidates
         if len(self.tail) < shape.length - 1:
             self.tail = self.tail + req.context_sample(shape.length - 1 - len(self.tail))
@@ -71,7 +78,9 @@ class AutoPolicy(RollingJacobiPolicy):
 
     def update(self, req: RequestState) -> None:
         judged = self.recycler.judge(req, self.num_candidates)
-        self.acceptance.observe(len(req.segments[0].tokens), judged.main_accepted)
+        if self.settled >= max(SETTLING_FORWARDS, self.n // 4):  # what a window gains once its guesses are refined
+            self.acceptance.observe(len(req.segments[0].tokens), judged.main_accepted)
+        self.settled += 1
         if self.num_candidates:
             extra = judged.verdict.accepted - judged.main_accepted
             self.acceptance.observe_candidates(self.num_candidates, extra)

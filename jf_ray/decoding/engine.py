@@ -19,7 +19,7 @@ import torch
 
 from jf_ray.decoding.auto import AutoPolicy, measure_cost_curve
 from jf_ray.decoding.cache import RaggedKVCache
-from jf_ray.decoding.planner import CostCurve, DraftPlan, LengthCalibration, StepOverhead, plan_drafts
+from jf_ray.decoding.planner import CostCurve, DraftPlan, GainTable, ObservedCosts, StepOverhead, plan_drafts
 from jf_ray.decoding.query import Segment, build_query, prefill_query
 from jf_ray.decoding.registry import policy_builder
 from jf_ray.decoding.request import RequestState, SegmentOutput
@@ -28,6 +28,8 @@ from jf_ray.errors import UserInputError
 from jf_ray.modeling import attention_backends
 
 logger = logging.getLogger(__name__)
+
+CANDIDATE_ROOM = 1.5  # recycled candidates are offered while a 4-wide forward costs at most this times AR's
 
 
 @dataclass
@@ -69,14 +71,17 @@ class DecodingEngine:
         self.last_batch_size = 0
         self.forward_s = 0.0  # time spent inside the model; wall time minus this is the engine's overhead
         self._cost_curve = cost_curve  # measured on first use by an ``auto`` request when not given
-        # A decoding step's time outside the model, fixed and per token committed: auto plans with it. The
-        # engine times its own part unless its driver times whole steps, delivery and streaming included, and
-        # feeds them to observe_overhead (jf_ray.serving.scheduler does; docs/load-aware-decoding.md).
+        # A decoding step's time outside the model (fixed, per query token, per token committed): auto plans
+        # with it. The engine times its own part unless its driver times whole steps, delivery and streaming
+        # included, and feeds those (jf_ray.serving.scheduler does; docs/load-aware-decoding.md).
         self.overhead = StepOverhead()
         self.overhead_timed_by_caller = False
-        self.last_step_tokens = 0  # tokens committed by the last decoding forward
-        self.length_calibration = LengthCalibration()  # shared by every auto request: one model, one engine
+        self.last_step_query = 0  # query tokens (rows x width) of the last decoding forward
+        self.last_step_tokens = 0  # tokens it committed
+        self.gain_table = GainTable()  # tokens per forward by window length: one model, shared by auto requests
+        self.forward_costs: ObservedCosts | None = None  # the cost curve, corrected by timed decoding forwards
         self.last_plan: DraftPlan | None = None  # the load-aware plan of the last forward, if any
+        self._kept_width: int | None = None  # the last load-aware plan's width, kept unless another pays more
 
     # -- requests ------------------------------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], config: DecodeConfig) -> None:
@@ -157,6 +162,8 @@ class DecodingEngine:
         if self._cost_curve is None:
             widths = [r.config.block_size for r in self.running if isinstance(r.policy, AutoPolicy)]
             self._cost_curve = measure_cost_curve(self.model, self.max_batch_size, max([64, *widths]))
+        if self.forward_costs is None or self.forward_costs.curve is not self._cost_curve:
+            self.forward_costs = ObservedCosts(self._cost_curve)  # corrected by every decoding forward from now on
         return self._cost_curve
 
     def _plan(self) -> None:
@@ -173,11 +180,16 @@ class DecodingEngine:
         if sized:
             fixed = [req for req in self.running if not isinstance(req.policy, AutoPolicy)]
             others = [sum(len(s.tokens) for s in req.segments) for req in fixed]
-            rows = [req.policy.draft_row(req) for req in sized]
+            costs = self.forward_costs  # the curve measured by _decode before its clock started, as corrected
+            # A candidate at least doubles a row's width for less than a token: not worth looking for once a
+            # 4-wide forward of this batch already costs half as much again as AR (past the curve's knee).
+            batch = len(self.running)
+            with_candidates = costs.cost_ms(batch, 4) <= CANDIDATE_ROOM * costs.cost_ms(batch, 1)
+            rows = [req.policy.draft_row(req, with_candidates) for req in sized]
             for row in rows:
-                row.acceptance.calibration = self.length_calibration
-            curve = self._cost_curve  # measured by _decode before its clock started
-            self.last_plan = plan_drafts(curve, rows, len(others), max(others, default=1), self.overhead)
+                row.acceptance.table = self.gain_table
+            plan = plan_drafts(costs, rows, len(others), max(others, default=1), self.overhead, self._kept_width)
+            self.last_plan, self._kept_width = plan, plan.menu_width
             for req, shape in zip(sized, self.last_plan.shapes):
                 req.policy.resize(req, shape)
                 req.segments = req.policy.plan(req)
@@ -193,6 +205,9 @@ class DecodingEngine:
         query = build_query([r.segments for r in self.running], self.cache.valid, self.dtype, self.pad_token_id)
         slots_before = self.cache.num_slots
         logits = self._forward(query, self.cache)
+        if self.forward_costs is not None:
+            rows, width = query.input_ids.shape
+            self.forward_costs.observe(rows, width, (self.forward_s - forward_before) * 1000.0)
         predictions = logits.argmax(dim=-1).tolist()
         for b, req in enumerate(self.running):
             req.offsets = query.offsets[b]
@@ -207,10 +222,11 @@ class DecodingEngine:
             self.cache.commit(b, slots_before + offset, count)
             req.outputs = []
         self.cache.maybe_compact()
+        self.last_step_query = query.input_ids.numel()
         self.last_step_tokens = sum(len(req.generated) for req in self.running) - tokens_before
         if not self.overhead_timed_by_caller:
             outside_ms = (time.perf_counter() - started - (self.forward_s - forward_before)) * 1000.0
-            self.overhead.observe(self.last_step_tokens, outside_ms)
+            self.overhead.observe(self.last_step_query, self.last_step_tokens, outside_ms)
 
     def _forward(self, query, cache: RaggedKVCache) -> torch.Tensor:
         self.last_batch_size = query.input_ids.shape[0]

@@ -14,13 +14,19 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cache
 
-PRIOR_ACCEPTANCE = 0.6  # per-token acceptance assumed for a request with no history (see the docs)
+EXPLORING_ACCEPTANCE = 0.9  # acceptance assumed of a window length not measured yet: optimistic, so it is tried
 PRIOR_RECYCLED = 0.5  # tokens one recycled candidate is assumed to add beyond the main draft, with no history
 DECAY = 0.8  # weight of the past in a request's exponential averages: about its last five forwards count
-CALIBRATION_DECAY = 0.98  # the engine-wide length calibration: about the last fifty windows of a length
-MAX_CALIBRATION = 4.0  # the calibration scales the geometric model's gain by at most this (or 1/this)
-OVERHEAD_DECAY = 0.95  # the step overhead fit: about the last twenty steps
+GAIN_DECAY = 0.98  # the engine-wide gain table: about the last fifty windows of each length
+MIN_GAIN_WEIGHT = 3.0  # a length counts as measured once about three windows of it were judged
+MAX_SCALE = 4.0  # a request's ease scales the table's gain beyond the head by at most this (or 1/this)
+COST_DECAY = 0.95  # the served-forward correction of the cost curve: about the last twenty forwards of a cell
+MAX_COST_RATIO = 4.0  # measured forwards raise the curve by at most this factor
+HYSTERESIS = 0.15  # a new width must promise this much more than the last one to replace it
+OVERHEAD_DECAY = 0.98  # the step overhead fit: about the last fifty steps
+RIDGE = 1e-3  # relative ridge of the overhead fit
 
 
 def _interpolate(xs: Sequence[int], ys: Sequence[float], x: float) -> float:
@@ -60,6 +66,41 @@ class CostCurve:
         return cls(list(data["batch_sizes"]), list(data["widths"]), [list(map(float, r)) for r in data["ms"]])
 
 
+@dataclass
+class ObservedCosts:
+    """The cost curve corrected by the decoding forwards timed since: per cell (rows and width, each rounded
+    down to a power of two) the ratio of the exponentially weighted sums of the measured and of the curve's
+    milliseconds, never below 1. A start-up curve is timed on short contexts and an idle machine; served forwards
+    run on long contexts beside a proxy and an event loop, and cost more. A width not yet timed keeps the curve's
+    value, so a width that proves dearer than the curve said is avoided, and one that was never tried is still
+    tried on its promise (then timed). Only upwards: a forward timed faster than the curve (a quiet moment)
+    does not make width look cheaper than the start-up measurement, which took the fastest of several.
+    """
+
+    curve: CostCurve
+    measured: dict[tuple[int, int], float] = field(default_factory=dict)
+    predicted: dict[tuple[int, int], float] = field(default_factory=dict)
+
+    def observe(self, rows: int, width: int, ms: float) -> None:
+        cell = (menu_length(rows), menu_length(width))
+        self.measured[cell] = COST_DECAY * self.measured.get(cell, 0.0) + ms
+        self.predicted[cell] = COST_DECAY * self.predicted.get(cell, 0.0) + self.curve.cost_ms(rows, width)
+
+    def ratio(self, rows: int, width: int) -> float:
+        """The cell's correction; a cell not timed yet borrows the same width's at the nearest timed row count
+        (the batch shrinks and grows as requests come and go), else 1."""
+        cell = (menu_length(rows), menu_length(width))
+        if cell not in self.measured:
+            timed = [r for r, w in self.measured if w == cell[1]]
+            if not timed:
+                return 1.0
+            cell = (min(timed, key=lambda r: (abs(r.bit_length() - cell[0].bit_length()), r)), cell[1])
+        return min(max(self.measured[cell] / self.predicted[cell], 1.0), MAX_COST_RATIO)
+
+    def cost_ms(self, rows: int, width: int) -> float:
+        return self.curve.cost_ms(rows, width) * self.ratio(rows, width)
+
+
 @dataclass(frozen=True)
 class DraftShape:
     """What one request puts into a forward: a main draft of ``length`` tokens (head included) and
@@ -73,6 +114,7 @@ class DraftShape:
         return self.length * (1 + self.candidates)
 
 
+@cache
 def harmonic(count: int) -> float:
     """1 + 1/2 + ... + 1/count: the k-th candidate is expected to add 1/k of what the first adds."""
     return sum(1.0 / k for k in range(1, count + 1))
@@ -83,78 +125,99 @@ def menu_length(length: int) -> int:
     return 1 << (max(1, length).bit_length() - 1)
 
 
-@dataclass
-class LengthCalibration:
-    """How much more (or less) than the geometric model windows of each length gain, over every ``auto`` request
-    of one engine (one model): the geometric model knows nothing of Jacobi's long runs, where tokens past the
-    first mismatch keep converging over later forwards, so a long window may gain far more than ``p`` predicts.
+def geometric_gain(p: float, length: int) -> float:
+    """``1 + p + ... + p^(length-1)``: the tokens a window gains when each drafted token is accepted with ``p``."""
+    return float(length) if p >= 1.0 else (1.0 - p**length) / (1.0 - p)
 
-    Per menu length (:func:`menu_length`), the ratio of exponential averages of the tokens gained beyond the
-    head and of those the model predicted. A length not drafted yet borrows the nearest drafted length's ratio,
-    so a heavy tail seen at 8 makes 16 worth trying, and the trial then measures 16 itself.
+
+@dataclass
+class GainTable:
+    """Tokens a rolling window of each length gains per forward, measured over every ``auto`` request of one
+    engine (one model). Jacobi's gain depends on the window's length far beyond what one acceptance rate
+    says: a token entering a long window is refined over many forwards before it reaches the head, so a
+    window of 32 may gain three tokens per forward where a window of 4, on the same model, gains barely more
+    than its head (docs/load-aware-decoding.md). No model of the curve is assumed; each length is measured.
+
+    Per menu length (:func:`menu_length`), an exponentially weighted mean of the tokens gained by settled
+    windows. A measured length is worth at least every shorter measured one (a longer window holds the
+    shorter). A length not measured yet is valued optimistically (the gain at acceptance 0.9), so the planner
+    tries it once wherever it could pay, and the try measures it.
     """
 
-    gained: dict[int, float] = field(default_factory=dict)
-    predicted: dict[int, float] = field(default_factory=dict)
+    mean: dict[int, float] = field(default_factory=dict)
+    weight: dict[int, float] = field(default_factory=dict)
+    _gains: dict[int, float] = field(default_factory=dict, repr=False)  # menu length -> gain, until an observation
+    _by_length: dict[int, float] = field(default_factory=dict, repr=False)  # any length -> gain, likewise
 
-    def observe(self, length: int, predicted: float, accepted: int) -> None:
+    def observe(self, length: int, accepted: int) -> None:
         key = menu_length(length)
-        if key == 1:  # a 1-token draft gains exactly the head: nothing to calibrate
-            return
-        self.gained[key] = CALIBRATION_DECAY * self.gained.get(key, 0.0) + (accepted - 1)
-        self.predicted[key] = CALIBRATION_DECAY * self.predicted.get(key, 0.0) + max(predicted - 1, 1e-3)
+        weight = GAIN_DECAY * self.weight.get(key, 0.0) + 1.0
+        mean = self.mean.get(key, float(accepted))
+        self.weight[key], self.mean[key] = weight, mean + (accepted - mean) / weight
+        self._gains.clear()
+        self._by_length.clear()
 
-    def factor(self, length: int) -> float:
-        if not self.gained:
-            return 1.0
-        key = min(self.gained, key=lambda k: (abs(k.bit_length() - menu_length(length).bit_length()), k))
-        return min(max(self.gained[key] / self.predicted[key], 1 / MAX_CALIBRATION), MAX_CALIBRATION)
+    def measured(self, length: int) -> bool:
+        return self.weight.get(menu_length(length), 0.0) >= MIN_GAIN_WEIGHT
+
+    def gain(self, length: int) -> float:
+        """Expected tokens per forward of a window of ``length`` tokens (head included); linear in between
+        menu lengths (a window cut to a request's last few tokens)."""
+        if length in self._by_length:
+            return self._by_length[length]
+        key = menu_length(length)
+        if 2 * key not in self._gains:
+            self._fill(2 * key)
+        low, high = self._gains[key], self._gains[2 * key]
+        self._by_length[length] = min(float(length), low + (high - low) * (length - key) / key)
+        return self._by_length[length]
+
+    def _fill(self, longest: int) -> None:
+        """Gains of the menu lengths up to ``longest``: measured (non-decreasing), else optimistic."""
+        best, key = 1.0, 1
+        while key <= longest:
+            if self.measured(key):
+                best = max(best, self.mean[key])
+                self._gains[key] = best
+            else:
+                self._gains[key] = max(best, geometric_gain(EXPLORING_ACCEPTANCE, key))
+            key *= 2
 
 
 @dataclass
 class AcceptanceEstimate:
-    """Recent acceptance of one request, for both shape families: the window and its recycled candidates.
+    """One request's acceptance, for both shape families: the window and its recycled candidates.
 
-    ``p`` is the probability that a drafted token is accepted: the ratio of exponential averages of matched and
-    of examined draft tokens per forward (a draft token is examined when every token before it matched), so a
-    forward with any draft length informs every length. A draft of L tokens (head included) is then expected
-    to gain ``1 + p + ... + p^(L-1)`` tokens (a geometric model, increasing in L with diminishing returns),
-    the part beyond the head scaled by the engine's :class:`LengthCalibration` for L when there is one.
+    The window: a window of ``L`` tokens is expected to gain ``1 + (g(L) - 1) * scale`` tokens, ``g`` from the
+    engine's :class:`GainTable` (shared by its ``auto`` requests; a private one otherwise) and ``scale`` this
+    request's exponentially weighted ratio of what its windows gained beyond the head to what the table
+    expected of them (an easy prompt converges faster than the model's average).
 
     ``recycled`` is the exponential average of the tokens the best of a forward's candidates gained beyond the
     main draft, per unit of ``harmonic(candidates)``: ``c`` candidates are expected to add
     ``recycled * harmonic(c)``. It learns only from forwards that verified candidates.
     """
 
-    matched: float = PRIOR_ACCEPTANCE
-    examined: float = 1.0
+    table: GainTable = field(default_factory=GainTable)
+    gained: float = 1.0  # exponential averages of the extra tokens gained, and of those the table expected
+    expected_extra: float = 1.0
     recycled: float = PRIOR_RECYCLED
-    calibration: LengthCalibration | None = None  # shared by the engine's auto requests
 
     @property
-    def p(self) -> float:
-        return min(self.matched / self.examined, 0.99) if self.examined > 0 else PRIOR_ACCEPTANCE
-
-    def geometric(self, length: int) -> float:
-        """The geometric model's expected gain of a ``length``-token window, uncalibrated."""
-        p = self.p
-        return (1.0 - p**length) / (1.0 - p)
+    def scale(self) -> float:
+        return min(max(self.gained / self.expected_extra, 1 / MAX_SCALE), MAX_SCALE)
 
     def expected(self, length: int, candidates: int = 0) -> float:
         """Expected tokens gained by a forward with this shape; never more than ``length`` (the winner's)."""
-        window = self.geometric(length)
-        if self.calibration is not None:
-            window = 1.0 + (window - 1.0) * self.calibration.factor(length)
+        window = 1.0 + (self.table.gain(length) - 1.0) * self.scale
         return min(float(length), window + self.recycled * harmonic(candidates))
 
     def observe(self, length: int, accepted: int) -> None:
-        """One forward with a draft of ``length`` tokens (head included) that gained ``accepted`` tokens."""
-        if self.calibration is not None:
-            self.calibration.observe(length, self.geometric(length), accepted)
-        matched = accepted - 1
-        examined = matched + (1 if accepted < length else 0)
-        self.matched = DECAY * self.matched + (1 - DECAY) * matched
-        self.examined = DECAY * self.examined + (1 - DECAY) * examined
+        """One forward with a window of ``length`` tokens (head included) that gained ``accepted`` tokens."""
+        if length > 1:
+            self.gained = DECAY * self.gained + (1 - DECAY) * (accepted - 1)
+            self.expected_extra = DECAY * self.expected_extra + (1 - DECAY) * max(self.table.gain(length) - 1, 1e-3)
+        self.table.observe(length, accepted)
 
     def observe_candidates(self, candidates: int, extra: int) -> None:
         """One forward whose ``candidates`` verified candidates gained ``extra`` tokens beyond the main draft."""
@@ -163,46 +226,39 @@ class AcceptanceEstimate:
 
 @dataclass
 class StepOverhead:
-    """A decoding step's time outside the model: ``fixed_ms + per_token_ms * tokens`` committed in the step.
+    """A decoding step's time outside the model: ``fixed_ms + per_query_ms * query + per_token_ms * tokens``,
+    with ``query`` the step's query tokens (rows x width: building the query, verifying every draft token) and
+    ``tokens`` the tokens it committed (detokenizing and streaming them, in a server).
 
-    Fitted by exponentially weighted least squares over recent steps. Per-token work (verifying, detokenizing,
-    streaming) grows with what a wide draft commits, so only the fixed part rewards fewer, wider steps; while
-    the tokens per step do not vary the fit cannot split the two and counts it all as fixed.
+    Fitted by exponentially weighted least squares over about the last fifty steps (a little ridge keeps it
+    defined while a regressor does not vary; that part then counts as fixed). Only the fixed part rewards fewer,
+    wider steps; the per-query part is a cost of width like the forward's own.
     """
 
-    weight: float = 0.0
-    tokens: float = 0.0
-    tokens_sq: float = 0.0
-    ms: float = 0.0
-    tokens_ms: float = 0.0
+    sums: list[float] = field(default_factory=lambda: [0.0] * 10)  # w, q, t, y, qq, qt, tt, qy, ty, yy
 
-    def observe(self, tokens: int, ms: float) -> None:
-        d = OVERHEAD_DECAY
-        self.weight = d * self.weight + 1.0
-        self.tokens = d * self.tokens + tokens
-        self.tokens_sq = d * self.tokens_sq + tokens * tokens
-        self.ms = d * self.ms + ms
-        self.tokens_ms = d * self.tokens_ms + tokens * ms
+    def observe(self, query: int, tokens: int, ms: float) -> None:
+        terms = (1.0, query, tokens, ms, query * query, query * tokens, tokens * tokens, query * ms, tokens * ms)
+        self.sums = [OVERHEAD_DECAY * s + x for s, x in zip(self.sums, (*terms, ms * ms))]
 
     @property
-    def per_token_ms(self) -> float:
-        if self.weight == 0:
-            return 0.0
-        mean_t, mean_ms = self.tokens / self.weight, self.ms / self.weight
-        variance = self.tokens_sq / self.weight - mean_t**2
-        if variance < 1e-6:
-            return 0.0
-        slope = (self.tokens_ms / self.weight - mean_t * mean_ms) / variance
-        return min(max(slope, 0.0), mean_ms / max(mean_t, 1e-9))  # neither negative nor above the whole cost
+    def coefficients(self) -> tuple[float, float, float]:
+        """(fixed_ms, per_query_ms, per_token_ms), none negative."""
+        w, q, t, y, qq, qt, tt, qy, ty, _ = self.sums
+        if w == 0:
+            return 0.0, 0.0, 0.0
+        mq, mt, my = q / w, t / w, y / w
+        vqq, vqt, vtt = qq / w - mq * mq, qt / w - mq * mt, tt / w - mt * mt
+        cqy, cty = qy / w - mq * my, ty / w - mt * my
+        vqq, vtt = vqq + RIDGE * (1 + vqq), vtt + RIDGE * (1 + vtt)
+        det = vqq * vtt - vqt * vqt
+        per_query = max(0.0, (cqy * vtt - cty * vqt) / det)
+        per_token = max(0.0, (cty * vqq - cqy * vqt) / det)
+        return max(0.0, my - per_query * mq - per_token * mt), per_query, per_token
 
-    @property
-    def fixed_ms(self) -> float:
-        if self.weight == 0:
-            return 0.0
-        return max(0.0, (self.ms - self.per_token_ms * self.tokens) / self.weight)
-
-    def step_ms(self, tokens: float) -> float:
-        return self.fixed_ms + self.per_token_ms * tokens
+    def step_ms(self, query: float, tokens: float) -> float:
+        fixed, per_query, per_token = self.coefficients
+        return fixed + per_query * query + per_token * tokens
 
 
 @dataclass
@@ -212,22 +268,32 @@ class DraftRow:
     acceptance: AcceptanceEstimate
     longest: int  # longest main draft allowed (its block size, cut to its remaining token budget)
     candidates: int = 0  # recycled candidates it has on offer now (0 when none matches its head)
+    _memo: dict[tuple[int, int], float] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def widest(self) -> int:
         return self.longest * (1 + self.candidates)
 
-    def best_shape(self, width: int) -> DraftShape:
-        """The shape of most expected tokens within ``width`` query tokens (fewer candidates on ties)."""
+    def best_shape(self, width: int) -> tuple[DraftShape, float]:
+        """The shape of most expected tokens within ``width`` query tokens (fewer candidates on ties), and
+        those tokens."""
         best = DraftShape(max(1, min(width, self.longest)))
+        value = self.expected(best.length, 0)
         for candidates in range(1, self.candidates + 1):
             length = min(width // (1 + candidates), self.longest)
             if length < 2:  # a 1-token candidate is the head itself
                 break
-            shape = DraftShape(length, candidates)
-            if self.acceptance.expected(length, candidates) > self.acceptance.expected(best.length, best.candidates):
-                best = shape
-        return best
+            gain = self.expected(length, candidates)
+            if gain > value:
+                best, value = DraftShape(length, candidates), gain
+        return best, value
+
+    def expected(self, length: int, candidates: int) -> float:
+        """The acceptance estimate's value, remembered: a plan asks for the same shapes at many widths."""
+        key = (length, candidates)
+        if key not in self._memo:
+            self._memo[key] = self.acceptance.expected(length, candidates)
+        return self._memo[key]
 
 
 @dataclass
@@ -235,6 +301,7 @@ class DraftPlan:
     shapes: list[DraftShape]  # shape of every load-aware row, in order
     width: int  # query tokens per row of the forward (rows are padded to it)
     expected_tokens_per_s: float
+    menu_width: int = 0  # the candidate width it was planned for (the next plan's ``keep``)
 
     @property
     def lengths(self) -> list[int]:
@@ -251,30 +318,38 @@ def candidate_widths(longest: int) -> list[int]:
 
 
 def plan_drafts(
-    curve: CostCurve,
+    curve: CostCurve | ObservedCosts,
     rows: Sequence[DraftRow],
     fixed_rows: int = 0,
     fixed_width: int = 1,
     overhead: StepOverhead | None = None,
+    keep: int | None = None,
 ) -> DraftPlan:
     """Draft shapes for the load-aware ``rows`` that maximise the batch's expected tokens per second.
 
     Every row is padded to the forward's width, so for each candidate width each row takes its best shape
     that fits in it, and the width of highest value wins (ties go to the narrower one). ``fixed_rows`` other
     requests share the forward with a query of up to ``fixed_width`` tokens (counted as one token gained
-    each); ``overhead`` is the step's time outside the model, fixed and per token committed.
+    each); ``overhead`` is the step's time outside the model (fixed, per query token and per token committed).
+    ``keep``, the last plan's candidate width, stays unless another width is worth ``HYSTERESIS`` more: a
+    window that changes length loses part of what its guesses had converged to. AR wins without the margin.
     """
     if not rows:
         raise ValueError("plan_drafts needs at least one load-aware row")
     overhead = overhead or StepOverhead()
     batch = len(rows) + fixed_rows
-    best: DraftPlan | None = None
+    plans: dict[int, DraftPlan] = {}
     for width in candidate_widths(max(row.widest for row in rows)):
-        shapes = [row.best_shape(width) for row in rows]
-        tokens = fixed_rows + sum(row.acceptance.expected(s.length, s.candidates) for row, s in zip(rows, shapes))
+        best_shapes = [row.best_shape(width) for row in rows]
+        shapes = [shape for shape, _ in best_shapes]
+        tokens = fixed_rows + sum(value for _, value in best_shapes)
         forward_width = max(fixed_width, *(shape.width for shape in shapes))
-        seconds = (curve.cost_ms(batch, forward_width) + overhead.step_ms(tokens)) / 1000.0
+        outside = overhead.step_ms(batch * forward_width, tokens)
+        seconds = (curve.cost_ms(batch, forward_width) + outside) / 1000.0
         rate = tokens / seconds if seconds > 0 else float("inf")
-        if best is None or rate > best.expected_tokens_per_s:
-            best = DraftPlan(shapes, max(shape.width for shape in shapes), rate)
+        plans[width] = DraftPlan(shapes, max(shape.width for shape in shapes), rate, width)
+    best = max(plans.values(), key=lambda plan: plan.expected_tokens_per_s)  # the first, narrowest, on ties
+    kept = plans.get(keep) if keep is not None and best.menu_width > 1 else None  # AR needs no margin
+    if kept is not None and best.expected_tokens_per_s < (1 + HYSTERESIS) * kept.expected_tokens_per_s:
+        return kept
     return best
