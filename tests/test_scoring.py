@@ -13,9 +13,9 @@ LIMITS = SandboxLimits(timeout_s=10.0)
 
 
 def test_reference_bodies_pass_and_wrong_ones_fail():
-    tasks = load_examples("code", "heldout", 12, seed=4)
+    tasks = load_examples("code", "heldout", 40, seed=4)  # every kind and reduction, most filters
     good = score_outputs(tasks, [t.answer for t in tasks], LIMITS)
-    assert good["pass_at_1"] == 1.0 and good["correct"] == 12 and good["n"] == 12
+    assert good["pass_at_1"] == 1.0 and good["correct"] == 40 and good["n"] == 40
     wrong = ["    return None\n", "    return 1 / 0\n", "    while True:\n        pass\n", "    import socket\n"]
     bad = score_outputs(tasks[:4], wrong, SandboxLimits(timeout_s=2.0))
     assert bad["pass_at_1"] == 0.0 and not any(s["correct"] for s in bad["samples"])

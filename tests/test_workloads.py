@@ -10,7 +10,7 @@ import pytest
 from jf_ray.cli.main import main
 from jf_ray.errors import UserInputError
 from jf_ray.workloads import load_examples, read_examples, write_examples
-from jf_ray.workloads.code import FAMILIES, draw_task, generate_code
+from jf_ray.workloads.code import KINDS, REDUCTIONS, draw_task, generate_code
 from jf_ray.workloads.common import jsonl_to_examples, split_of
 from jf_ray.workloads.humaneval import humaneval_examples
 from jf_ray.workloads.math import column, final_answer, generate_math, is_correct
@@ -132,13 +132,17 @@ def spec_of(example) -> str:
     return signature + "\n" + doc.strip().removeprefix('"' * 3)
 
 
-def test_code_tasks_are_humaneval_shaped():
+def test_code_tasks_are_humaneval_shaped_with_multi_line_bodies():
     for example in generate_code(40, "heldout", seed=3):
         assert example.prompt.startswith(f"def {example.entry_point}(") and ">>> " in example.prompt
         assert example.tests.startswith("def check(candidate):\n") and example.tests.count("assert ") == 5
+        assert len(set(example.tests.splitlines())) == 6  # five different test inputs
         assert body_parses(example.prompt, example.answer)
-    families = {draw_task(__import__("random").Random(i))[1].answer.split("return ")[1][:6] for i in range(400)}
-    assert len(families) > 10 and len(FAMILIES) >= 25
+        assert example.answer.count("\n") >= 4 and "    for " in example.answer  # a loop, statement by statement
+    tasks = [draw_task(__import__("random").Random(i))[1] for i in range(600)]
+    returns = {t.answer.rsplit("return ", 1)[1].split("(")[0][:8] for t in tasks}
+    loops = {t.answer.split("for ")[1].split(" in")[0] for t in tasks}
+    assert len(returns) >= 8 and loops == {"x", "w", "ch"} and len(REDUCTIONS) >= 8 and len(KINDS) >= 3
 
 
 # ---------------------------------------------------------------- stdlib (language modelling)
