@@ -186,6 +186,7 @@ def test_ngram_pool_candidates_start_with_the_head_and_keep_the_draft_length():
     assert candidates == [[5, 8, 0, 0, 0], [5, 6, 7, 0, 0]]  # newest entry first, padded with the draft
     assert pool.candidates(draft, limit=1) == [[5, 8, 0, 0, 0]]
     assert pool.candidates([4, 0, 0], limit=4) == []
+    assert pool.candidates(draft, limit=0) == []  # a plan that allows no candidate gets none
 
 
 @pytest.mark.parametrize("spawn_ratio", [0.1, 0.5])

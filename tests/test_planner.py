@@ -206,3 +206,42 @@ def test_the_last_width_is_kept_unless_another_pays_clearly_more_except_ar():
     assert plan_drafts(gentle, rows, keep=4).menu_width == 8  # 2.5 tokens in 11.2 ms: 8 pays 45% more
     proportional = curve(lambda b, w: 10.0 * b * w)
     assert plan_drafts(proportional, rows, keep=8).menu_width == 1  # AR is taken as soon as it pays more
+
+
+def test_the_cheap_bound_skips_widths_but_never_changes_the_plan(monkeypatch):
+    """At saturation the planner skips widths whose upper bound cannot beat AR; its plans are the exhaustive
+    search's, on curves from free width to saturation and tables with noisy, non-monotone measurements."""
+    import random
+
+    from jf_ray.decoding import planner
+    from jf_ray.decoding.planner import GainTable, StepOverhead
+
+    rng = random.Random(0)
+    overhead = StepOverhead()
+    for query in (16, 64, 256):
+        overhead.observe(query, 8, 1.0 + 0.01 * query)
+    skipped, looked_at, shape_of = 0, [], DraftRow.best_shape
+
+    def counted_best_shape(row, width):
+        looked_at.append(width)
+        return shape_of(row, width)
+
+    for _ in range(80):
+        table = GainTable()
+        for length in rng.sample([2, 4, 8, 16, 32], rng.randint(0, 5)):
+            for _ in range(4):
+                table.observe(length, rng.randint(1, length))
+        rows = [DraftRow(AcceptanceEstimate(table=table), rng.choice([1, 3, 8, 32])) for _ in range(rng.randint(1, 16))]
+        for row in rows:
+            row.acceptance.gained = rng.uniform(0.1, 3.0)
+        costs, fixed, keep = curve(knee(rng.choice([4, 16, 64, 256]))), rng.randint(0, 3), rng.choice([None, 4, 32])
+        looked_at.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(DraftRow, "best_shape", counted_best_shape)
+            pruned = plan_drafts(costs, rows, fixed, 1, overhead, keep)
+        with monkeypatch.context() as patch:
+            patch.setattr(planner, "_gain_ceiling", lambda rows: None)
+            exhaustive = plan_drafts(costs, rows, fixed, 1, overhead, keep)
+        assert pruned == exhaustive
+        skipped += len(set(looked_at)) < len(planner.candidate_widths(max(row.widest for row in rows)))
+    assert skipped >= 10  # the bound did skip widths, in many of the trials

@@ -77,6 +77,9 @@ class AutoPolicy(RollingJacobiPolicy):
         return [main, *candidates]
 
     def update(self, req: RequestState) -> None:
+        if self.n == 1 and not self.num_candidates:  # an AR forward: nothing to judge, recycle or learn from
+            self.settled += 1
+            return super().update(req)
         judged = self.recycler.judge(req, self.num_candidates)
         if self.settled >= max(SETTLING_FORWARDS, self.n // 4):  # what a window gains once its guesses are refined
             self.acceptance.observe(len(req.segments[0].tokens), judged.main_accepted)

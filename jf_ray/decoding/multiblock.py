@@ -43,6 +43,8 @@ class NGramPool:
     def candidates(self, draft: list[int], limit: int) -> list[list[int]]:
         """Up to ``limit`` distinct drafts ``[head] + continuation``, padded to ``len(draft)`` with its tail."""
         head, length, found = draft[0], len(draft), []
+        if limit <= 0:
+            return found
         for entry in reversed(self.entries):
             for i, token in enumerate(entry[:-1]):
                 if token != head:
@@ -72,8 +74,10 @@ class Recycler:
 
     def candidates(self, req: RequestState, draft: list[int], limit: int) -> list[list[int]]:
         """Context continuation first (when enabled), then pool entries; at most ``limit``, all distinct."""
-        found = []
-        if limit and req.config.recycle_context:
+        found: list[list[int]] = []
+        if limit <= 0:
+            return found
+        if req.config.recycle_context:
             copied = lookup_continuation(req.prompt_ids + req.generated, req.config.lookup_max_ngram, len(draft) - 1)
             candidate = [draft[0]] + copied + draft[1 + len(copied) :]
             if copied and candidate != draft:

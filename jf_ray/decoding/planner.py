@@ -338,18 +338,53 @@ def plan_drafts(
         raise ValueError("plan_drafts needs at least one load-aware row")
     overhead = overhead or StepOverhead()
     batch = len(rows) + fixed_rows
+
+    def rate(tokens: float, forward_width: int) -> float:
+        seconds = (curve.cost_ms(batch, forward_width) + overhead.step_ms(batch * forward_width, tokens)) / 1000.0
+        return tokens / seconds if seconds > 0 else float("inf")
+
     plans: dict[int, DraftPlan] = {}
+    ceiling = _gain_ceiling(rows)
     for width in candidate_widths(max(row.widest for row in rows)):
-        best_shapes = [row.best_shape(width) for row in rows]
+        if plans and ceiling is not None:  # cheap bound first: at saturation no row is looked at twice
+            forward_width = max(fixed_width, min(width, max(row.longest for row in rows)))
+            if rate(fixed_rows + ceiling(width), forward_width) <= plans[1].expected_tokens_per_s:
+                continue
+        if width == 1:  # AR: every row's head, one token each
+            best_shapes = [(DraftShape(1), 1.0)] * len(rows)
+        else:
+            best_shapes = [row.best_shape(width) for row in rows]
         shapes = [shape for shape, _ in best_shapes]
         tokens = fixed_rows + sum(value for _, value in best_shapes)
         forward_width = max(fixed_width, *(shape.width for shape in shapes))
-        outside = overhead.step_ms(batch * forward_width, tokens)
-        seconds = (curve.cost_ms(batch, forward_width) + outside) / 1000.0
-        rate = tokens / seconds if seconds > 0 else float("inf")
-        plans[width] = DraftPlan(shapes, max(shape.width for shape in shapes), rate, width)
+        plans[width] = DraftPlan(shapes, max(shape.width for shape in shapes), rate(tokens, forward_width), width)
     best = max(plans.values(), key=lambda plan: plan.expected_tokens_per_s)  # the first, narrowest, on ties
     kept = plans.get(keep) if keep is not None and best.menu_width > 1 else None  # AR needs no margin
-    if kept is not None and best.expected_tokens_per_s < (1 + HYSTERESIS) * kept.expected_tokens_per_s:
-        return kept
-    return best
+    if kept is None or kept.expected_tokens_per_s <= plans[1].expected_tokens_per_s:
+        return best  # nor is a width kept that does not beat AR (the bound above may have skipped it)
+    return kept if best.expected_tokens_per_s < (1 + HYSTERESIS) * kept.expected_tokens_per_s else best
+
+
+def _gain_ceiling(rows: Sequence[DraftRow]):
+    """An upper bound of the rows' summed expected tokens at each width, in O(1) per width once the rows are
+    summed; ``None`` when a row has candidates on offer (their gain is not bounded this way).
+
+    Without candidates a row's shape at width ``w`` is a window of ``L = min(w, longest)`` tokens, gaining
+    ``1 + (g(L) - 1) * scale``: at most ``1 + (G(w) - 1) * scale`` with ``G(w)`` the table's largest gain at
+    any length up to ``w`` (piecewise linear between powers of two, so the largest at one of those or at ``w``).
+    A plan's rate ``T / (a + b T)`` grows with its tokens ``T``, so a width whose bound does not beat AR's
+    rate cannot win, and is skipped.
+    """
+    if any(row.candidates for row in rows):
+        return None
+    tables = {id(row.acceptance.table): row.acceptance.table for row in rows}
+    if len(tables) != 1:
+        return None
+    [table] = tables.values()
+    scales = sum(row.acceptance.scale for row in rows)
+
+    def ceiling(width: int) -> float:
+        largest = max(table.gain(length) for length in (*candidate_widths(width), width))
+        return len(rows) + max(0.0, largest - 1.0) * scales
+
+    return ceiling

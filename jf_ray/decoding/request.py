@@ -82,6 +82,8 @@ class RequestState:
 
     def context_sample(self, count: int) -> list[int]:
         """``count`` ids drawn uniformly with replacement from the context (prompt + output): draft guesses."""
+        if count <= 0:
+            return []
         context = self.prompt_ids + self.generated
         picks = torch.randint(len(context), (count,), generator=self.generator).tolist()
         return [context[i] for i in picks]
