@@ -24,6 +24,9 @@ from jf_ray.sandbox import SandboxLimits, execute_many
 from jf_ray.workloads.common import Example
 from jf_ray.workloads.math import final_answer
 
+# Every quality field a report row may carry, with its column label: the one list (report tables, job rows,
+# `jf-ray eval`'s summary line read it).
+QUALITY_FIELDS = {"pass_at_1": "pass@1", "accuracy": "accuracy", "loss": "loss"}
 NUM_SAMPLES = 3  # decoded examples kept in a report, for a human to eyeball
 _FENCE_RE = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
 

@@ -7,6 +7,7 @@ import argparse
 from jf_ray.cli.common import FieldFlag, add_config_options, config_from_args, decoder_name, positive_int
 from jf_ray.config import DTYPE_NAMES
 from jf_ray.decoding.registry import DECODER_NAMES
+from jf_ray.scoring import QUALITY_FIELDS
 from jf_ray.workloads.common import SPLITS, TASKS
 
 FLAGS = (
@@ -75,7 +76,7 @@ def _progress_bar(decoder: str, total: int):
     return lambda done: bar.update(done)
 
 
-SUMMARY_FIELDS = ("n", "pass_at_1", "accuracy", "loss", "correct", "tpf", "tokens_per_s", "speedup_vs_ar", "repetition")
+SUMMARY_FIELDS = ("n", *QUALITY_FIELDS, "correct", "tpf", "tokens_per_s", "speedup_vs_ar", "repetition")
 
 
 def print_summary(report: dict) -> None:

@@ -14,12 +14,11 @@ import logging
 from jf_ray.bench.decoders import VLLM, vllm_runner
 from jf_ray.decoding import DecodeConfig
 from jf_ray.evaluation import evaluate_decoders
+from jf_ray.scoring import QUALITY_FIELDS
 from jf_ray.workloads import read_examples
 from jf_ray.workloads.common import LOSS_TASKS
 
 logger = logging.getLogger(__name__)
-
-QUALITY_KEYS = ("pass_at_1", "accuracy", "loss")
 
 
 def evaluate_task(
@@ -74,7 +73,7 @@ def evaluate_task(
     report = {}
     for name in [*decoders, *references]:
         report[name] = {k: v for k, v in rows[name].items() if k != "samples"}
-        quality = {k: report[name][k] for k in QUALITY_KEYS if k in report[name]}
+        quality = {k: report[name][k] for k in QUALITY_FIELDS if k in report[name]}
         logger.info("%s %s %s: tpf %.2f, %s", model_uri, task, name, report[name]["tpf"], quality)
     report["samples"] = rows[decoders[-1]]["samples"][:2]
     return report

@@ -10,11 +10,10 @@ import logging
 from jf_ray.pipeline.config import PipelineConfig
 from jf_ray.pipeline.outputs import CollectOutput, ReportOutput, RunOutputs, TrainOutput
 from jf_ray.pipeline.sections import EvaluationSection
+from jf_ray.scoring import QUALITY_FIELDS
 from jf_ray.storage import exists, join_uri, read_bytes, write_bytes_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
-
-QUALITY_COLUMNS = {"pass_at_1": "pass@1", "accuracy": "accuracy", "loss": "loss"}  # the task's quality field
 
 
 def write_report(cfg: PipelineConfig, outputs: RunOutputs) -> ReportOutput:
@@ -112,7 +111,7 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
         lines += [
             f"## {task}",
             "",
-            f"| round (n) | decoder | {QUALITY_COLUMNS.get(metric, '-')} | TPF | tokens/s | speed-up vs AR | "
+            f"| round (n) | decoder | {QUALITY_FIELDS.get(metric, '-')} | TPF | tokens/s | speed-up vs AR | "
             "exact vs AR | repetition |" + (" speed-up vs vLLM | exact vs vLLM |" if _has_vllm(report, task) else ""),
             "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if _has_vllm(report, task) else ""),
         ]
@@ -152,13 +151,13 @@ def quality_lines(round_eval: list[dict | None], rounds: list[dict]) -> list[str
     lines = [
         "## Quality (held-out quality sets, greedy)",
         "",
-        "| round (n) | task | examples | pass@1 | accuracy | loss | repetition |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| round (n) | task | examples | " + " | ".join(QUALITY_FIELDS.values()) + " | repetition |",
+        "| --- | --- | --- | " + "--- | " * len(QUALITY_FIELDS) + "--- |",
     ]
     for rnd, evals in zip(rounds, round_eval):
         label = round_label(rnd)
         for task, row in (evals or {}).items():
-            values = [row.get(k) for k in ("n", "pass_at_1", "accuracy", "loss", "repetition")]
+            values = [row.get(k) for k in ("n", *QUALITY_FIELDS, "repetition")]
             lines.append(f"| {label} | {task} | " + " | ".join(_fmt(v) for v in values) + " |")
     return lines + [""]
 
@@ -166,7 +165,7 @@ def quality_lines(round_eval: list[dict | None], rounds: list[dict]) -> list[str
 def quality_field(rows: dict) -> str | None:
     """The quality field a task's rows carry (pass_at_1, accuracy or loss), None where there is none."""
     row = next((r for name, r in rows.items() if name != "samples"), {})
-    return next((field for field in QUALITY_COLUMNS if field in row), None)
+    return next((field for field in QUALITY_FIELDS if field in row), None)
 
 
 def round_label(rnd: dict) -> str:
