@@ -15,7 +15,7 @@ from jf_ray.packing.pack import (
     packed_to_table,
     table_to_packed,
 )
-from jf_ray.packing.schedules import choose_state, noise_ratio, target_ratios
+from jf_ray.packing.schedules import choose_state, noise_ratio, ratio_grid, target_ratios
 from jf_ray.packing.schema import PACKED_ARROW_SCHEMA
 
 
@@ -93,6 +93,29 @@ def test_random_strategy_is_reproducible_per_response(trajectories):
     first, _ = pack_rows(trajectories, options)
     again, _ = pack_rows(list(reversed(trajectories)), options)
     assert [s.target_ratios for s in first] == [s.target_ratios for s in again]
+
+
+def test_random_phase_lets_short_responses_see_the_whole_ramp(trajectories):
+    """A response of fewer blocks than the window starts its ramp at a step drawn per response: across
+    responses every ratio of the grid is targeted, not only the ramp's low end; still a ramp, reproducible."""
+    window = 16  # longer than every response here (at most 5 blocks): from step 0 they would all stop at the low end
+    plain, _ = pack_rows(trajectories, PackOptions(window=window))
+    assert max(t for s in plain for t in s.target_ratios) < 0.5
+    options = PackOptions(window=window, random_phase=True, seed=1)
+    shifted, _ = pack_rows(trajectories, options)
+    again, _ = pack_rows(list(reversed(trajectories)), options)
+    assert [s.target_ratios for s in shifted] == [s.target_ratios for s in again]
+    grid = ratio_grid(window)
+    for seq in shifted:
+        phase = grid.index(seq.target_ratios[0])
+        assert seq.target_ratios == [grid[(phase + j) % window] for j in range(len(seq.target_ratios))]
+    seen = {
+        t
+        for seed in range(6)
+        for s in pack_rows(trajectories, PackOptions(window, random_phase=True, seed=seed))[0]
+        for t in s.target_ratios
+    }
+    assert max(seen) == 1.0 and len(seen) >= 6
 
 
 def test_max_tokens_keeps_leading_blocks_and_skips_what_cannot_fit(trajectories):

@@ -91,9 +91,8 @@ PRESETS: dict[str, dict] = {
     # prompt; it appears late (about 10% held-out accuracy after 850 steps, 98% after 1000, 100% after 1500).
     # The extra 500 steps (+2 minutes) buy robustness, not only accuracy: the 1000-step model lost 5.5 points
     # in one Jacobi Forcing round that cost the 1500-step model 2.5. The executed code tasks need far more:
-    # held-out pass@1 22% after 1100 steps and 35.5% after 1800 with 12,000 tasks, 89.5% after 4000 with
-    # 36,000 (math 100%; about 26 minutes on 2 cores, docs/results.md). Raw stdlib rows stay a small
-    # language-modelling share.
+    # held-out pass@1 20-30% after 1100-1200 steps, 99% after 4000 with 36,000 tasks (math 100%; about 25
+    # minutes on 2 cores, docs/results.md). Raw stdlib rows stay a small language-modelling share.
     "small": dict(
         vocab_size=2048,
         tokenizer_chars=3_000_000,

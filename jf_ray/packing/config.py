@@ -19,6 +19,11 @@ class PackConfig(StageConfig):
         description="target ratio per block: cyclic ramp (method), random or reverse (ablations)",
     )
     seed: int = Field(0, description="seed of the random strategy (each response draws from (seed, prompt_id))")
+    random_phase: bool = Field(
+        False,
+        description="start each response's ramp at a random step (from seed, prompt_id), so that responses "
+        "shorter than the window see every noise ratio, not only the ramp's low end (docs/training.md)",
+    )
     max_tokens: int | None = Field(
         None, ge=2, description="cap on packed length: keep the leading blocks that fit (None = no cap)"
     )

@@ -34,6 +34,7 @@ class PackOptions:
     strategy: Strategy = "progressive"
     seed: int = 0  # only the random strategy draws; each response gets its own stream from (seed, prompt_id)
     max_tokens: int | None = None  # keep the longest run of leading blocks whose packed length fits
+    random_phase: bool = False  # each response's ramp starts at a step drawn from (seed, prompt_id)
 
 
 @dataclass
@@ -126,7 +127,9 @@ def pack_response(blocks: Sequence[dict], options: PackOptions) -> PackedSequenc
         return None
     kept = blocks[:keep]
     prompt_id = str(kept[0]["prompt_id"])
-    targets = target_ratios(keep, options.window, options.strategy, response_rng(options.seed, prompt_id))
+    rng = response_rng(options.seed, prompt_id)
+    phase = rng.randrange(options.window) if options.random_phase else 0
+    targets = target_ratios(keep, options.window, options.strategy, rng, phase)
     noisy, clean, chosen, achieved = [], [], [], []
     for block, target in zip(kept, targets):
         fixed_point = list(block["fixed_point"])

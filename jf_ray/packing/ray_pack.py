@@ -29,7 +29,13 @@ STAT_COLUMNS = ("rows", "blocks", "tokens", "truncated", "malformed", "too_long"
 
 
 def options_of(config: PackConfig) -> PackOptions:
-    return PackOptions(window=config.window, strategy=config.strategy, seed=config.seed, max_tokens=config.max_tokens)
+    return PackOptions(
+        window=config.window,
+        strategy=config.strategy,
+        seed=config.seed,
+        max_tokens=config.max_tokens,
+        random_phase=config.random_phase,
+    )
 
 
 def pack_group(group: pa.Table, options: PackOptions) -> pa.Table:

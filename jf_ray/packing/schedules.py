@@ -48,19 +48,24 @@ def ratio_grid(window: int) -> list[float]:
 
 
 def target_ratios(
-    num_blocks: int, window: int, strategy: Strategy = "progressive", rng: random.Random | None = None
+    num_blocks: int,
+    window: int,
+    strategy: Strategy = "progressive",
+    rng: random.Random | None = None,
+    phase: int = 0,
 ) -> list[float]:
     """Target noise ratio of each of ``num_blocks`` consecutive blocks.
 
     progressive: cyclic linear ramp 0 -> 1 restarting every ``window`` blocks (the method's default);
     reverse: the same ramp 1 -> 0 (ablation); random: uniform draws from the same grid (ablation; pass a
-    seeded ``rng`` for reproducible packing).
+    seeded ``rng`` for reproducible packing). ``phase`` starts the ramps that many steps in: a response of
+    fewer blocks than the window reaches only the ramp's low end from step 0 (docs/training.md).
     """
     grid = ratio_grid(window)
     if strategy == "progressive":
-        return [grid[j % window] for j in range(num_blocks)]
+        return [grid[(j + phase) % window] for j in range(num_blocks)]
     if strategy == "reverse":
-        return [grid[window - 1 - (j % window)] for j in range(num_blocks)]
+        return [grid[window - 1 - ((j + phase) % window)] for j in range(num_blocks)]
     if strategy == "random":
         rng = rng or random.Random(0)
         return [grid[rng.randrange(window)] for _ in range(num_blocks)]
