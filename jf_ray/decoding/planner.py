@@ -345,9 +345,10 @@ def plan_drafts(
 
     plans: dict[int, DraftPlan] = {}
     ceiling = _gain_ceiling(rows)
+    longest = max(row.longest for row in rows)
     for width in candidate_widths(max(row.widest for row in rows)):
         if plans and ceiling is not None:  # cheap bound first: at saturation no row is looked at twice
-            forward_width = max(fixed_width, min(width, max(row.longest for row in rows)))
+            forward_width = max(fixed_width, min(width, longest))
             if rate(fixed_rows + ceiling(width), forward_width) <= plans[1].expected_tokens_per_s:
                 continue
         if width == 1:  # AR: every row's head, one token each
