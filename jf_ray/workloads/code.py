@@ -299,7 +299,7 @@ class Task:
 
     @property
     def item_type(self) -> str:
-        return self.transform.gives or self.kind.item if self.transform else self.kind.item
+        return _item_type(self.kind, self.transform)
 
     def description(self, arg: str) -> str:
         items = self.kind.noun.format(a=arg)
@@ -371,6 +371,11 @@ def draw_task(rng: random.Random) -> tuple[str, Example]:
     return signature + description, example
 
 
+def _item_type(kind: Kind, transform: Part | None) -> str:
+    """The type of the items a reduction sees: the kind's, or what the transformation makes of them."""
+    return (transform.gives or kind.item) if transform else kind.item
+
+
 def _distinct_inputs(rng: random.Random, kind: Kind, tries: int = 100) -> list:
     """Inputs for the examples and the tests, all different where the input space allows."""
     cases: list = []
@@ -389,7 +394,7 @@ def _draw_composition(rng: random.Random) -> Task:
     kind = rng.choice(KINDS)
     filter_ = rng.choice(kind.filters) if rng.random() < 0.75 else None
     transform = rng.choice(kind.transforms) if rng.random() < 0.5 else None
-    item = transform.gives or kind.item if transform else kind.item
+    item = _item_type(kind, transform)
     options = [(r,) for r in REDUCTIONS if item in r.items] + [p for p in PAIRS if all(item in r.items for r in p)]
     options = [rs for rs in options if filter_ or not any(r.needs_filter for r in rs)]
     if transform:  # a count alone would leave the transformed value unused
