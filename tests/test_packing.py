@@ -62,7 +62,7 @@ def trajectories():
 
 
 def test_packed_layout_matches_the_method(trajectories):
-    packed, stats = pack_rows(trajectories, PackOptions(window=4))
+    packed, stats = pack_rows(trajectories, PackOptions(window=4, random_phase=False))
     assert stats.packed == stats.responses == 5 and not stats.skipped
     for seq in packed:
         blocks = sorted((r for r in trajectories if r["prompt_id"] == seq.prompt_id), key=lambda r: r["block_index"])
@@ -99,9 +99,9 @@ def test_random_phase_lets_short_responses_see_the_whole_ramp(trajectories):
     """A response of fewer blocks than the window starts its ramp at a step drawn per response: across
     responses every ratio of the grid is targeted, not only the ramp's low end; still a ramp, reproducible."""
     window = 16  # longer than every response here (at most 5 blocks): from step 0 they would all stop at the low end
-    plain, _ = pack_rows(trajectories, PackOptions(window=window))
+    plain, _ = pack_rows(trajectories, PackOptions(window=window, random_phase=False))
     assert max(t for s in plain for t in s.target_ratios) < 0.5
-    options = PackOptions(window=window, random_phase=True, seed=1)
+    options = PackOptions(window=window, seed=1)  # random_phase is the default
     shifted, _ = pack_rows(trajectories, options)
     again, _ = pack_rows(list(reversed(trajectories)), options)
     assert [s.target_ratios for s in shifted] == [s.target_ratios for s in again]
@@ -112,7 +112,7 @@ def test_random_phase_lets_short_responses_see_the_whole_ramp(trajectories):
     seen = {
         t
         for seed in range(6)
-        for s in pack_rows(trajectories, PackOptions(window, random_phase=True, seed=seed))[0]
+        for s in pack_rows(trajectories, PackOptions(window, seed=seed))[0]
         for t in s.target_ratios
     }
     assert max(seen) == 1.0 and len(seen) >= 6

@@ -20,7 +20,7 @@ class PackConfig(StageConfig):
     )
     seed: int = Field(0, description="seed of the random strategy (each response draws from (seed, prompt_id))")
     random_phase: bool = Field(
-        False,
+        True,
         description="start each response's ramp at a random step (from seed, prompt_id), so that responses "
         "shorter than the window see every noise ratio, not only the ramp's low end (docs/training.md)",
     )

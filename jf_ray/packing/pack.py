@@ -34,7 +34,7 @@ class PackOptions:
     strategy: Strategy = "progressive"
     seed: int = 0  # only the random strategy draws; each response gets its own stream from (seed, prompt_id)
     max_tokens: int | None = None  # keep the longest run of leading blocks whose packed length fits
-    random_phase: bool = False  # each response's ramp starts at a step drawn from (seed, prompt_id)
+    random_phase: bool = True  # each response's ramp starts at a step drawn from (seed, prompt_id)
 
 
 @dataclass
