@@ -10,7 +10,8 @@ import pytest
 from jf_ray.cli.main import main
 from jf_ray.errors import UserInputError
 from jf_ray.workloads import load_examples, read_examples, write_examples
-from jf_ray.workloads.code import KINDS, REDUCTIONS, draw_task, generate_code
+from jf_ray.workloads.code import draw_task, generate_code
+from jf_ray.workloads.code_parts import KINDS, REDUCTIONS
 from jf_ray.workloads.common import jsonl_to_examples, split_of
 from jf_ray.workloads.humaneval import humaneval_examples
 from jf_ray.workloads.math import column, final_answer, generate_math, is_correct
