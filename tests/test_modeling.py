@@ -7,7 +7,7 @@ import torch
 from tiny_models import random_qwen2
 
 from jf_ray.errors import UserInputError
-from jf_ray.modeling import attention_backends, load_model, local_model_path, resolve_dtype
+from jf_ray.modeling import GROUPED_SDPA, attention_backends, load_model, local_model_path, resolve_dtype
 
 
 def test_forwards_on_cuda_leave_out_cudnn_attention():
@@ -43,3 +43,39 @@ def test_model_references_resolve_to_checkpoints_or_clear_errors(tmp_path):
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, reference(ids).logits)
+
+
+def test_loaded_models_pass_grouped_heads_to_sdpa_with_the_same_results(tmp_path):
+    """load_model's "sdpa" hands grouped K/V heads to the kernel unrepeated under a mask (see modeling): the
+    logits of a ragged, masked forward and the greedy decode match transformers' own sdpa."""
+    from transformers import DynamicCache
+
+    from jf_ray.decoding.engine import generate
+    from jf_ray.decoding.query import Segment, build_query
+    from jf_ray.decoding.types import DecodeConfig
+
+    reference = random_qwen2(seed=5)
+    reference.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), dtype="fp32", device="cpu")
+    assert loaded.config._attn_implementation == GROUPED_SDPA
+    assert loaded.config.num_key_value_heads < loaded.config.num_attention_heads  # the grouped path is exercised
+    valid = torch.tensor([[True] * 6, [True, False, True, True, False, False]])  # ragged rows, holes
+    keys = torch.randn(2, 2, 6, loaded.config.hidden_size // loaded.config.num_attention_heads)
+    query = build_query([[Segment([5, 6, 7], 6)], [Segment([8], 3)]], valid, torch.float32)
+    outs = []
+    for model in (loaded, reference):
+        cache = DynamicCache()
+        for layer in range(model.config.num_hidden_layers):
+            cache.update(keys, keys.flip(2), layer)
+        with torch.no_grad():
+            inputs = dict(
+                input_ids=query.input_ids, position_ids=query.position_ids, attention_mask=query.attention_mask
+            )
+            outs.append(model(**inputs, past_key_values=cache).logits)
+    torch.testing.assert_close(outs[0], outs[1])
+    prompts = [[1, 2, 3, 4], [9, 8, 7, 6, 5, 4, 3]]
+    greedy = DecodeConfig(decoder="ar", max_new_tokens=24)
+    ar = [r.token_ids for r in generate(reference, prompts, greedy, [0], batch_size=2)]
+    for decoder in ("ar", "jacobi", "rolling"):
+        config = greedy.model_copy(update={"decoder": decoder, "block_size": 8})
+        assert [r.token_ids for r in generate(loaded, prompts, config, [0], batch_size=2)] == ar
