@@ -283,3 +283,30 @@ def test_generate_reports_progress_as_prompts_finished_since_the_last_call(model
     assert [r.token_ids for r in results] == ar_outputs
     assert sum(calls) == len(prompts) and all(n >= 1 for n in calls)
     assert len(forward_s) > len(calls) and forward_s == sorted(forward_s) and forward_s[-1] > 0
+
+
+def test_cache_layers_append_in_place_and_adopt_tensors_put_in_their_place():
+    """K/V are written into spare slots (no copy of the whole cache per forward); crops keep the buffer, row
+    moves that replace the tensors are adopted, and growing past the spare slots keeps every slot."""
+    from jf_ray.decoding.cache import SpareSlotsLayer
+
+    layer, a, b = SpareSlotsLayer(), torch.randn(2, 1, 5, 4), torch.randn(2, 1, 3, 4)
+    layer.update(a, -a)
+    start = layer.keys.data_ptr()
+    keys, values = layer.update(b, -b)
+    assert keys.data_ptr() == start  # in place
+    torch.testing.assert_close(keys, torch.cat([a, b], 2))
+    torch.testing.assert_close(values, -torch.cat([a, b], 2))
+    layer.keys, layer.values = keys[:, :, :6], values[:, :, :6]  # a crop: slots 6-7 are written over next
+    keys, _ = layer.update(b, -b)
+    assert keys.data_ptr() == start
+    torch.testing.assert_close(keys, torch.cat([a, b[:, :, :1], b], 2))
+    layer.keys, layer.values = layer.keys[[1]], layer.values[[1]]  # a row move: a new tensor, adopted
+    keys, values = layer.update(b[[0]], -b[[0]])
+    expected = torch.cat([a[[1]], b[[1], :, :1], b[[1]], b[[0]]], 2)
+    torch.testing.assert_close(keys, expected)
+    for _ in range(5):  # far past the spare slots
+        expected = torch.cat([expected, b[[0]].repeat(1, 1, 20, 1)], 2)
+        keys, values = layer.update(b[[0]].repeat(1, 1, 20, 1), -b[[0]].repeat(1, 1, 20, 1))
+    torch.testing.assert_close(keys, expected)
+    torch.testing.assert_close(values, -expected)

@@ -181,8 +181,9 @@ def test_observed_costs_raise_the_cells_that_proved_dearer():
         costs.observe(16, 4, 40.0)  # the curve says 10 ms; served, these forwards took 40
         costs.observe(16, 1, 5.0)  # faster than the curve: no correction downwards
     assert costs.cost_ms(16, 4) == pytest.approx(40.0) and costs.cost_ms(16, 1) == pytest.approx(10.0)
-    assert costs.cost_ms(16, 2) == pytest.approx(10.0)  # not timed yet: the curve's value
+    assert costs.cost_ms(16, 2) == pytest.approx(10.0)  # not timed: between 1x and 4x, the smaller correction
     assert costs.cost_ms(8, 4) == pytest.approx(4 * costs.curve.cost_ms(8, 4))  # 16 rows' correction, borrowed
+    assert costs.cost_ms(16, 16) == pytest.approx(4 * costs.curve.cost_ms(16, 16))  # the nearest timed width's
     # Sixteen rows that draft on the curve's word are held at AR once every wider forward proved 4x dearer.
     rows = good_rows(16)
     for row in rows:
@@ -193,6 +194,33 @@ def test_observed_costs_raise_the_cells_that_proved_dearer():
         for _ in range(10):
             costs.observe(16, width, 4 * costs.curve.cost_ms(16, width))
     assert plan_drafts(costs, rows).width == 1
+
+
+def test_untimed_widths_borrow_the_correction_their_neighbours_measured():
+    """On long contexts every forward costs more than the start-up curve said. Once AR forwards of a batch are
+    timed 2.5x dearer, an untried width at that batch is priced 2.5x too, and the plan is the one the corrected
+    curve gives, not the wider one of an untried width that looks cheap beside dear AR forwards."""
+    from jf_ray.decoding.planner import ObservedCosts, StepOverhead
+
+    rows = good_rows(16)
+    for row in rows:
+        for length, gained in ((2, 1.8), (4, 3.0), (8, 4.0), (16, 4.0), (32, 4.0), (64, 4.0)):
+            for _ in range(5):
+                row.acceptance.table.observe(length, gained)
+    overhead = StepOverhead()
+    for _ in range(10):
+        overhead.observe(16, 16, 10.0)  # a fixed 10 ms per step: favours fewer, wider steps
+    start_up = curve(lambda b, w: 0.5 * b * w)
+    costs = ObservedCosts(start_up)
+    for _ in range(10):
+        costs.observe(16, 1, 2.5 * start_up.cost_ms(16, 1))
+    assert costs.cost_ms(16, 4) == pytest.approx(2.5 * start_up.cost_ms(16, 4))
+    corrected = plan_drafts(curve(lambda b, w: 1.25 * b * w), rows, overhead=overhead).width
+    only_ar_corrected = CostCurve(
+        BATCHES, WIDTHS, [[m * (2.5 if w == 1 else 1) for w, m in zip(WIDTHS, r)] for r in start_up.ms]
+    )
+    assert plan_drafts(costs, rows, overhead=overhead).width == corrected
+    assert plan_drafts(only_ar_corrected, rows, overhead=overhead).width > corrected
 
 
 def test_the_last_width_is_kept_unless_another_pays_clearly_more_except_ar():

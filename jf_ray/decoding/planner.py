@@ -71,10 +71,11 @@ class ObservedCosts:
     """The cost curve corrected by the decoding forwards timed since: per cell (rows and width, each rounded
     down to a power of two) the ratio of the exponentially weighted sums of the measured and of the curve's
     milliseconds, never below 1. A start-up curve is timed on short contexts and an idle machine; served forwards
-    run on long contexts beside a proxy and an event loop, and cost more. A width not yet timed keeps the curve's
-    value, so a width that proves dearer than the curve said is avoided, and one that was never tried is still
-    tried on its promise (then timed). Only upwards: a forward timed faster than the curve (a quiet moment)
-    does not make width look cheaper than the start-up measurement, which took the fastest of several.
+    run on long contexts beside a proxy and an event loop, and cost more. A cell not yet timed borrows its nearest
+    timed neighbour's correction, so a width that proves dearer than the curve said is avoided, and one that was
+    never tried is still tried on its (corrected) promise, then timed. Only upwards: a forward timed faster than
+    the curve (a quiet moment) does not make width look cheaper than the start-up measurement, which took the
+    fastest of several.
     """
 
     curve: CostCurve
@@ -87,18 +88,28 @@ class ObservedCosts:
         self.predicted[cell] = COST_DECAY * self.predicted.get(cell, 0.0) + self.curve.cost_ms(rows, width)
 
     def ratio(self, rows: int, width: int) -> float:
-        """The cell's correction; a cell not timed yet borrows the same width's at the nearest timed row count
-        (the batch shrinks and grows as requests come and go), else 1."""
+        """The cell's correction; a cell not timed yet borrows the nearest timed cell's (rows and width counted in
+        doublings; the smaller correction on ties), else 1. What raised one cell's cost raises its neighbours':
+        contexts longer than the start-up measurement's, a busy machine. Left at the curve's value, an untried
+        wide cell beside AR forwards that proved twice as dear looked cheap against them, and a fresh engine
+        at 64 rows drafted wide on that promise (docs/load-aware-decoding.md)."""
         cell = (menu_length(rows), menu_length(width))
         if cell not in self.measured:
-            timed = [r for r, w in self.measured if w == cell[1]]
-            if not timed:
+            if not self.measured:
                 return 1.0
-            cell = (min(timed, key=lambda r: (abs(r.bit_length() - cell[0].bit_length()), r)), cell[1])
-        return min(max(self.measured[cell] / self.predicted[cell], 1.0), MAX_COST_RATIO)
+            cell = min(self.measured, key=lambda timed: (_doublings(timed, cell), self._raw(timed)))
+        return min(max(self._raw(cell), 1.0), MAX_COST_RATIO)
+
+    def _raw(self, cell: tuple[int, int]) -> float:
+        return self.measured[cell] / self.predicted[cell]
 
     def cost_ms(self, rows: int, width: int) -> float:
         return self.curve.cost_ms(rows, width) * self.ratio(rows, width)
+
+
+def _doublings(a: tuple[int, int], b: tuple[int, int]) -> int:
+    """How many doublings of rows and width apart two cells (powers of two) are."""
+    return sum(abs(x.bit_length() - y.bit_length()) for x, y in zip(a, b))
 
 
 @dataclass(frozen=True)
