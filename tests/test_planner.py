@@ -223,6 +223,27 @@ def test_untimed_widths_borrow_the_correction_their_neighbours_measured():
     assert plan_drafts(only_ar_corrected, rows, overhead=overhead).width > corrected
 
 
+def test_unmeasured_lengths_are_tried_only_where_trying_is_cheap():
+    """A fresh table values unmeasured lengths at acceptance 0.9 so they get tried, but only where the forward
+    costs at most twice AR's: past the knee an untried length is worth the best shorter measured one."""
+    from jf_ray.decoding.planner import GainTable, StepOverhead
+
+    overhead = StepOverhead()
+    for _ in range(10):
+        overhead.observe(16, 16, 20.0)  # a fixed 20 ms per step: fewer, wider steps look attractive
+
+    def fresh_rows(table):
+        return [DraftRow(AcceptanceEstimate(table=table), 32) for _ in range(16)]
+
+    assert plan_drafts(curve(knee(64)), fresh_rows(GainTable())).width > 1  # cheap: tried on their promise
+    dear = curve(lambda b, w: b * w**1.2)  # 16 rows: a 2-wide forward costs 2.3x AR's
+    assert plan_drafts(dear, fresh_rows(GainTable()), overhead=overhead).width == 1
+    measured = GainTable()
+    for _ in range(5):
+        measured.observe(4, 3.5)  # a length that proved itself is drafted even where it is dear
+    assert plan_drafts(dear, fresh_rows(measured), overhead=overhead).width == 4
+
+
 def test_the_last_width_is_kept_unless_another_pays_clearly_more_except_ar():
     rows = good_rows(1, longest=16)  # windows of 8 gain 4
     for _ in range(5):
@@ -250,9 +271,9 @@ def test_the_cheap_bound_skips_widths_but_never_changes_the_plan(monkeypatch):
         overhead.observe(query, 8, 1.0 + 0.01 * query)
     skipped, looked_at, shape_of = 0, [], DraftRow.best_shape
 
-    def counted_best_shape(row, width):
+    def counted_best_shape(row, width, explore=True):
         looked_at.append(width)
-        return shape_of(row, width)
+        return shape_of(row, width, explore)
 
     for _ in range(80):
         table = GainTable()

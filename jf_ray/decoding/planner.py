@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 EXPLORING_ACCEPTANCE = 0.9  # acceptance assumed of a window length not measured yet: optimistic, so it is tried
+EXPLORING_COST = 2.0  # ... where the forward costs at most this many times the batch's AR forward (trying is cheap)
 PRIOR_RECYCLED = 0.5  # tokens one recycled candidate is assumed to add beyond the main draft, with no history
 DECAY = 0.8  # weight of the past in a request's exponential averages: about its last five forwards count
 GAIN_DECAY = 0.98  # the engine-wide gain table: about the last fifty windows of each length
@@ -151,14 +152,15 @@ class GainTable:
 
     Per menu length (:func:`menu_length`), an exponentially weighted mean of the tokens gained by settled
     windows. A measured length is worth at least every shorter measured one (a longer window holds the
-    shorter). A length not measured yet is valued optimistically (the gain at acceptance 0.9), so the planner
-    tries it once wherever it could pay, and the try measures it.
+    shorter). A length not measured yet is valued optimistically (the gain at acceptance 0.9) where trying it is
+    cheap (``explore``), so the planner tries it once wherever it could pay, and the try measures it; elsewhere
+    it is worth the longest shorter measured one.
     """
 
     mean: dict[int, float] = field(default_factory=dict)
     weight: dict[int, float] = field(default_factory=dict)
-    _gains: dict[int, float] = field(default_factory=dict, repr=False)  # menu length -> gain, until an observation
-    _by_length: dict[int, float] = field(default_factory=dict, repr=False)  # any length -> gain, likewise
+    _gains: dict[tuple[bool, int], float] = field(default_factory=dict, repr=False)  # (explore, menu length) -> gain
+    _by_length: dict[tuple[bool, int], float] = field(default_factory=dict, repr=False)  # (explore, any length)
 
     def observe(self, length: int, accepted: int) -> None:
         key = menu_length(length)
@@ -171,27 +173,26 @@ class GainTable:
     def measured(self, length: int) -> bool:
         return self.weight.get(menu_length(length), 0.0) >= MIN_GAIN_WEIGHT
 
-    def gain(self, length: int) -> float:
+    def gain(self, length: int, explore: bool = True) -> float:
         """Expected tokens per forward of a window of ``length`` tokens (head included); linear in between
-        menu lengths (a window cut to a request's last few tokens)."""
-        if length in self._by_length:
-            return self._by_length[length]
+        menu lengths (a window cut to a request's last few tokens). Unmeasured lengths: see the class."""
+        if (explore, length) in self._by_length:
+            return self._by_length[explore, length]
         key = menu_length(length)
-        if 2 * key not in self._gains:
-            self._fill(2 * key)
-        low, high = self._gains[key], self._gains[2 * key]
-        self._by_length[length] = min(float(length), low + (high - low) * (length - key) / key)
-        return self._by_length[length]
+        if (explore, 2 * key) not in self._gains:
+            self._fill(2 * key, explore)
+        low, high = self._gains[explore, key], self._gains[explore, 2 * key]
+        self._by_length[explore, length] = min(float(length), low + (high - low) * (length - key) / key)
+        return self._by_length[explore, length]
 
-    def _fill(self, longest: int) -> None:
-        """Gains of the menu lengths up to ``longest``: measured (non-decreasing), else optimistic."""
+    def _fill(self, longest: int, explore: bool) -> None:
+        """Gains of the menu lengths up to ``longest``: measured (non-decreasing), else optimistic or the best."""
         best, key = 1.0, 1
         while key <= longest:
             if self.measured(key):
                 best = max(best, self.mean[key])
-                self._gains[key] = best
-            else:
-                self._gains[key] = max(best, geometric_gain(EXPLORING_ACCEPTANCE, key))
+            optimistic = geometric_gain(EXPLORING_ACCEPTANCE, key) if explore and not self.measured(key) else 1.0
+            self._gains[explore, key] = max(best, optimistic)
             key *= 2
 
 
@@ -218,9 +219,9 @@ class AcceptanceEstimate:
     def scale(self) -> float:
         return min(max(self.gained / self.expected_extra, 1 / MAX_SCALE), MAX_SCALE)
 
-    def expected(self, length: int, candidates: int = 0) -> float:
+    def expected(self, length: int, candidates: int = 0, explore: bool = True) -> float:
         """Expected tokens gained by a forward with this shape; never more than ``length`` (the winner's)."""
-        window = 1.0 + (self.table.gain(length) - 1.0) * self.scale
+        window = 1.0 + (self.table.gain(length, explore) - 1.0) * self.scale
         return min(float(length), window + self.recycled * harmonic(candidates))
 
     def observe(self, length: int, accepted: int) -> None:
@@ -279,31 +280,31 @@ class DraftRow:
     acceptance: AcceptanceEstimate
     longest: int  # longest main draft allowed (its block size, cut to its remaining token budget)
     candidates: int = 0  # recycled candidates it has on offer now (0 when none matches its head)
-    _memo: dict[tuple[int, int], float] = field(default_factory=dict, repr=False, compare=False)
+    _memo: dict[tuple[int, int, bool], float] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def widest(self) -> int:
         return self.longest * (1 + self.candidates)
 
-    def best_shape(self, width: int) -> tuple[DraftShape, float]:
+    def best_shape(self, width: int, explore: bool = True) -> tuple[DraftShape, float]:
         """The shape of most expected tokens within ``width`` query tokens (fewer candidates on ties), and
-        those tokens."""
+        those tokens; unmeasured window lengths valued optimistically with ``explore``."""
         best = DraftShape(max(1, min(width, self.longest)))
-        value = self.expected(best.length, 0)
+        value = self.expected(best.length, 0, explore)
         for candidates in range(1, self.candidates + 1):
             length = min(width // (1 + candidates), self.longest)
             if length < 2:  # a 1-token candidate is the head itself
                 break
-            gain = self.expected(length, candidates)
+            gain = self.expected(length, candidates, explore)
             if gain > value:
                 best, value = DraftShape(length, candidates), gain
         return best, value
 
-    def expected(self, length: int, candidates: int) -> float:
+    def expected(self, length: int, candidates: int, explore: bool) -> float:
         """The acceptance estimate's value, remembered: a plan asks for the same shapes at many widths."""
-        key = (length, candidates)
+        key = (length, candidates, explore)
         if key not in self._memo:
-            self._memo[key] = self.acceptance.expected(length, candidates)
+            self._memo[key] = self.acceptance.expected(length, candidates, explore)
         return self._memo[key]
 
 
@@ -364,8 +365,10 @@ def plan_drafts(
                 continue
         if width == 1:  # AR: every row's head, one token each
             best_shapes = [(DraftShape(1), 1.0)] * len(rows)
-        else:
-            best_shapes = [row.best_shape(width) for row in rows]
+        else:  # unmeasured lengths are tried on their promise only where trying costs little (GainTable)
+            trying = curve.cost_ms(batch, max(fixed_width, width))
+            explore = trying <= EXPLORING_COST * curve.cost_ms(batch, fixed_width)
+            best_shapes = [row.best_shape(width, explore) for row in rows]
         shapes = [shape for shape, _ in best_shapes]
         tokens = fixed_rows + sum(value for _, value in best_shapes)
         forward_width = max(fixed_width, *(shape.width for shape in shapes))
