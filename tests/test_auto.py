@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import random_qwen2
+from tiny_models import cycle_qwen2, random_qwen2
 
 from jf_ray.decoding import DecodeConfig, DecodingEngine, generate
 from jf_ray.decoding.auto import lower_envelope, measure_cost_curve
 from jf_ray.decoding.planner import CostCurve, DraftShape
+from jf_ray.decoding.realized import MIN_STEPS, SETTLING_STEPS
 
 BATCHES, WIDTHS = [1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 32, 64]
 
@@ -138,3 +139,27 @@ def test_auto_requests_share_the_engines_gain_table_and_overhead_fit(model, prom
 def test_lower_envelope_removes_timing_noise():
     noisy = [[5.0, 1.0, 12.0, 8.0], [9.0, 2.0, 20.0, 30.0]]
     assert lower_envelope(noisy) == [[1.0, 1.0, 8.0, 8.0], [2.0, 2.0, 20.0, 30.0]]
+
+
+def test_the_engine_holds_ar_where_whole_steps_of_drafting_earned_less():
+    """The engine's driver times whole steps (a server does, streaming included): AR steps take the second the
+    curve says, drafting steps twenty, which holds the batch at AR however much the curve and the acceptance
+    promised; the output is AR's either way. On a model whose drafts are accepted (it continues a cycle)."""
+    model = cycle_qwen2()
+    prompts = [[(start + i) % 12 for i in range(20)] for start in range(4)]
+    engine = DecodingEngine(model, [], max_batch_size=4, cost_curve=knee_curve(4096))
+    engine.overhead_timed_by_caller = True
+    config = DecodeConfig(decoder="auto", block_size=4, max_new_tokens=160)
+    for i, prompt in enumerate(prompts):
+        engine.add(str(i), prompt, config)
+    widths, outputs = [], {}
+    while engine.has_work:
+        outputs.update({out.request_id: out.result.token_ids for out in engine.step() if out.result is not None})
+        if engine.last_plan is not None and engine.last_batch_size == 4:
+            widths.append(engine.last_plan.width)
+            engine.observe_step(0.0, 20000.0 if engine.last_plan.width > 1 else 1000.0)
+    settled = 2 * (SETTLING_STEPS + MIN_STEPS)  # drafting measured, then AR beside it
+    assert min(widths[: settled // 2]) > 1 and len(widths) > settled + 10
+    assert set(widths[settled:]) == {1}
+    ar = generate(model, prompts, DecodeConfig(decoder="ar", max_new_tokens=160), [])
+    assert [outputs[str(i)] for i in range(4)] == [r.token_ids for r in ar]

@@ -19,8 +19,17 @@ import torch
 
 from jf_ray.decoding.auto import AutoPolicy, measure_cost_curve
 from jf_ray.decoding.cache import RaggedKVCache
-from jf_ray.decoding.planner import CostCurve, DraftPlan, GainTable, ObservedCosts, StepOverhead, plan_drafts
+from jf_ray.decoding.planner import (
+    CostCurve,
+    DraftPlan,
+    DraftShape,
+    GainTable,
+    ObservedCosts,
+    StepOverhead,
+    plan_drafts,
+)
 from jf_ray.decoding.query import Segment, build_query, prefill_query
+from jf_ray.decoding.realized import RealizedRates
 from jf_ray.decoding.registry import policy_builder
 from jf_ray.decoding.request import RequestState, SegmentOutput
 from jf_ray.decoding.types import DecodeConfig, DecodeResult, DecodeStats, FinishReason, TokenLogprob
@@ -78,6 +87,7 @@ class DecodingEngine:
         self.overhead_timed_by_caller = False
         self.last_step_query = 0  # query tokens (rows x width) of the last decoding forward
         self.last_step_tokens = 0  # tokens it committed
+        self.realized = RealizedRates()  # what drafting earned against AR, by batch size: the planner's guard
         self.gain_table = GainTable()  # tokens per forward by window length: one model, shared by auto requests
         self.forward_costs: ObservedCosts | None = None  # the cost curve, corrected by timed decoding forwards
         self.last_plan: DraftPlan | None = None  # the load-aware plan of the last forward, if any
@@ -188,7 +198,10 @@ class DecodingEngine:
             rows = [req.policy.draft_row(req, with_candidates) for req in sized]
             for row in rows:
                 row.acceptance.table = self.gain_table
-            plan = plan_drafts(costs, rows, len(others), max(others, default=1), self.overhead, self._kept_width)
+            if self.realized.allows_drafting(batch):
+                plan = plan_drafts(costs, rows, len(others), max(others, default=1), self.overhead, self._kept_width)
+            else:  # drafting earned less than AR at this batch size, measured whole steps (realized.py)
+                plan = DraftPlan([DraftShape(1)] * len(rows), 1, 0.0, 1)
             self.last_plan, self._kept_width = plan, plan.menu_width
             for req, shape in zip(sized, self.last_plan.shapes):
                 req.policy.resize(req, shape)
@@ -225,8 +238,17 @@ class DecodingEngine:
         self.last_step_query = query.input_ids.numel()
         self.last_step_tokens = sum(len(req.generated) for req in self.running) - tokens_before
         if not self.overhead_timed_by_caller:
-            outside_ms = (time.perf_counter() - started - (self.forward_s - forward_before)) * 1000.0
-            self.overhead.observe(self.last_step_query, self.last_step_tokens, outside_ms)
+            wall_ms = (time.perf_counter() - started) * 1000.0
+            self.observe_step(wall_ms - (self.forward_s - forward_before) * 1000.0, wall_ms)
+
+    def observe_step(self, outside_ms: float, wall_ms: float) -> None:
+        """The last decoding step's time outside the model's forwards and in all, measured by the engine or by
+        its driver (a server times whole steps, streaming included): for the planner's overhead fit and guard."""
+        self.overhead.observe(self.last_step_query, self.last_step_tokens, outside_ms)
+        if self.last_plan is not None:
+            drafted = self.last_plan.width > 1
+            predicted_ar = self.last_plan.ar_tokens_per_s
+            self.realized.observe(self.last_batch_size, drafted, self.last_step_tokens, wall_ms / 1000.0, predicted_ar)
 
     def _forward(self, query, cache: RaggedKVCache) -> torch.Tensor:
         self.last_batch_size = query.input_ids.shape[0]

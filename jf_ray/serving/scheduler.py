@@ -225,8 +225,7 @@ class BatchScheduler:
             began, forward_before = self._last_start
             outside_ms = ((now - began) - (forward_s - forward_before)) * 1000.0
             self.step_overhead_ms = 0.8 * self.step_overhead_ms + 0.2 * outside_ms
-            engine = self.engine
-            engine.overhead.observe(engine.last_step_query, engine.last_step_tokens, outside_ms)
+            self.engine.observe_step(outside_ms, (now - began) * 1000.0)
         self._last_start = (now, forward_s)
 
     def _deliver(self, outputs: list, batch_size: int) -> None:

@@ -1,0 +1,88 @@
+"""The guard behind the load-aware planner: what drafting actually earned against AR (docs/load-aware-decoding.md).
+
+The planner predicts a step's time from a cost curve and a fitted overhead; in a server part of that overhead
+(detokenizing and streaming, done by other threads that take the interpreter lock from the engine's) lands on
+later steps and grows with the tokens committed, which a per-step fit cannot see. The guard measures instead:
+per batch size (rounded down to a power of two), the tokens per second of the whole steps the batch got while
+it drafted and while it was AR. AR is measured (a few steps) only where drafting did not clearly earn more than
+the planner's predicted AR rate; where drafting earned less than AR, the batch is held at AR for a while, then
+drafting may be tried again. Pure and torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from jf_ray.decoding.planner import menu_length
+
+RATE_DECAY = 0.9  # weight of the past in each regime's rate: about the last ten steps count
+MIN_STEPS = 6  # steps a regime needs before its rate is trusted
+MIN_WEIGHT = (1 - RATE_DECAY**MIN_STEPS) / (1 - RATE_DECAY)  # the weight of that many steps
+SETTLING_STEPS = 2  # steps after a change of regime that are not counted (the last regime's work spills over)
+HOLD_STEPS = 400  # steps a batch size is held at AR once drafting earned less than AR there
+PROBE_MARGIN = 0.1  # AR is measured beside drafting unless drafting earned this much more than AR's predicted rate
+
+
+@dataclass
+class _Rate:
+    tokens: float = 0.0
+    seconds: float = 0.0
+    weight: float = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        self.tokens = RATE_DECAY * self.tokens + tokens
+        self.seconds = RATE_DECAY * self.seconds + seconds
+        self.weight = RATE_DECAY * self.weight + 1.0
+
+    @property
+    def trusted(self) -> bool:
+        return self.weight >= MIN_WEIGHT - 1e-9
+
+    @property
+    def per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _BatchSize:
+    ar: _Rate = field(default_factory=_Rate)
+    drafting: _Rate = field(default_factory=_Rate)
+    last_regime: bool | None = None  # whether the last step drafted
+    since_change: int = 0
+    held: int = 0  # steps left at AR
+    predicted_ar: float = 0.0  # the planner's last AR rate (tokens/s) at this batch size
+
+
+@dataclass
+class RealizedRates:
+    """Tokens per second of whole decoding steps, drafting against AR, by batch size; bars drafting where it
+    earned less. ``observe`` takes every step of an engine's load-aware plans, ``allows_drafting`` is asked
+    before each plan."""
+
+    sizes: dict[int, _BatchSize] = field(default_factory=dict)
+
+    def observe(self, rows: int, drafted: bool, tokens: int, seconds: float, predicted_ar: float = 0.0) -> None:
+        """One step of ``rows`` rows that drafted or not, committed ``tokens`` in ``seconds``; ``predicted_ar``
+        is the planner's AR rate for it (0 when it did not plan)."""
+        size = self.sizes.setdefault(menu_length(rows), _BatchSize())
+        size.predicted_ar = predicted_ar or size.predicted_ar
+        if drafted != size.last_regime:
+            size.last_regime, size.since_change = drafted, 0
+        size.since_change += 1
+        if size.since_change > SETTLING_STEPS:
+            (size.drafting if drafted else size.ar).observe(tokens, seconds)
+
+    def allows_drafting(self, rows: int) -> bool:
+        """False while this batch size is held at AR, and while AR is measured beside a trusted drafting rate."""
+        size = self.sizes.setdefault(menu_length(rows), _BatchSize())
+        if size.held:
+            size.held -= 1
+            return False
+        if not size.drafting.trusted:
+            return True
+        if not size.ar.trusted:  # a probe of AR's rate, unless drafting clearly beat what AR was predicted to earn
+            return size.drafting.per_s > (1 + PROBE_MARGIN) * size.predicted_ar
+        if size.drafting.per_s < size.ar.per_s:
+            size.held, size.drafting = HOLD_STEPS, _Rate()  # drafting is judged afresh after the hold
+            return False
+        return True

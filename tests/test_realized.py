@@ -1,0 +1,51 @@
+"""The planner's guard: drafting is judged by the tokens per second whole steps earned, against AR's."""
+
+from __future__ import annotations
+
+from jf_ray.decoding.realized import HOLD_STEPS, MIN_STEPS, SETTLING_STEPS, RealizedRates
+
+ENOUGH = SETTLING_STEPS + MIN_STEPS
+
+
+def run(rates, rows: int, steps: int, ms_drafting: float, ms_ar: float, tokens=(2, 1), predicted_ms=None):
+    """Steps of a batch that drafts whenever the guard allows it (the planner predicting AR steps of
+    ``predicted_ms``, by default their real time); what the guard allowed at each."""
+    allowed = []
+    for _ in range(steps):
+        drafting = rates.allows_drafting(rows)
+        allowed.append(drafting)
+        per_row, ms = (tokens[0], ms_drafting) if drafting else (tokens[1], ms_ar)
+        rates.observe(
+            rows, drafting, per_row * rows, ms / 1000.0, predicted_ar=rows / ((predicted_ms or ms_ar) / 1000.0)
+        )
+    return allowed
+
+
+def test_drafting_that_earns_less_than_ar_is_held_at_ar_then_retried():
+    rates = RealizedRates()
+    allowed = run(rates, 64, ENOUGH + ENOUGH + 1 + HOLD_STEPS + ENOUGH + 1, ms_drafting=30.0, ms_ar=10.0)
+    assert all(allowed[:ENOUGH])  # drafting is measured first
+    assert not any(allowed[ENOUGH : 2 * ENOUGH])  # then AR beside it (2 tokens in 30 ms < 1 in 10)
+    held = allowed[2 * ENOUGH : 2 * ENOUGH + HOLD_STEPS]
+    assert not any(held)  # held at AR
+    assert allowed[2 * ENOUGH + HOLD_STEPS + 1]  # tried again after the hold...
+    assert sum(allowed) <= 2 * ENOUGH + 2  # ...and held again: drafting ran a small share of the steps
+
+
+def test_drafting_that_clearly_pays_is_never_probed_nor_held():
+    rates = RealizedRates()
+    assert all(run(rates, 1, 300, ms_drafting=12.0, ms_ar=10.0, tokens=(3, 1)))  # 2.5x AR's predicted rate
+
+
+def test_a_probe_that_finds_ar_slower_lets_drafting_go_on():
+    rates = RealizedRates()
+    allowed = run(rates, 16, 200, ms_drafting=20.0, ms_ar=12.0, predicted_ms=10.0)  # 2 in 20 ms vs 1 in 12
+    assert allowed.count(False) == ENOUGH  # one probe: drafting earned no more than AR's predicted 1 per 10 ms
+    assert all(allowed[2 * ENOUGH :])
+
+
+def test_batch_sizes_are_judged_apart():
+    rates = RealizedRates()
+    run(rates, 64, 3 * ENOUGH, ms_drafting=30.0, ms_ar=10.0)
+    assert not rates.allows_drafting(64) and not rates.allows_drafting(100)  # 100 rows count as 64
+    assert rates.allows_drafting(40) and rates.allows_drafting(2)  # other sizes: nothing measured there
