@@ -7,7 +7,7 @@ import torch
 from tiny_models import cycle_qwen2, random_qwen2
 
 from jf_ray.decoding import DecodeConfig, DecodingEngine, generate
-from jf_ray.decoding.auto import lower_envelope, measure_cost_curve
+from jf_ray.decoding.auto import OPENING_FORWARDS, lower_envelope, measure_cost_curve
 from jf_ray.decoding.planner import CostCurve, DraftShape
 from jf_ray.decoding.realized import MIN_STEPS, SETTLING_STEPS
 
@@ -96,9 +96,10 @@ def test_candidates_in_every_forward_and_greedy_equals_ar(model, temperature):
     config = DecodeConfig(decoder="auto", block_size=8, max_new_tokens=40, temperature=temperature, seed=3)
     results = generate(model, prompts, config, [], 2, cost_curve=knee_curve(4096))
     for result in results:  # a forward with a 1-token budget left has no room for a candidate, and a window
-        # expected to gain its whole length leaves a candidate nothing to add (ties take fewer): rare
+        # expected to gain its whole length leaves a candidate nothing to add (ties take fewer): rare, mostly in
+        # the last few forwards of a request
         forwards = sum(result.stats.candidates_hist.values())
-        assert result.stats.candidates_hist[0] <= 0.1 * forwards and forwards > 5
+        assert result.stats.candidates_hist[0] <= 0.15 * forwards and forwards > 5
     if temperature == 0.0:
         ar = generate(model, prompts, DecodeConfig(decoder="ar", max_new_tokens=40), [])
         assert [r.token_ids for r in results] == [r.token_ids for r in ar]
@@ -121,17 +122,18 @@ def test_engine_measures_a_cost_curve_and_records_its_plan(model, prompts):
 
 def test_auto_requests_share_the_engines_gain_table_and_overhead_fit(model, prompts):
     engine = DecodingEngine(model, [], max_batch_size=4, cost_curve=knee_curve(64))
-    config = DecodeConfig(decoder="auto", block_size=16, max_new_tokens=20, pool_size=0)
+    config = DecodeConfig(decoder="auto", block_size=16, max_new_tokens=40, pool_size=0)
     for i in range(2):
         engine.add(str(i), prompts[i], config)
-    for _ in range(6):
+    for _ in range(OPENING_FORWARDS + 4):  # an answer's opening does not count (auto.py)
         engine.step()
     assert all(req.policy.acceptance.table is engine.gain_table for req in engine.running)
     table = engine.gain_table
-    (measured,) = [length for length in table.mean if table.measured(length)]  # judged once settled, all rows
-    # A random model accepts nearly nothing: the measured length is worth its head; an untried one is still
+    measured = [length for length in table.mean if table.measured(length)]  # judged once settled, all rows
+    # A random model accepts nearly nothing: measured lengths are worth their head; an untried one is still
     # valued optimistically, so the planner would try it where it could pay.
-    assert table.gain(measured) < 1.5 and table.gain(2 * measured) > 2.0
+    assert measured and all(table.gain(length) < 1.5 for length in measured)
+    assert table.gain(2 * max(measured)) > 2.0
     assert engine.overhead.sums[0] > 0 and engine.last_step_tokens >= 2  # offline, the engine times itself
     assert engine.last_step_query == 2 * engine.last_plan.width
 

@@ -29,6 +29,11 @@ MEASURED_CONTEXT = 32  # tokens already cached in every row while a forward is t
 MAX_MEASURED_BATCH = 64  # larger batches are extrapolated (proportionally: no free rows assumed)
 PAST_THE_KNEE = 4.0  # a row of the grid stops being timed once a forward costs this many times its 1-wide one
 SETTLING_FORWARDS = 2  # forwards after a window grows (or starts) that do not count towards its gain
+# An answer's opening converges slowly whatever the window: on the embedded model, rolling windows of 4 to 32
+# gained 1.0-1.3 tokens per forward over a request's first ten forwards, then 2-3.5. Counted, the opening was
+# charged to whichever length was tried first (the longest: unmeasured lengths are tried on their promise), and
+# windows of 16-32 were measured at 1.0-1.25 tokens where they gain 3 (docs/load-aware-decoding.md).
+OPENING_FORWARDS = 12  # a request's forwards (its prefill included) that do not count towards any gain
 
 
 class AutoPolicy(RollingJacobiPolicy):
@@ -81,7 +86,8 @@ class AutoPolicy(RollingJacobiPolicy):
             self.settled += 1
             return super().update(req)
         judged = self.recycler.judge(req, self.num_candidates)
-        if self.settled >= max(SETTLING_FORWARDS, self.n // 4):  # what a window gains once its guesses are refined
+        settled = self.settled >= max(SETTLING_FORWARDS, self.n // 4)  # once its guesses are refined
+        if settled and req.stats.forwards > OPENING_FORWARDS:
             self.acceptance.observe(len(req.segments[0].tokens), judged.main_accepted)
         self.settled += 1
         if self.num_candidates:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from jf_ray.decoding.planner import menu_length
 
-RATE_DECAY = 0.9  # weight of the past in each regime's rate: about the last ten steps count
-MIN_STEPS = 6  # steps a regime needs before its rate is trusted
+RATE_DECAY = 0.97  # weight of the past in each regime's rate: about the last thirty steps count
+MIN_STEPS = 24  # steps a regime needs before its rate is trusted (a fresh window gains little at first)
 MIN_WEIGHT = (1 - RATE_DECAY**MIN_STEPS) / (1 - RATE_DECAY)  # the weight of that many steps
 SETTLING_STEPS = 2  # steps after a change of regime that are not counted (the last regime's work spills over)
 HOLD_STEPS = 400  # steps a batch size is held at AR once drafting earned less than AR there
