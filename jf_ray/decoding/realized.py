@@ -6,20 +6,24 @@ later steps and grows with the tokens committed, which a per-step fit cannot see
 per batch size (rounded down to a power of two), the tokens per second of the whole steps the batch got while
 it drafted and while it was AR. AR is measured (a few steps) only where drafting did not clearly earn more than
 the planner's predicted AR rate; where drafting earned less than AR, the batch is held at AR for a while, then
-drafting may be tried again. Pure and torch-free.
+drafting may be tried again, and each time it loses again the hold doubles. Pure and torch-free.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from jf_ray.decoding.planner import menu_length
+
+logger = logging.getLogger(__name__)
 
 RATE_DECAY = 0.97  # weight of the past in each regime's rate: about the last thirty steps count
 MIN_STEPS = 24  # steps a regime needs before its rate is trusted (a fresh window gains little at first)
 MIN_WEIGHT = (1 - RATE_DECAY**MIN_STEPS) / (1 - RATE_DECAY)  # the weight of that many steps
 SETTLING_STEPS = 2  # steps after a change of regime that are not counted (the last regime's work spills over)
-HOLD_STEPS = 400  # steps a batch size is held at AR once drafting earned less than AR there
+FIRST_HOLD = 50  # steps a batch size is held at AR once drafting earned less than AR there...
+LONGEST_HOLD = 1600  # ...doubling each time drafting loses again right after a hold, up to this
 PROBE_MARGIN = 0.1  # AR is measured beside drafting unless drafting earned this much more than AR's predicted rate
 
 
@@ -50,6 +54,7 @@ class _BatchSize:
     last_regime: bool | None = None  # whether the last step drafted
     since_change: int = 0
     held: int = 0  # steps left at AR
+    next_hold: int = FIRST_HOLD
     predicted_ar: float = 0.0  # the planner's last AR rate (tokens/s) at this batch size
 
 
@@ -83,6 +88,15 @@ class RealizedRates:
         if not size.ar.trusted:  # a probe of AR's rate, unless drafting clearly beat what AR was predicted to earn
             return size.drafting.per_s > (1 + PROBE_MARGIN) * size.predicted_ar
         if size.drafting.per_s < size.ar.per_s:
-            size.held, size.drafting = HOLD_STEPS, _Rate()  # drafting is judged afresh after the hold
+            logger.info(
+                "auto at %d rows: drafting earned %.0f tokens/s, AR %.0f: AR for %d steps",
+                rows,
+                size.drafting.per_s,
+                size.ar.per_s,
+                size.next_hold,
+            )
+            size.held, size.drafting = size.next_hold, _Rate()  # drafting is judged afresh after the hold
+            size.next_hold = min(2 * size.next_hold, LONGEST_HOLD)
             return False
+        size.next_hold = FIRST_HOLD
         return True
