@@ -621,8 +621,10 @@ def test_bench_serve_loads_the_running_app_per_decoder_and_concurrency(server, c
     report_path = tmp_path / "serve.json"
     argv = ["bench", "serve", "--url", server, "--api-key", API_KEY, "--model", checkpoint]
     argv += ["--decoders", "ar,jacobi", "--concurrency", "1,2", "--requests-per-client", "1", "--max-tokens", "8"]
-    assert main([*argv, "--min-requests", "3", "--endpoint", "completions", "--json", str(report_path)]) == 0
+    argv += ["--warmup-requests", "2", "--min-requests", "3", "--endpoint", "completions"]
+    assert main([*argv, "--json", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
+    assert report["warmup_requests"] == 2
     rows = {(r["decoder"], r["concurrency"]): r for r in report["results"]}
     assert set(rows) == {(d, c) for d in ("ar", "jacobi") for c in (1, 2)} and report["model"] == "tiny"
     # at least 3 requests per level: 3 from one client, 2 from each of two

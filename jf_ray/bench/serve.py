@@ -193,15 +193,19 @@ def load_targets(
     max_tokens: int,
     chat: bool = True,
     api_key: str = "unused",
+    warmup_requests: int = 1,
 ) -> list[dict]:
-    """Every target at every concurrency (after one discarded warm-up request each): one row per cell.
+    """Every target at every concurrency (after ``warmup_requests`` discarded requests each, one client): one row
+    per cell. The warm-up stands for a server that has been up a while: ``auto`` has learned what each window
+    length gains and what a step costs (docs/load-aware-decoding.md), caches and kernels are warm.
 
     Targets take turns at each concurrency, so the cells compared with each other ran minutes apart at most
     (a drift in the machine's speed shifts all of them, not one decoder's)."""
     from tqdm import tqdm
 
     for label, url, model, decoder in targets:
-        asyncio.run(run_load(url, model, prompts, decoder, 1, 1, max_tokens, chat, api_key, label))  # warm-up
+        warmup = (url, model, prompts, decoder, 1, warmup_requests, max_tokens, chat, api_key, label)
+        asyncio.run(run_load(*warmup))
     results = []
     with tqdm(total=len(targets) * len(concurrency), desc="bench serve", unit="cell") as bar:
         for clients in concurrency:

@@ -49,6 +49,12 @@ def register_serve(benchmarks) -> None:
         "--min-requests", type=positive_int, default=16, help="at least this many requests per level, all clients"
     )
     parser.add_argument("--max-tokens", type=positive_int, default=64, help="max_tokens of every request")
+    parser.add_argument(
+        "--warmup-requests",
+        type=positive_int,
+        default=16,
+        help="untimed requests each decoder and server gets first, from one client (a server that has been up a while)",
+    )
     parser.add_argument("--prompts", default=None, help='JSONL file or URI, one {"prompt": ...} per line')
     parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat", help="API to call")
     add_set_option(parser, "ServeConfig (the local app)")
@@ -114,7 +120,9 @@ def run_serve(args: argparse.Namespace) -> int:
     targets = [bench.Target(None, url, model, decoder) for decoder in args.decoders]
     targets += [bench.Target(name, ref, bench.served_model(ref, args.api_key), name) for name, ref in args.references]
     try:
-        results = bench.load_targets(targets, prompts, *load, api_key=args.api_key)
+        results = bench.load_targets(
+            targets, prompts, *load, api_key=args.api_key, warmup_requests=args.warmup_requests
+        )
     finally:
         if stop is not None:
             stop()
@@ -126,6 +134,7 @@ def run_serve(args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens,
         "requests_per_client": args.requests_per_client,
         "min_requests": args.min_requests,
+        "warmup_requests": args.warmup_requests,
         "num_prompts": len(prompts),
         "server_config": config.model_dump(exclude={"api_key"}) if config else None,
         "results": results,
