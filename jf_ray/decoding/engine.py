@@ -247,8 +247,7 @@ class DecodingEngine:
         self.overhead.observe(self.last_step_query, self.last_step_tokens, outside_ms)
         if self.last_plan is not None:
             drafted = self.last_plan.width > 1
-            predicted_ar = self.last_plan.ar_tokens_per_s
-            self.realized.observe(self.last_batch_size, drafted, self.last_step_tokens, wall_ms / 1000.0, predicted_ar)
+            self.realized.observe(self.last_batch_size, drafted, self.last_step_tokens, wall_ms / 1000.0)
 
     def _forward(self, query, cache: RaggedKVCache) -> torch.Tensor:
         self.last_batch_size = query.input_ids.shape[0]

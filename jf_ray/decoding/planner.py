@@ -314,7 +314,6 @@ class DraftPlan:
     width: int  # query tokens per row of the forward (rows are padded to it)
     expected_tokens_per_s: float
     menu_width: int = 0  # the candidate width it was planned for (the next plan's ``keep``)
-    ar_tokens_per_s: float = 0.0  # what the plan's batch was expected to earn at AR
 
     @property
     def lengths(self) -> list[int]:
@@ -374,8 +373,6 @@ def plan_drafts(
         tokens = fixed_rows + sum(value for _, value in best_shapes)
         forward_width = max(fixed_width, *(shape.width for shape in shapes))
         plans[width] = DraftPlan(shapes, max(shape.width for shape in shapes), rate(tokens, forward_width), width)
-    for plan in plans.values():
-        plan.ar_tokens_per_s = plans[1].expected_tokens_per_s
     best = max(plans.values(), key=lambda plan: plan.expected_tokens_per_s)  # the first, narrowest, on ties
     kept = plans.get(keep) if keep is not None and best.menu_width > 1 else None  # AR needs no margin
     if kept is None or kept.expected_tokens_per_s <= plans[1].expected_tokens_per_s:

@@ -4,9 +4,9 @@ The planner predicts a step's time from a cost curve and a fitted overhead; in a
 (detokenizing and streaming, done by other threads that take the interpreter lock from the engine's) lands on
 later steps and grows with the tokens committed, which a per-step fit cannot see. The guard measures instead:
 per batch size (rounded down to a power of two), the tokens per second of the whole steps the batch got while
-it drafted and while it was AR. AR is measured (a few steps) only where drafting did not clearly earn more than
-the planner's predicted AR rate; where drafting earned less than AR, the batch is held at AR for a while, then
-drafting may be tried again, and each time it loses again the hold doubles. Pure and torch-free.
+it drafted and while it was AR. Once drafting has been measured, AR is measured beside it (and again now and
+then); where drafting earned less than AR, the batch is held at AR for a while, then drafting may be tried
+again, and each time it loses again the hold doubles. Pure and torch-free.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ MIN_WEIGHT = (1 - RATE_DECAY**MIN_STEPS) / (1 - RATE_DECAY)  # the weight of tha
 SETTLING_STEPS = 2  # steps after a change of regime that are not counted (the last regime's work spills over)
 FIRST_HOLD = 50  # steps a batch size is held at AR once drafting earned less than AR there...
 LONGEST_HOLD = 1600  # ...doubling each time drafting loses again right after a hold, up to this
-PROBE_MARGIN = 0.1  # AR is measured beside drafting unless drafting earned this much more than AR's predicted rate
+REPROBE_STEPS = 1000  # drafting steps after which AR is measured again (the machine and the load change)
 
 
 @dataclass
@@ -53,9 +53,9 @@ class _BatchSize:
     drafting: _Rate = field(default_factory=_Rate)
     last_regime: bool | None = None  # whether the last step drafted
     since_change: int = 0
+    drafted_since_probe: int = 0
     held: int = 0  # steps left at AR
     next_hold: int = FIRST_HOLD
-    predicted_ar: float = 0.0  # the planner's last AR rate (tokens/s) at this batch size
 
 
 @dataclass
@@ -66,14 +66,13 @@ class RealizedRates:
 
     sizes: dict[int, _BatchSize] = field(default_factory=dict)
 
-    def observe(self, rows: int, drafted: bool, tokens: int, seconds: float, predicted_ar: float = 0.0) -> None:
-        """One step of ``rows`` rows that drafted or not, committed ``tokens`` in ``seconds``; ``predicted_ar``
-        is the planner's AR rate for it (0 when it did not plan)."""
+    def observe(self, rows: int, drafted: bool, tokens: int, seconds: float) -> None:
+        """One step of ``rows`` rows that drafted or not and committed ``tokens`` in ``seconds``."""
         size = self.sizes.setdefault(menu_length(rows), _BatchSize())
-        size.predicted_ar = predicted_ar or size.predicted_ar
         if drafted != size.last_regime:
             size.last_regime, size.since_change = drafted, 0
         size.since_change += 1
+        size.drafted_since_probe += drafted
         if size.since_change > SETTLING_STEPS:
             (size.drafting if drafted else size.ar).observe(tokens, seconds)
 
@@ -85,8 +84,10 @@ class RealizedRates:
             return False
         if not size.drafting.trusted:
             return True
-        if not size.ar.trusted:  # a probe of AR's rate, unless drafting clearly beat what AR was predicted to earn
-            return size.drafting.per_s > (1 + PROBE_MARGIN) * size.predicted_ar
+        if size.drafted_since_probe >= REPROBE_STEPS:
+            size.ar, size.drafted_since_probe = _Rate(), 0
+        if not size.ar.trusted:
+            return False  # a probe: AR's rate at this batch size is what drafting is judged against
         if size.drafting.per_s < size.ar.per_s:
             logger.info(
                 "auto at %d rows: drafting earned %.0f tokens/s, AR %.0f: AR for %d steps",
