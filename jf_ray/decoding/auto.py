@@ -58,8 +58,7 @@ class AutoPolicy(RollingJacobiPolicy):
         """What the planner may give this request: its acceptance, longest draft and candidates on offer now
         (none looked for without ``with_candidates``: the search costs Python time in every forward)."""
         longest = max(1, min(self.longest, req.budget))
-        if self.tail is None:  # the first decoding forward: guesses for the longest window (resize cuts them)
-            self.tail = req.context_sample(self.longest - 1)
+        self._first_guesses(req)
         offered = 0
         if with_candidates and longest > 1:
             draft = [req.head] + self.tail[: longest - 1]
@@ -69,11 +68,16 @@ class AutoPolicy(RollingJacobiPolicy):
     def resize(self, req: RequestState, shape: DraftShape) -> None:
         """Draft ``shape.length`` tokens (head included) and up to ``shape.candidates`` candidates next; a
         longer window is topped up with context samples, a shorter one keeps its first guesses."""
+        self._first_guesses(req)
         if shape.length > self.n:
             self.settled = 0
         self.n, self.candidates = shape.length, shape.candidates
         if len(self.tail) < shape.length - 1:
             self.tail = self.tail + req.context_sample(shape.length - 1 - len(self.tail))
+
+    def _first_guesses(self, req: RequestState) -> None:
+        if self.tail is None:  # the first decoding forward: guesses for the longest window (resize cuts them)
+            self.tail = req.context_sample(self.longest - 1)
 
     def plan(self, req: RequestState) -> list[Segment]:
         main = self.main_segment(req)

@@ -188,26 +188,30 @@ class DecodingEngine:
                 req.segments = req.policy.plan(req)
         self.last_plan = None
         if sized:
-            fixed = [req for req in self.running if not isinstance(req.policy, AutoPolicy)]
-            others = [sum(len(s.tokens) for s in req.segments) for req in fixed]
-            costs = self.forward_costs  # the curve measured by _decode before its clock started, as corrected
-            # A candidate at least doubles a row's width for less than a token: not worth looking for once a
-            # 4-wide forward of this batch already costs half as much again as AR (past the curve's knee).
-            batch = len(self.running)
-            with_candidates = costs.cost_ms(batch, 4) <= CANDIDATE_ROOM * costs.cost_ms(batch, 1)
-            rows = [req.policy.draft_row(req, with_candidates) for req in sized]
-            for row in rows:
-                row.acceptance.table = self.gain_table
-            if self.realized.allows_drafting(batch):
-                plan = plan_drafts(costs, rows, len(others), max(others, default=1), self.overhead, self._kept_width)
-            else:  # drafting earned less than AR at this batch size, measured whole steps (realized.py)
-                plan = DraftPlan([DraftShape(1)] * len(rows), 1, 0.0, 1)
+            if self.realized.allows_drafting(len(self.running)):
+                plan = self._plan_drafts(sized)
+            else:  # drafting earned less than AR at this batch size, measured on whole steps (realized.py)
+                plan = DraftPlan([DraftShape(1)] * len(sized), 1, 0.0, 1)
             self.last_plan, self._kept_width = plan, plan.menu_width
             for req, shape in zip(sized, self.last_plan.shapes):
                 req.policy.resize(req, shape)
                 req.segments = req.policy.plan(req)
         for req in self.running:
             record_shape(req.stats, req.segments)
+
+    def _plan_drafts(self, sized: list[RequestState]) -> DraftPlan:
+        """The planner's shapes for the ``auto`` requests, beside the others' fixed segments."""
+        fixed = [req for req in self.running if not isinstance(req.policy, AutoPolicy)]
+        others = [sum(len(s.tokens) for s in req.segments) for req in fixed]
+        costs = self.forward_costs  # the curve measured by _decode before its clock started, as corrected
+        # A candidate at least doubles a row's width for less than a token: not worth looking for once a
+        # 4-wide forward of this batch already costs half as much again as AR (past the curve's knee).
+        batch = len(self.running)
+        with_candidates = costs.cost_ms(batch, 4) <= CANDIDATE_ROOM * costs.cost_ms(batch, 1)
+        rows = [req.policy.draft_row(req, with_candidates) for req in sized]
+        for row in rows:
+            row.acceptance.table = self.gain_table
+        return plan_drafts(costs, rows, len(others), max(others, default=1), self.overhead, self._kept_width)
 
     def _decode(self) -> None:
         if any(isinstance(req.policy, AutoPolicy) for req in self.running):
