@@ -18,6 +18,16 @@ def knee(tokens: int) -> float:
     return lambda b, w: 10.0 * max(1.0, b * w / tokens)
 
 
+def fixed_overhead(ms: float):
+    """A step overhead fitted on steps that committed 16-64 tokens, all of them ``ms`` outside the model."""
+    from jf_ray.decoding.planner import StepOverhead
+
+    overhead = StepOverhead()
+    for tokens in (16, 32, 64) * 5:
+        overhead.observe(2 * tokens, tokens, ms)
+    return overhead
+
+
 def good_rows(count: int, longest: int = 64, candidates: int = 0) -> list[DraftRow]:
     rows = []
     for _ in range(count):
@@ -130,10 +140,10 @@ def test_step_overhead_fit_splits_fixed_per_query_and_per_token_time():
     fixed, per_query, per_token = fit.coefficients
     assert (fixed, per_query, per_token) == pytest.approx((5.0, 0.1, 0.5), abs=0.05)
     assert fit.step_ms(10, 10) == pytest.approx(11.0, abs=0.1)
-    constant = StepOverhead()
-    for _ in range(10):
-        constant.observe(8, 8, 12.0)  # nothing varies: all of it counts as fixed
-    assert constant.coefficients == pytest.approx((12.0, 0.0, 0.0), abs=1e-6)
+    steady = StepOverhead()
+    for rows in [60, 64, 62, 64] * 10:  # a batch held at AR: about one token per row per step
+        steady.observe(rows, rows, 12.0)
+    assert steady.coefficients == pytest.approx((0.0, 0.0, 12.0 / 62.5), rel=0.01)  # all of it per token
 
 
 def test_overhead_per_token_or_per_query_rewards_width_less_than_a_fixed_one():
@@ -200,16 +210,14 @@ def test_untimed_widths_borrow_the_correction_their_neighbours_measured():
     """On long contexts every forward costs more than the start-up curve said. Once AR forwards of a batch are
     timed 2.5x dearer, an untried width at that batch is priced 2.5x too, and the plan is the one the corrected
     curve gives, not the wider one of an untried width that looks cheap beside dear AR forwards."""
-    from jf_ray.decoding.planner import ObservedCosts, StepOverhead
+    from jf_ray.decoding.planner import ObservedCosts
 
     rows = good_rows(16)
     for row in rows:
         for length, gained in ((2, 1.8), (4, 3.0), (8, 4.0), (16, 4.0), (32, 4.0), (64, 4.0)):
             for _ in range(5):
                 row.acceptance.table.observe(length, gained)
-    overhead = StepOverhead()
-    for _ in range(10):
-        overhead.observe(16, 16, 10.0)  # a fixed 10 ms per step: favours fewer, wider steps
+    overhead = fixed_overhead(10.0)  # favours fewer, wider steps
     start_up = curve(lambda b, w: 0.5 * b * w)
     costs = ObservedCosts(start_up)
     for _ in range(10):
@@ -226,11 +234,9 @@ def test_untimed_widths_borrow_the_correction_their_neighbours_measured():
 def test_unmeasured_lengths_are_tried_only_where_trying_is_cheap():
     """A fresh table values unmeasured lengths at acceptance 0.9 so they get tried, but only where the forward
     costs at most twice AR's: past the knee an untried length is worth the best shorter measured one."""
-    from jf_ray.decoding.planner import GainTable, StepOverhead
+    from jf_ray.decoding.planner import GainTable
 
-    overhead = StepOverhead()
-    for _ in range(10):
-        overhead.observe(16, 16, 20.0)  # a fixed 20 ms per step: fewer, wider steps look attractive
+    overhead = fixed_overhead(20.0)  # fewer, wider steps look attractive
 
     def fresh_rows(table):
         return [DraftRow(AcceptanceEstimate(table=table), 32) for _ in range(16)]

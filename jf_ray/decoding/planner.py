@@ -28,6 +28,7 @@ MAX_COST_RATIO = 4.0  # measured forwards raise the curve by at most this factor
 HYSTERESIS = 0.15  # a new width must promise this much more than the last one to replace it
 OVERHEAD_DECAY = 0.98  # the step overhead fit: about the last fifty steps
 RIDGE = 1e-3  # relative ridge of the overhead fit
+STEADY_TOKENS = 0.1  # tokens per step varying by less than this (coefficient of variation) do not identify the fit
 
 
 def _interpolate(xs: Sequence[int], ys: Sequence[float], x: float) -> float:
@@ -242,9 +243,13 @@ class StepOverhead:
     with ``query`` the step's query tokens (rows x width: building the query, verifying every draft token) and
     ``tokens`` the tokens it committed (detokenizing and streaming them, in a server).
 
-    Fitted by exponentially weighted least squares over about the last fifty steps (a little ridge keeps it
-    defined while a regressor does not vary; that part then counts as fixed). Only the fixed part rewards fewer,
-    wider steps; the per-query part is a cost of width like the forward's own.
+    Fitted by exponentially weighted least squares over about the last fifty steps, with a little ridge. While
+    the tokens per step hardly vary (a batch held at AR commits one per row), nothing tells the fixed part from
+    the per-token one, and the whole of it counts per token: a server's time outside the model at high load is
+    mostly detokenizing and streaming, which grows with the tokens, and read as fixed it made fewer, wider
+    steps look cheap. Drafting must then pay on the forward's cost alone; the drafts that follow vary the tokens
+    and identify the fit. Only the fixed part rewards fewer, wider steps; the per-query part is a cost of width
+    like the forward's own.
     """
 
     sums: list[float] = field(default_factory=lambda: [0.0] * 10)  # w, q, t, y, qq, qt, tt, qy, ty, yy
@@ -261,6 +266,8 @@ class StepOverhead:
             return 0.0, 0.0, 0.0
         mq, mt, my = q / w, t / w, y / w
         vqq, vqt, vtt = qq / w - mq * mq, qt / w - mq * mt, tt / w - mt * mt
+        if vtt < (STEADY_TOKENS * mt) ** 2:  # a batch held at AR: nothing tells fixed from per-token time
+            return 0.0, 0.0, my / mt if mt > 0 else 0.0
         cqy, cty = qy / w - mq * my, ty / w - mt * my
         vqq, vtt = vqq + RIDGE * (1 + vqq), vtt + RIDGE * (1 + vtt)
         det = vqq * vtt - vqt * vqt
