@@ -232,22 +232,23 @@ def test_untimed_widths_borrow_the_correction_their_neighbours_measured():
 
 
 def test_unmeasured_lengths_are_tried_only_where_trying_is_cheap():
-    """A fresh table values unmeasured lengths at acceptance 0.9 so they get tried, but only where the forward
+    """A fresh table values unmeasured lengths at acceptance 0.9 so they get tried, but only where the step
     costs at most twice AR's: past the knee an untried length is worth the best shorter measured one."""
     from jf_ray.decoding.planner import GainTable
-
-    overhead = fixed_overhead(20.0)  # fewer, wider steps look attractive
 
     def fresh_rows(table):
         return [DraftRow(AcceptanceEstimate(table=table), 32) for _ in range(16)]
 
     assert plan_drafts(curve(knee(64)), fresh_rows(GainTable())).width > 1  # cheap: tried on their promise
-    dear = curve(lambda b, w: b * w**1.2)  # 16 rows: a 2-wide forward costs 2.3x AR's
-    assert plan_drafts(dear, fresh_rows(GainTable()), overhead=overhead).width == 1
+    per_row = {1: 1.0, 2: 2.3, 4: 3.0, 8: 6.0, 16: 12.0, 32: 24.0, 64: 48.0}  # a 2-wide forward costs 2.3x AR's
+    dear = curve(lambda b, w: b * per_row[w])
+    assert plan_drafts(dear, fresh_rows(GainTable())).width == 1
     measured = GainTable()
     for _ in range(5):
-        measured.observe(4, 3.5)  # a length that proved itself is drafted even where it is dear
-    assert plan_drafts(dear, fresh_rows(measured), overhead=overhead).width == 4
+        measured.observe(4, 3.5)  # a length that proved itself is drafted even where trying is dear
+    assert plan_drafts(dear, fresh_rows(measured)).width == 4
+    # A step that costs far more than its forward makes trying cheap again.
+    assert plan_drafts(dear, fresh_rows(GainTable()), overhead=fixed_overhead(200.0)).width > 1
 
 
 def test_the_last_width_is_kept_unless_another_pays_clearly_more_except_ar():

@@ -284,8 +284,8 @@ def test_auto_drafts_longer_when_each_step_costs_the_caller_more(service):
     chosen = []
     for caller_ms in (0.0, 1000.0):  # the forward is the whole cost / the step around it dwarfs the forward
         engine = DecodingEngine(service.model, [], max_batch_size=2, cost_curve=curve)
-        for _ in range(20):
-            engine.overhead.observe(1, 1, caller_ms)
+        for tokens in (1, 2, 4, 8) * 5:  # steps that committed 1-8 tokens: the fit tells fixed time from per-token
+            engine.overhead.observe(tokens, tokens, caller_ms)
         engine.add("r", prompt_ids, DecodeConfig(decoder="auto", block_size=16, max_new_tokens=20))
         engine.step()
         chosen.append(engine.last_plan.width)

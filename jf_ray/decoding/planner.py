@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 EXPLORING_ACCEPTANCE = 0.9  # acceptance assumed of a window length not measured yet: optimistic, so it is tried
-EXPLORING_COST = 2.0  # ... where the forward costs at most this many times the batch's AR forward (trying is cheap)
+EXPLORING_COST = 2.0  # ... where the step costs at most this many times the batch's AR step (trying is cheap)
 PRIOR_RECYCLED = 0.5  # tokens one recycled candidate is assumed to add beyond the main draft, with no history
 DECAY = 0.8  # weight of the past in a request's exponential averages: about its last five forwards count
 GAIN_DECAY = 0.98  # the engine-wide gain table: about the last fifty windows of each length
@@ -358,6 +358,9 @@ def plan_drafts(
     overhead = overhead or StepOverhead()
     batch = len(rows) + fixed_rows
 
+    def step_ms(forward_width: int) -> float:  # a whole step's time, the step outside the model included
+        return curve.cost_ms(batch, forward_width) + overhead.step_ms(batch * forward_width, batch)
+
     def rate(tokens: float, forward_width: int) -> float:
         seconds = (curve.cost_ms(batch, forward_width) + overhead.step_ms(batch * forward_width, tokens)) / 1000.0
         return tokens / seconds if seconds > 0 else float("inf")
@@ -373,8 +376,7 @@ def plan_drafts(
         if width == 1:  # AR: every row's head, one token each
             best_shapes = [(DraftShape(1), 1.0)] * len(rows)
         else:  # unmeasured lengths are tried on their promise only where trying costs little (GainTable)
-            trying = curve.cost_ms(batch, max(fixed_width, width))
-            explore = trying <= EXPLORING_COST * curve.cost_ms(batch, fixed_width)
+            explore = step_ms(max(fixed_width, width)) <= EXPLORING_COST * step_ms(fixed_width)
             best_shapes = [row.best_shape(width, explore) for row in rows]
         shapes = [shape for shape, _ in best_shapes]
         tokens = fixed_rows + sum(value for _, value in best_shapes)
