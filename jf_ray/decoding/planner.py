@@ -4,9 +4,7 @@ Pure and torch-free. A forward's cost depends on its rows and on its query width
 widest), and is read from a :class:`CostCurve` measured on the hardware. A request's :class:`DraftShape` is
 its main draft's length and the number of recycled candidates verified beside it; its gain is the expected
 accepted tokens per forward, from an :class:`AcceptanceEstimate` of its recent forwards. :func:`plan_drafts`
-tries every width and keeps the one with the most expected tokens per second for the whole batch: alone,
-width is nearly free and drafts are long, with every candidate on offer; as rows are added the cost of width
-grows and shapes shrink; where the curve says width costs as much as it gains, every draft is 1 token (AR).
+keeps the width with the most expected tokens per second for the whole batch.
 """
 
 from __future__ import annotations
@@ -72,12 +70,9 @@ class CostCurve:
 class ObservedCosts:
     """The cost curve corrected by the decoding forwards timed since: per cell (rows and width, each rounded
     down to a power of two) the ratio of the exponentially weighted sums of the measured and of the curve's
-    milliseconds, never below 1. A start-up curve is timed on short contexts and an idle machine; served forwards
-    run on long contexts beside a proxy and an event loop, and cost more. A cell not yet timed borrows its nearest
-    timed neighbour's correction, so a width that proves dearer than the curve said is avoided, and one that was
-    never tried is still tried on its (corrected) promise, then timed. Only upwards: a forward timed faster than
-    the curve (a quiet moment) does not make width look cheaper than the start-up measurement, which took the
-    fastest of several.
+    milliseconds, between 1 and 4: served forwards run on longer contexts than the start-up timing, beside a
+    proxy and an event loop, and cost more; a quiet moment does not make width look cheaper than the start-up
+    measurement, which kept the fastest of several.
     """
 
     curve: CostCurve
@@ -90,11 +85,9 @@ class ObservedCosts:
         self.predicted[cell] = COST_DECAY * self.predicted.get(cell, 0.0) + self.curve.cost_ms(rows, width)
 
     def ratio(self, rows: int, width: int) -> float:
-        """The cell's correction; a cell not timed yet borrows the nearest timed cell's (rows and width counted in
-        doublings; the smaller correction on ties), else 1. What raised one cell's cost raises its neighbours':
-        contexts longer than the start-up measurement's, a busy machine. Left at the curve's value, an untried
-        wide cell beside AR forwards that proved twice as dear looked cheap against them, and a fresh engine
-        at 64 rows drafted wide on that promise (docs/load-aware-decoding.md)."""
+        """The cell's correction; a cell not timed yet borrows the nearest timed cell's (in doublings of rows and
+        width; the smaller on ties), else 1: what raised one cell's cost (long contexts, a busy machine) raises
+        its neighbours' (docs/load-aware-decoding.md)."""
         cell = (menu_length(rows), menu_length(width))
         if cell not in self.measured:
             if not self.measured:
@@ -154,8 +147,7 @@ class GainTable:
     Per menu length (:func:`menu_length`), an exponentially weighted mean of the tokens gained by settled
     windows. A measured length is worth at least every shorter measured one (a longer window holds the
     shorter). A length not measured yet is valued optimistically (the gain at acceptance 0.9) where trying it is
-    cheap (``explore``), so the planner tries it once wherever it could pay, and the try measures it; elsewhere
-    it is worth the longest shorter measured one.
+    cheap (``explore``), so that it is tried and measured; elsewhere it is worth the best shorter measured one.
     """
 
     mean: dict[int, float] = field(default_factory=dict)
@@ -243,13 +235,10 @@ class StepOverhead:
     with ``query`` the step's query tokens (rows x width: building the query, verifying every draft token) and
     ``tokens`` the tokens it committed (detokenizing and streaming them, in a server).
 
-    Fitted by exponentially weighted least squares over about the last fifty steps, with a little ridge. While
-    the tokens per step hardly vary (a batch held at AR commits one per row), nothing tells the fixed part from
-    the per-token one, and the whole of it counts per token: a server's time outside the model at high load is
-    mostly detokenizing and streaming, which grows with the tokens, and read as fixed it made fewer, wider
-    steps look cheap. Drafting must then pay on the forward's cost alone; the drafts that follow vary the tokens
-    and identify the fit. Only the fixed part rewards fewer, wider steps; the per-query part is a cost of width
-    like the forward's own.
+    Exponentially weighted least squares over about the last fifty steps, with a little ridge. While the tokens
+    per step hardly vary (a batch held at AR), fixed and per-token time cannot be told apart and all of it counts
+    per token: read as fixed, a server's streaming time made wider steps look cheap. Only the fixed part
+    rewards fewer, wider steps (docs/load-aware-decoding.md).
     """
 
     sums: list[float] = field(default_factory=lambda: [0.0] * 10)  # w, q, t, y, qq, qt, tt, qy, ty, yy
