@@ -189,6 +189,46 @@ def test_ngram_pool_candidates_start_with_the_head_and_keep_the_draft_length():
     assert pool.candidates(draft, limit=0) == []  # a plan that allows no candidate gets none
 
 
+def _latest_continuation(context: list[int], max_ngram: int, max_tokens: int) -> list[int]:
+    """The lookup by a scan of the whole context: the latest earlier occurrence of the longest suffix."""
+    for size in range(min(max_ngram, len(context) - 1), 0, -1):
+        for start in range(len(context) - 1 - size, -1, -1):
+            if context[start : start + size] == context[-size:]:
+                return context[start + size : start + size + max_tokens]
+    return []
+
+
+def test_context_lookup_follows_a_growing_context_as_a_full_scan_would():
+    from types import SimpleNamespace
+
+    from jf_ray.decoding.lookup import ContextLookup
+
+    gen = torch.Generator().manual_seed(3)
+    for max_ngram in (1, 3):
+        prompt = torch.randint(0, 6, (9,), generator=gen).tolist()
+        req = SimpleNamespace(prompt_ids=prompt, generated=[])
+        index = ContextLookup(max_ngram)
+        while len(req.generated) < 60:  # grown by 1-4 tokens at a time, as forwards accept them
+            req.generated += torch.randint(
+                0, 6, (int(torch.randint(1, 5, (1,), generator=gen)),), generator=gen
+            ).tolist()
+            index.sync(req)
+            for max_tokens in (0, 1, 5):
+                expected = _latest_continuation(prompt + req.generated, max_ngram, max_tokens)
+                assert index.continuation(max_tokens) == expected
+    index = ContextLookup(3)
+    index.sync(SimpleNamespace(prompt_ids=[4], generated=[]))
+    assert index.continuation(4) == []  # a lone token has nothing before it
+
+
+def test_candidates_found_for_a_longer_draft_are_cut_distinct():
+    from jf_ray.decoding.auto import cut_candidates
+
+    draft = [5, 1, 2]
+    found = [[5, 1, 2, 9], [5, 7, 7, 1], [5, 7, 7, 2], [5, 8, 0, 0]]
+    assert cut_candidates(found, draft) == [[5, 7, 7], [5, 8, 0]]  # equal to the draft once cut: dropped
+
+
 @pytest.mark.parametrize("spawn_ratio", [0.1, 0.5])
 @pytest.mark.parametrize("block_size", [7, 16])
 @pytest.mark.parametrize("batch_size", [1, 3])

@@ -214,8 +214,8 @@ def test_untimed_widths_borrow_the_correction_their_neighbours_measured():
 
     rows = good_rows(16)
     for row in rows:
-        for length, gained in ((2, 1.8), (4, 3.0), (8, 4.0), (16, 4.0), (32, 4.0), (64, 4.0)):
-            for _ in range(5):
+        for _ in range(5):
+            for length, gained in ((2, 1.8), (4, 3.0), (8, 4.0), (16, 4.0), (32, 4.0), (64, 4.0)):
                 row.acceptance.table.observe(length, gained)
     overhead = fixed_overhead(10.0)  # favours fewer, wider steps
     start_up = curve(lambda b, w: 0.5 * b * w)
@@ -249,6 +249,24 @@ def test_unmeasured_lengths_are_tried_only_where_trying_is_cheap():
     assert plan_drafts(dear, fresh_rows(measured)).width == 4
     # A step that costs far more than its forward makes trying cheap again.
     assert plan_drafts(dear, fresh_rows(GainTable()), overhead=fixed_overhead(200.0)).width > 1
+
+
+def test_a_length_measured_low_is_tried_again_once_its_windows_fade():
+    """Lengths are judged only while drafted: one measured in a bad moment would never be drafted again. Every
+    length's weight fades with every window judged, so after about a hundred windows of others it is valued on
+    its promise again where trying is cheap (and as the best shorter length elsewhere)."""
+    from jf_ray.decoding.planner import GainTable
+
+    table = GainTable()
+    for _ in range(10):
+        table.observe(32, 1)  # an unlucky start
+    for _ in range(30):
+        table.observe(8, 4)
+    assert table.measured(32) and table.gain(32) == pytest.approx(4.0)  # still measured: worth what 8 is
+    for _ in range(100):
+        table.observe(8, 4)
+    assert not table.measured(32) and table.measured(8)
+    assert table.gain(32, explore=True) > 9.0 and table.gain(32, explore=False) == pytest.approx(4.0)
 
 
 def test_the_last_width_is_kept_unless_another_pays_clearly_more_except_ar():

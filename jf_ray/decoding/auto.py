@@ -51,6 +51,7 @@ class AutoPolicy(RollingJacobiPolicy):
         self.acceptance = AcceptanceEstimate()
         self.recycler = Recycler(max_candidates)
         self.candidates = 0  # candidates the plan allows in the next forward
+        self.offered: list[list[int]] = []  # those draft_row found for this forward's draft
         self.num_candidates = 0  # candidates laid out in it
         self.settled = 0  # forwards since the window last grew (its new guesses are fresh: not yet refined)
 
@@ -59,11 +60,10 @@ class AutoPolicy(RollingJacobiPolicy):
         (none looked for without ``with_candidates``: the search costs Python time in every forward)."""
         longest = max(1, min(self.longest, req.budget))
         self._first_guesses(req)
-        offered = 0
+        self.offered = []
         if with_candidates and longest > 1:
-            draft = [req.head] + self.tail[: longest - 1]
-            offered = len(self.recycler.candidates(req, draft, self.max_candidates))
-        return DraftRow(self.acceptance, longest, offered)
+            self.offered = self.recycler.candidates(req, [req.head] + self.tail[: longest - 1], self.max_candidates)
+        return DraftRow(self.acceptance, longest, len(self.offered))
 
     def resize(self, req: RequestState, shape: DraftShape) -> None:
         """Draft ``shape.length`` tokens (head included) and up to ``shape.candidates`` candidates next; a
@@ -81,9 +81,15 @@ class AutoPolicy(RollingJacobiPolicy):
 
     def plan(self, req: RequestState) -> list[Segment]:
         main = self.main_segment(req)
-        candidates = self.recycler.segments(req, main, self.candidates)
-        self.num_candidates = len(candidates)
-        return [main, *candidates]
+        if not self.candidates:
+            candidates = []
+        elif self.offered and len(self.offered[0]) >= len(main.tokens):  # found once per forward, cut to the draft
+            candidates = [Segment(c, main.start_position) for c in cut_candidates(self.offered, main.tokens)]
+        else:
+            candidates = self.recycler.segments(req, main, self.candidates)
+        self.num_candidates = len(candidates[: self.candidates])
+        self.offered = []
+        return [main, *candidates[: self.candidates]]
 
     def update(self, req: RequestState) -> None:
         if self.n == 1 and not self.num_candidates:  # an AR forward: nothing to judge, recycle or learn from
@@ -99,6 +105,15 @@ class AutoPolicy(RollingJacobiPolicy):
             self.acceptance.observe_candidates(self.num_candidates, extra)
         if not req.accept(judged.winner, judged.verdict):
             self.advance(req, judged.verdict, req.outputs[judged.winner].predictions)
+
+
+def cut_candidates(candidates: list[list[int]], draft: list[int]) -> list[list[int]]:
+    """``candidates`` of a draft at least as long as ``draft``, cut to its length: distinct, none equal to it."""
+    cut: list[list[int]] = []
+    for candidate in candidates:
+        if candidate[: len(draft)] != draft and candidate[: len(draft)] not in cut:
+            cut.append(candidate[: len(draft)])
+    return cut
 
 
 def auto(config: DecodeConfig) -> AutoPolicy:

@@ -8,36 +8,57 @@ measured beside Jacobi Forcing.
 
 from __future__ import annotations
 
-import numpy as np
-
 from jf_ray.decoding.query import Segment
 from jf_ray.decoding.request import RequestState
 from jf_ray.decoding.types import DecodeConfig
 
 
-def lookup_continuation(context: list[int], max_ngram: int, max_tokens: int) -> list[int]:
-    """Tokens that followed the latest earlier occurrence of the longest matching suffix n-gram."""
-    if max_tokens <= 0 or len(context) < 2:
+class ContextLookup:
+    """The context's n-grams (up to ``max_ngram`` tokens) indexed by where their latest occurrence ends, kept
+    as the context grows: a lookup reads a few dictionary entries where a scan would read the whole context,
+    every forward (the context only grows: a request's output is append-only)."""
+
+    def __init__(self, max_ngram: int):
+        self.max_ngram = max_ngram
+        self.tokens: list[int] = []
+        self.ends: dict[tuple[int, ...], int] = {}  # n-gram -> end of its latest occurrence before the last token
+
+    def sync(self, req: RequestState) -> None:
+        """Take in the tokens ``req`` committed since the last call."""
+        known = len(self.tokens)
+        prompt = len(req.prompt_ids)
+        if known < prompt:
+            self._extend(req.prompt_ids[known:])
+            known = prompt
+        self._extend(req.generated[known - prompt :])
+
+    def _extend(self, tokens: list[int]) -> None:
+        for token in tokens:
+            end = len(self.tokens)  # n-grams ending here are now followed by a token: they may be looked up
+            for size in range(1, min(self.max_ngram, end) + 1):
+                self.ends[tuple(self.tokens[end - size : end])] = end
+            self.tokens.append(token)
+
+    def continuation(self, max_tokens: int) -> list[int]:
+        """Tokens that followed the latest earlier occurrence of the longest matching suffix n-gram."""
+        if max_tokens <= 0:
+            return []
+        for size in range(min(self.max_ngram, len(self.tokens) - 1), 0, -1):
+            end = self.ends.get(tuple(self.tokens[-size:]))
+            if end is not None:
+                return self.tokens[end : end + max_tokens]
         return []
-    ctx = np.asarray(context, dtype=np.int64)
-    for size in range(min(max_ngram, len(ctx) - 1), 0, -1):
-        suffix = ctx[-size:]
-        windows = np.lib.stride_tricks.sliding_window_view(ctx[:-1], size)  # excludes the suffix itself
-        hits = np.flatnonzero((windows == suffix).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + size
-            return ctx[start : start + max_tokens].tolist()
-    return []
 
 
 class LookupPolicy:
     def __init__(self, max_tokens: int, max_ngram: int):
         self.max_tokens = max_tokens
-        self.max_ngram = max_ngram
+        self.context = ContextLookup(max_ngram)
 
     def plan(self, req: RequestState) -> list[Segment]:
         room = min(self.max_tokens, req.budget - 1)
-        copied = lookup_continuation(req.prompt_ids + req.generated, self.max_ngram, room)
+        self.context.sync(req)
+        copied = self.context.continuation(room)
         return [Segment([req.head] + copied, req.next_position)]
 
     def update(self, req: RequestState) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from jf_ray.decoding.acceptance import Verdict
 from jf_ray.decoding.jacobi import JacobiPolicy
-from jf_ray.decoding.lookup import lookup_continuation
+from jf_ray.decoding.lookup import ContextLookup
 from jf_ray.decoding.query import Segment
 from jf_ray.decoding.request import RequestState
 from jf_ray.decoding.types import DecodeConfig
@@ -71,6 +71,7 @@ class Recycler:
 
     def __init__(self, pool_size: int):
         self.pool = NGramPool(capacity=4 * pool_size)
+        self.context: ContextLookup | None = None  # made on first use: the request's config names its n-gram size
 
     def candidates(self, req: RequestState, draft: list[int], limit: int) -> list[list[int]]:
         """Context continuation first (when enabled), then pool entries; at most ``limit``, all distinct."""
@@ -78,7 +79,10 @@ class Recycler:
         if limit <= 0:
             return found
         if req.config.recycle_context:
-            copied = lookup_continuation(req.prompt_ids + req.generated, req.config.lookup_max_ngram, len(draft) - 1)
+            if self.context is None:
+                self.context = ContextLookup(req.config.lookup_max_ngram)
+            self.context.sync(req)
+            copied = self.context.continuation(len(draft) - 1)
             candidate = [draft[0]] + copied + draft[1 + len(copied) :]
             if copied and candidate != draft:
                 found.append(candidate)

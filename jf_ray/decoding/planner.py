@@ -18,7 +18,7 @@ EXPLORING_ACCEPTANCE = 0.9  # acceptance assumed of a window length not measured
 EXPLORING_COST = 2.0  # ... where the step costs at most this many times the batch's AR step (trying is cheap)
 PRIOR_RECYCLED = 0.5  # tokens one recycled candidate is assumed to add beyond the main draft, with no history
 DECAY = 0.8  # weight of the past in a request's exponential averages: about its last five forwards count
-GAIN_DECAY = 0.98  # the engine-wide gain table: about the last fifty windows of each length
+GAIN_DECAY = 0.98  # the engine-wide gain table: about the last fifty windows judged
 MIN_GAIN_WEIGHT = 3.0  # a length counts as measured once about three windows of it were judged
 MAX_SCALE = 4.0  # a request's ease scales the table's gain beyond the head by at most this (or 1/this)
 COST_DECAY = 0.95  # the served-forward correction of the cost curve: about the last twenty forwards of a cell
@@ -47,6 +47,7 @@ class CostCurve:
     batch_sizes: list[int]
     widths: list[int]
     ms: list[list[float]]  # ms[i][j]: batch_sizes[i] rows of widths[j] tokens
+    _memo: dict[tuple[int, int], float] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.ms) != len(self.batch_sizes) or any(len(row) != len(self.widths) for row in self.ms):
@@ -55,8 +56,10 @@ class CostCurve:
             raise ValueError("cost curve: batch_sizes and widths must be increasing")
 
     def cost_ms(self, rows: int, width: int) -> float:
-        by_batch = [_interpolate(self.widths, row, width) for row in self.ms]
-        return _interpolate(self.batch_sizes, by_batch, rows)
+        if (rows, width) not in self._memo:  # asked for the same few cells at every step
+            by_batch = [_interpolate(self.widths, row, width) for row in self.ms]
+            self._memo[rows, width] = _interpolate(self.batch_sizes, by_batch, rows)
+        return self._memo[rows, width]
 
     def to_dict(self) -> dict:
         return {"batch_sizes": self.batch_sizes, "widths": self.widths, "ms": self.ms}
@@ -78,8 +81,10 @@ class ObservedCosts:
     curve: CostCurve
     measured: dict[tuple[int, int], float] = field(default_factory=dict)
     predicted: dict[tuple[int, int], float] = field(default_factory=dict)
+    _memo: dict[tuple[int, int], float] = field(default_factory=dict, repr=False, compare=False)  # until observe
 
     def observe(self, rows: int, width: int, ms: float) -> None:
+        self._memo.clear()
         cell = (menu_length(rows), menu_length(width))
         self.measured[cell] = COST_DECAY * self.measured.get(cell, 0.0) + ms
         self.predicted[cell] = COST_DECAY * self.predicted.get(cell, 0.0) + self.curve.cost_ms(rows, width)
@@ -99,7 +104,9 @@ class ObservedCosts:
         return self.measured[cell] / self.predicted[cell]
 
     def cost_ms(self, rows: int, width: int) -> float:
-        return self.curve.cost_ms(rows, width) * self.ratio(rows, width)
+        if (rows, width) not in self._memo:  # a plan asks for each cell several times
+            self._memo[rows, width] = self.curve.cost_ms(rows, width) * self.ratio(rows, width)
+        return self._memo[rows, width]
 
 
 def _doublings(a: tuple[int, int], b: tuple[int, int]) -> int:
@@ -156,8 +163,11 @@ class GainTable:
     _by_length: dict[tuple[bool, int], float] = field(default_factory=dict, repr=False)  # (explore, any length)
 
     def observe(self, length: int, accepted: int) -> None:
+        # Every length's weight fades with every window judged, drafted or not: a length measured low in a bad
+        # moment is no longer "measured" after about a hundred windows of others, and is tried again where cheap.
+        self.weight = {other: GAIN_DECAY * weight for other, weight in self.weight.items()}
         key = menu_length(length)
-        weight = GAIN_DECAY * self.weight.get(key, 0.0) + 1.0
+        weight = self.weight.get(key, 0.0) + 1.0
         mean = self.mean.get(key, float(accepted))
         self.weight[key], self.mean[key] = weight, mean + (accepted - mean) / weight
         self._gains.clear()
@@ -242,14 +252,21 @@ class StepOverhead:
     """
 
     sums: list[float] = field(default_factory=lambda: [0.0] * 10)  # w, q, t, y, qq, qt, tt, qy, ty, yy
+    _fitted: tuple[float, float, float] | None = field(default=None, repr=False, compare=False)  # until observe
 
     def observe(self, query: int, tokens: int, ms: float) -> None:
         terms = (1.0, query, tokens, ms, query * query, query * tokens, tokens * tokens, query * ms, tokens * ms)
         self.sums = [OVERHEAD_DECAY * s + x for s, x in zip(self.sums, (*terms, ms * ms))]
+        self._fitted = None
 
     @property
     def coefficients(self) -> tuple[float, float, float]:
         """(fixed_ms, per_query_ms, per_token_ms), none negative."""
+        if self._fitted is None:
+            self._fitted = self._fit()
+        return self._fitted
+
+    def _fit(self) -> tuple[float, float, float]:
         w, q, t, y, qq, qt, tt, qy, ty, _ = self.sums
         if w == 0:
             return 0.0, 0.0, 0.0
@@ -354,6 +371,7 @@ def plan_drafts(
         seconds = (curve.cost_ms(batch, forward_width) + overhead.step_ms(batch * forward_width, tokens)) / 1000.0
         return tokens / seconds if seconds > 0 else float("inf")
 
+    ar_step_ms = step_ms(fixed_width)
     plans: dict[int, DraftPlan] = {}
     ceiling = _gain_ceiling(rows)
     longest = max(row.longest for row in rows)
@@ -365,7 +383,7 @@ def plan_drafts(
         if width == 1:  # AR: every row's head, one token each
             best_shapes = [(DraftShape(1), 1.0)] * len(rows)
         else:  # unmeasured lengths are tried on their promise only where trying costs little (GainTable)
-            explore = step_ms(max(fixed_width, width)) <= EXPLORING_COST * step_ms(fixed_width)
+            explore = step_ms(max(fixed_width, width)) <= EXPLORING_COST * ar_step_ms
             best_shapes = [row.best_shape(width, explore) for row in rows]
         shapes = [shape for shape, _ in best_shapes]
         tokens = fixed_rows + sum(value for _, value in best_shapes)
