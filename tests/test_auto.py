@@ -71,6 +71,23 @@ def test_drafts_follow_the_load(model, prompts, rows, knee, width):
     assert all(req.stats.query_tokens == width for req in engine.running)
 
 
+def test_a_plan_of_ar_stands_a_few_steps(model, prompts, monkeypatch):
+    """At AR no window is judged and nothing the planner reads moves: a saturated batch is planned every
+    AR_PLAN_STEPS steps, not every step (planning 64 rows cost 5% of their step)."""
+    from jf_ray.decoding import engine as engine_module
+
+    planned = []
+    plan_drafts = engine_module.plan_drafts
+    monkeypatch.setattr(engine_module, "plan_drafts", lambda *a, **k: planned.append(1) or plan_drafts(*a, **k))
+    engine = DecodingEngine(model, [], max_batch_size=16, cost_curve=knee_curve(16))
+    for i in range(16):
+        engine.add(str(i), prompts[i % len(prompts)], DecodeConfig(decoder="auto", block_size=32, max_new_tokens=40))
+    for _ in range(3 * engine_module.AR_PLAN_STEPS):
+        engine.step()
+        assert engine.last_plan.width == 1
+    assert len(planned) == 3
+
+
 def test_free_width_buys_candidates_and_costly_width_is_ar(model):
     """Every token occurs in the prompt, so the context offers one candidate from the first forward on."""
     prompt = list(range(200))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from jf_ray.decoding.planner import AcceptanceEstimate, CostCurve, DraftRow, DraftShape, plan_drafts
+from jf_ray.decoding.gains import AcceptanceEstimate
+from jf_ray.decoding.planner import CostCurve, DraftRow, DraftShape, plan_drafts
 
 BATCHES, WIDTHS = [1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 32, 64]
 
@@ -161,7 +162,7 @@ def test_overhead_per_token_or_per_query_rewards_width_less_than_a_fixed_one():
 
 
 def test_gain_table_values_each_length_by_what_it_gained():
-    from jf_ray.decoding.planner import GainTable
+    from jf_ray.decoding.gains import GainTable
 
     table = GainTable()
     assert table.gain(8) == pytest.approx(5.70, abs=0.01)  # not measured: optimistic (acceptance 0.9), to be tried
@@ -234,7 +235,7 @@ def test_untimed_widths_borrow_the_correction_their_neighbours_measured():
 def test_unmeasured_lengths_are_tried_only_where_trying_is_cheap():
     """A fresh table values unmeasured lengths at acceptance 0.9 so they get tried, but only where the step
     costs at most twice AR's: past the knee an untried length is worth the best shorter measured one."""
-    from jf_ray.decoding.planner import GainTable
+    from jf_ray.decoding.gains import GainTable
 
     def fresh_rows(table):
         return [DraftRow(AcceptanceEstimate(table=table), 32) for _ in range(16)]
@@ -255,7 +256,7 @@ def test_a_length_measured_low_is_tried_again_once_its_windows_fade():
     """Lengths are judged only while drafted: one measured in a bad moment would never be drafted again. Every
     length's weight fades with every window judged, so after about a hundred windows of others it is valued on
     its promise again where trying is cheap (and as the best shorter length elsewhere)."""
-    from jf_ray.decoding.planner import GainTable
+    from jf_ray.decoding.gains import GainTable
 
     table = GainTable()
     for _ in range(10):
@@ -288,7 +289,8 @@ def test_the_cheap_bound_skips_widths_but_never_changes_the_plan(monkeypatch):
     import random
 
     from jf_ray.decoding import planner
-    from jf_ray.decoding.planner import GainTable, StepOverhead
+    from jf_ray.decoding.gains import GainTable
+    from jf_ray.decoding.planner import StepOverhead
 
     rng = random.Random(0)
     overhead = StepOverhead()

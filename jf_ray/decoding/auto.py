@@ -2,7 +2,7 @@
 
 The engine asks :func:`jf_ray.decoding.planner.plan_drafts` for every ``auto`` request's draft shape (window
 length and recycled candidates), from the forward cost curve of its hardware (:func:`measure_cost_curve`, or
-one loaded from a file) and each request's :class:`~jf_ray.decoding.planner.AcceptanceEstimate`. Only
+one loaded from a file) and each request's :class:`~jf_ray.decoding.gains.AcceptanceEstimate`. Only
 verified tokens are committed, as in every Jacobi decoder, so greedy output is greedy AR and sampling keeps
 the model's distribution whatever the shapes chosen. See docs/load-aware-decoding.md.
 """
@@ -15,9 +15,10 @@ import time
 import torch
 
 from jf_ray.decoding.cache import RaggedKVCache
+from jf_ray.decoding.gains import AcceptanceEstimate
 from jf_ray.decoding.jacobi import RollingJacobiPolicy
 from jf_ray.decoding.multiblock import Recycler
-from jf_ray.decoding.planner import AcceptanceEstimate, CostCurve, DraftRow, DraftShape, candidate_widths
+from jf_ray.decoding.planner import CostCurve, DraftRow, DraftShape, candidate_widths
 from jf_ray.decoding.query import Segment, build_query, prefill_query
 from jf_ray.decoding.request import RequestState
 from jf_ray.decoding.types import DecodeConfig

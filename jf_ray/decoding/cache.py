@@ -16,7 +16,9 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-SPARE_SLOTS = 64  # slots a layer's buffer grows by at least (and by half of what it holds)
+# Slots a layer's buffer grows by: at least this, and an eighth of what it holds, so that long contexts on a GPU
+# keep at most an eighth more KV memory than they use while a copy of the cache comes once every n/8 slots.
+SPARE_SLOTS = 64
 
 
 class SpareSlotsLayer(DynamicLayer):
@@ -27,6 +29,9 @@ class SpareSlotsLayer(DynamicLayer):
     moves of :class:`RaggedKVCache`, transformers' own crops) is adopted into a new buffer at the next update.
     """
 
+    _key_buffer: torch.Tensor | None = None
+    _value_buffer: torch.Tensor | None = None
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -35,16 +40,13 @@ class SpareSlotsLayer(DynamicLayer):
         if not (_is_front_of(self.keys, self._key_buffer) and _is_front_of(self.values, self._value_buffer)):
             self._key_buffer = self._value_buffer = None  # keys/values were replaced: not ours any more
         if self._key_buffer is None or self._key_buffer.shape[-2] < needed or used == 0:
-            capacity = needed + max(SPARE_SLOTS, needed // 2)
+            capacity = needed + max(SPARE_SLOTS, needed // 8)
             self._key_buffer = _buffer_like(key_states, capacity, self.keys if used else None)
             self._value_buffer = _buffer_like(value_states, capacity, self.values if used else None)
         self._key_buffer[:, :, used:needed] = key_states
         self._value_buffer[:, :, used:needed] = value_states
         self.keys, self.values = self._key_buffer[:, :, :needed], self._value_buffer[:, :, :needed]
         return self.keys, self.values
-
-    _key_buffer: torch.Tensor | None = None
-    _value_buffer: torch.Tensor | None = None
 
 
 def _is_front_of(view: torch.Tensor, buffer: torch.Tensor | None) -> bool:

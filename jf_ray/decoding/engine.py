@@ -19,15 +19,8 @@ import torch
 
 from jf_ray.decoding.auto import AutoPolicy, measure_cost_curve
 from jf_ray.decoding.cache import RaggedKVCache
-from jf_ray.decoding.planner import (
-    CostCurve,
-    DraftPlan,
-    DraftShape,
-    GainTable,
-    ObservedCosts,
-    StepOverhead,
-    plan_drafts,
-)
+from jf_ray.decoding.gains import GainTable, menu_length
+from jf_ray.decoding.planner import CostCurve, DraftPlan, DraftShape, ObservedCosts, StepOverhead, plan_drafts
 from jf_ray.decoding.query import Segment, build_query, prefill_query
 from jf_ray.decoding.realized import RealizedRates
 from jf_ray.decoding.registry import policy_builder
@@ -39,6 +32,10 @@ from jf_ray.modeling import attention_backends
 logger = logging.getLogger(__name__)
 
 CANDIDATE_ROOM = 1.5  # recycled candidates are offered while a 4-wide forward costs at most this times AR's
+# A plan of AR stands this many steps at the same batch size (rounded down to a power of two): at AR no window is
+# judged, so nothing the planner reads moves but the step's timing, and planning a saturated batch of 64 rows
+# cost 5% of its step.
+AR_PLAN_STEPS = 8
 
 
 @dataclass
@@ -92,6 +89,7 @@ class DecodingEngine:
         self.forward_costs: ObservedCosts | None = None  # the cost curve, corrected by timed decoding forwards
         self.last_plan: DraftPlan | None = None  # the load-aware plan of the last forward, if any
         self._kept_width: int | None = None  # the last load-aware plan's width, kept unless another pays more
+        self._ar_planned: dict[int, int] = {}  # batch size (power of two) -> steps its last AR plan still stands
 
     # -- requests ------------------------------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], config: DecodeConfig) -> None:
@@ -188,10 +186,15 @@ class DecodingEngine:
                 req.segments = req.policy.plan(req)
         self.last_plan = None
         if sized:
-            if self.realized.allows_drafting(len(self.running)):
+            rows = menu_length(len(self.running))
+            if not self.realized.allows_drafting(len(self.running)):
+                plan = _ar_plan(sized)  # drafting earned less than AR at this batch size (realized.py)
+            elif self._ar_planned.get(rows, 0) > 0:
+                self._ar_planned[rows] -= 1
+                plan = _ar_plan(sized)
+            else:
                 plan = self._plan_drafts(sized)
-            else:  # drafting earned less than AR at this batch size, measured on whole steps (realized.py)
-                plan = DraftPlan([DraftShape(1)] * len(sized), 1, 0.0, 1)
+                self._ar_planned[rows] = AR_PLAN_STEPS - 1 if plan.width == 1 else 0
             self.last_plan, self._kept_width = plan, plan.menu_width
             for req, shape in zip(sized, self.last_plan.shapes):
                 req.policy.resize(req, shape)
@@ -288,6 +291,10 @@ class DecodingEngine:
             self.cache.keep_rows(keep)
         else:
             self.cache = RaggedKVCache(self.device)
+
+
+def _ar_plan(sized: list[RequestState]) -> DraftPlan:
+    return DraftPlan([DraftShape(1)] * len(sized), 1, 0.0, 1)
 
 
 def record_shape(stats: DecodeStats, segments: list[Segment]) -> None:

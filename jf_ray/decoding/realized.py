@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from jf_ray.decoding.planner import menu_length
+from jf_ray.decoding.gains import menu_length
 
 logger = logging.getLogger(__name__)
 
