@@ -113,7 +113,9 @@ def service(checkpoint):
     from jf_ray.serving.config import ServeConfig
     from jf_ray.serving.service import CompletionService
 
-    svc = CompletionService(ServeConfig(model=checkpoint, max_batch_size=4, max_queued_requests=2))
+    # The engine in a thread of this process: the tests below reach into it (the HTTP tests run it in a child).
+    config = ServeConfig(model=checkpoint, max_batch_size=4, max_queued_requests=2, engine_process=False)
+    svc = CompletionService(config)
     yield svc
     svc.shutdown()
 
@@ -191,7 +193,7 @@ def test_scheduler_rejects_beyond_capacity(service):
     from jf_ray.decoding import DecodeConfig, DecodingEngine
     from jf_ray.serving.scheduler import BatchScheduler, QueueFullError
 
-    engine = DecodingEngine(service.model, service.eos_token_ids, max_batch_size=2)
+    engine = DecodingEngine(service.scheduler.engine.model, [], max_batch_size=2)
     scheduler = BatchScheduler(engine, max_batch_size=2, max_queued_requests=1)  # thread not started
 
     async def fill():
@@ -230,7 +232,7 @@ def stream_chunks(service, interval_s: float, observer=None, chunks_per_s=None, 
     from jf_ray.serving.generation import stream_text
     from jf_ray.serving.scheduler import BatchScheduler
 
-    engine = DecodingEngine(service.model, service.eos_token_ids, max_batch_size=2)
+    engine = DecodingEngine(service.scheduler.engine.model, [], max_batch_size=2)
     scheduler = BatchScheduler(engine, 2, 0, observer, interval_s, chunks_per_s).start()
     request = completion(service, **fields)
 
@@ -283,13 +285,82 @@ def test_auto_drafts_longer_when_each_step_costs_the_caller_more(service):
     prompt_ids = service.tokenizer(PROMPT)["input_ids"]
     chosen = []
     for caller_ms in (0.0, 1000.0):  # the forward is the whole cost / the step around it dwarfs the forward
-        engine = DecodingEngine(service.model, [], max_batch_size=2, cost_curve=curve)
+        engine = DecodingEngine(service.scheduler.engine.model, [], max_batch_size=2, cost_curve=curve)
         for tokens in (1, 2, 4, 8) * 5:  # steps that committed 1-8 tokens: the fit tells fixed time from per-token
             engine.overhead.observe(tokens, tokens, caller_ms)
         engine.add("r", prompt_ids, DecodeConfig(decoder="auto", block_size=16, max_new_tokens=20))
         engine.step()
         chosen.append(engine.last_plan.width)
     assert chosen == [1, 16]
+
+
+def test_the_engine_process_decodes_as_the_thread_does_and_fails_cleanly_when_it_dies(checkpoint, reference):
+    """The default: the engine in a child process. Its text is AR's; killed mid-stream, the open request ends
+    with EngineFailure (a 5xx, never a truncated 200), later ones too, and the replica reports itself dead."""
+    import signal
+
+    from jf_ray.serving.config import ServeConfig
+    from jf_ray.serving.generation import collect_text
+    from jf_ray.serving.scheduler import EngineFailure
+    from jf_ray.serving.service import CompletionService
+
+    svc = CompletionService(ServeConfig(model=checkpoint, max_batch_size=2))
+    try:
+        assert svc.scheduler.process.is_alive() and svc.health()["status"] == "ok"
+        prompt_ids = reference.tokenizer(PROMPT)["input_ids"]
+        for decoder in ("ar", "auto"):
+            text, finish, usage, _ = run_to_end(svc, completion(svc, prompt=PROMPT, max_tokens=32, decoder=decoder))
+            assert text == reference.text(reference.greedy(prompt_ids, 32)) and finish == "length"
+        deadline = time.monotonic() + 10
+        while svc.health()["steps"] < 32 and time.monotonic() < deadline:  # step records arrive every 0.25 s
+            time.sleep(0.05)
+        assert svc.health()["steps"] >= 32 and svc.health()["finished"] == 2
+
+        async def killed_mid_stream():
+            chunks = svc.start(completion(svc, prompt=PROMPT, max_tokens=180, decoder="ar"))
+            await chunks.__anext__()
+            os.kill(svc.scheduler.process.pid, signal.SIGKILL)
+            with pytest.raises(EngineFailure):
+                async for _ in chunks:
+                    pass
+            with pytest.raises(EngineFailure):  # the replica still answers, with an error
+                await collect_text(svc.start(completion(svc, prompt=PROMPT, max_tokens=4)))
+
+        run(killed_mid_stream())
+        assert not svc.scheduler.alive and svc.health()["status"] == "engine stopped"
+    finally:
+        svc.shutdown()
+
+
+def test_the_engine_process_exits_with_its_replica(checkpoint, tmp_path):
+    """A replica killed outright (Serve's failure tests do it) leaves no engine behind holding the model."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "replica.py"
+    script.write_text(
+        "import os, sys\n"
+        "from jf_ray.serving.config import ServeConfig\n"
+        "from jf_ray.serving.engine_process import EngineProcess\n"
+        "if __name__ == '__main__':  # the engine process imports this module again\n"
+        "    engine = EngineProcess(ServeConfig(model=sys.argv[1], decode={'decoder': 'ar'}))\n"
+        "    print(engine.process.pid, flush=True)\n"
+        "    os._exit(1)\n"
+    )
+    out = subprocess.run([sys.executable, str(script), checkpoint], capture_output=True, text=True, timeout=300)
+    child = int(out.stdout.split()[0])
+
+    def running() -> bool:  # an exited child nobody has reaped yet is a zombie: it holds nothing
+        try:
+            with open(f"/proc/{child}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running()
 
 
 def test_stop_string_ends_the_text_before_it(service):
@@ -348,7 +419,7 @@ def decode_with_logprobs(model, eos_ids, prompt_ids, **config) -> tuple[list[int
 def test_logprobs_of_every_decoder_equal_a_plain_forward_greedy_and_sampled(service, reference):
     """Each token's logprob comes from the forward that verified it, under an exact prefix: so it equals the
     log-softmax of one plain forward over prompt + output at that position, for Jacobi drafts as for AR."""
-    model, eos = service.model, service.eos_token_ids
+    model, eos = service.scheduler.engine.model, sorted(service.scheduler.engine.eos_token_ids)
     prompt_ids = reference.tokenizer(PROMPT)["input_ids"]
     ar_tokens, _ = decode_with_logprobs(model, eos, prompt_ids, decoder="ar")
     assert ar_tokens == reference.greedy(prompt_ids, 40)

@@ -98,15 +98,7 @@ class DecodingEngine:
         self.waiting.append(req)
 
     def validate(self, prompt_ids: list[int], config: DecodeConfig) -> None:
-        if not prompt_ids:
-            raise UserInputError("the prompt is empty")
-        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
-            raise UserInputError(f"prompt has token ids outside the vocabulary [0, {self.vocab_size})")
-        if self.max_positions and len(prompt_ids) + config.max_new_tokens > self.max_positions:
-            raise UserInputError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds the "
-                f"model's context of {self.max_positions} tokens"
-            )
+        check_request(prompt_ids, config, self.vocab_size, self.max_positions)
 
     def abort(self, request_id: str) -> None:
         """Stop a request; it leaves the batch at the next step (its slot is freed)."""
@@ -291,6 +283,19 @@ class DecodingEngine:
             self.cache.keep_rows(keep)
         else:
             self.cache = RaggedKVCache(self.device)
+
+
+def check_request(prompt_ids: list[int], config: DecodeConfig, vocab_size: int, max_positions: int | None) -> None:
+    """A request this engine can decode: a prompt of known token ids that fits the context with its tokens."""
+    if not prompt_ids:
+        raise UserInputError("the prompt is empty")
+    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
+        raise UserInputError(f"prompt has token ids outside the vocabulary [0, {vocab_size})")
+    if max_positions and len(prompt_ids) + config.max_new_tokens > max_positions:
+        raise UserInputError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds the "
+            f"model's context of {max_positions} tokens"
+        )
 
 
 def _ar_plan(sized: list[RequestState]) -> DraftPlan:

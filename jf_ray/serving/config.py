@@ -103,6 +103,11 @@ class ServeConfig(StageConfig):
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that gives none")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica")
+    engine_process: bool = Field(
+        True,
+        description="run the model and its engine in a child process of the replica, so that its forwards never "
+        "wait for the interpreter lock that the HTTP side holds (docs/serving.md); false: a thread of the replica",
+    )
     torch_threads: int | None = Field(
         None,
         ge=1,

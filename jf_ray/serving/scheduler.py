@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -49,8 +50,9 @@ class StepEvent:
 
 @dataclass
 class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop | None  # None: the handler is in another process, reached through ``relay``
+    queue: asyncio.Queue | None
+    request_id: str = ""
     started: bool = False  # its first output went out (that one is never held back: time to first token)
     pending: list = field(default_factory=list)  # StepEvents held back until the next flush
 
@@ -86,8 +88,10 @@ class BatchScheduler:
         observer: StepObserver | None = None,
         stream_interval_s: float = 0.0,
         stream_chunks_per_s: float | None = None,
+        relay: Callable[[list[tuple[str, object]]], None] | None = None,
     ) -> None:
         self.engine = engine
+        self.relay = relay  # takes (request_id, StepEvent or exception) pairs of streams enqueued without a loop
         engine.overhead_timed_by_caller = True  # _measure_overhead times whole steps, delivery included
         self.stream_interval_s = stream_interval_s
         self.stream_chunks_per_s = stream_chunks_per_s
@@ -123,7 +127,15 @@ class BatchScheduler:
 
     def submit(self, request_id: str, prompt_ids: list[int], config: DecodeConfig) -> asyncio.Queue:
         """Queue a request; its StepEvents (or an exception) arrive on the returned queue, in order."""
-        loop = asyncio.get_running_loop()
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), request_id)
+        self._enqueue(stream, prompt_ids, config)
+        return stream.queue
+
+    def enqueue(self, request_id: str, prompt_ids: list[int], config: DecodeConfig) -> None:
+        """Queue a request whose events go to ``relay`` (the engine process: jf_ray.serving.engine_process)."""
+        self._enqueue(_Stream(None, None, request_id), prompt_ids, config)
+
+    def _enqueue(self, stream: _Stream, prompt_ids: list[int], config: DecodeConfig) -> None:
         with self._wakeup:
             if len(self._streams) >= self.capacity:
                 self.stats.rejected += 1
@@ -131,11 +143,9 @@ class BatchScheduler:
                     f"server overloaded: {self.max_batch_size} requests decoding and "
                     f"{self.capacity - self.max_batch_size} queued; retry later"
                 )
-            stream = _Stream(loop, asyncio.Queue())
-            self._streams[request_id] = stream
-            self._commands.append(("add", request_id, prompt_ids, config))
+            self._streams[stream.request_id] = stream
+            self._commands.append(("add", stream.request_id, prompt_ids, config))
             self._wakeup.notify()
-        return stream.queue
 
     def abort(self, request_id: str) -> None:
         """Drop a request (client gone, stop string hit): frees its batch slot before the next step."""
@@ -196,7 +206,7 @@ class BatchScheduler:
             with self._wakeup:
                 stream = self._streams.pop(request_id, None)
             if stream is not None:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+                self._post(stream, exc)
             return
         self.stats.admitted += 1
 
@@ -258,13 +268,23 @@ class BatchScheduler:
                     if request_id in self._streams:  # not aborted since it was held
                         self._release(stream, per_loop)
         for loop, items in per_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
+            if loop is None:
+                self.relay(items)
+            else:
+                loop.call_soon_threadsafe(put_all_events, items)
 
     @staticmethod
     def _release(stream: _Stream, per_loop: dict) -> None:
         stream.started = True
-        per_loop.setdefault(stream.loop, []).extend((stream.queue, event) for event in stream.pending)
+        to = stream.queue if stream.loop is not None else stream.request_id
+        per_loop.setdefault(stream.loop, []).extend((to, event) for event in stream.pending)
         stream.pending = []
+
+    def _post(self, stream: _Stream, item: object) -> None:
+        if stream.loop is None:
+            self.relay([(stream.request_id, item)])
+        else:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
     def _fail_all(self, error: Exception) -> None:
         with self._wakeup:
@@ -275,9 +295,9 @@ class BatchScheduler:
                 self.engine.abort(request_id)
             except Exception:  # the engine may not know it (never admitted); nothing to free then
                 logger.debug("abort of %s after failure raised", request_id, exc_info=True)
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+            self._post(stream, error)
 
 
-def _put_all(items: list[tuple[asyncio.Queue, StepEvent]]) -> None:
+def put_all_events(items: list[tuple[asyncio.Queue, StepEvent]]) -> None:
     for queue, event in items:
         queue.put_nowait(event)

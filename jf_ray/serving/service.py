@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from jf_ray.decoding.types import DecodeConfig
 from jf_ray.errors import UserInputError
 from jf_ray.serving.config import ServeConfig
+from jf_ray.serving.engine_process import EngineInfo, EngineProcess, load_engine, start_scheduler
 from jf_ray.serving.generation import PreparedRequest, RequestObserver, TextChunk, stream_text
 from jf_ray.serving.protocol import (
     APIError,
@@ -21,7 +22,7 @@ from jf_ray.serving.protocol import (
     invalid_request,
     new_id,
 )
-from jf_ray.serving.scheduler import BatchScheduler, QueueFullError, StepObserver
+from jf_ray.serving.scheduler import QueueFullError, StepObserver
 
 logger = logging.getLogger(__name__)
 
@@ -36,28 +37,19 @@ class CompletionService:
         request_observer: RequestObserver | None = None,
         step_observer: StepObserver | None = None,
     ) -> None:
-        from jf_ray.decoding import DecodingEngine
-        from jf_ray.modeling import eos_token_ids, load_model, load_tokenizer
+        from jf_ray.modeling import load_tokenizer
 
         self.config = config
         self.model_name = config.served_model_name
         self.tokenizer = load_tokenizer(config.model)
-        self.model = load_model(config.model, dtype=config.dtype, device=config.device)
-        self.context_length = context_length(self.model)
-        self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
-        self.engine = DecodingEngine(
-            self.model, self.eos_token_ids, max_batch_size=config.max_batch_size, cost_curve=load_cost_curve(config)
-        )
-        if config.decode.decoder == "auto":  # measured now (where not loaded), not in the first request
-            logger.info("auto decoder: forward cost curve %s", self.engine.ensure_cost_curve().to_dict())
-        self.scheduler = BatchScheduler(
-            self.engine,
-            config.max_batch_size,
-            config.max_queued_requests,
-            step_observer,
-            stream_interval_s=config.stream_interval_ms / 1000.0,
-            stream_chunks_per_s=config.stream_chunks_per_s,
-        ).start()
+        if config.engine_process:
+            self.scheduler = EngineProcess(config, step_observer)
+            self.engine_info = self.scheduler.info
+        else:
+            engine = load_engine(config)
+            self.engine_info = EngineInfo.of(engine)
+            self.scheduler = start_scheduler(engine, config, step_observer)
+        self.context_length = self.engine_info.context_length
         self.request_observer = request_observer
         logger.info(
             "serving %s as %r (context %d tokens, decoder %s)",
@@ -113,7 +105,7 @@ class CompletionService:
         except ValueError as exc:
             raise invalid_request(f"invalid decoding settings: {exc}") from None
         try:  # the engine's own checks (read-only, so safe outside its thread): a 400 before any header
-            self.engine.validate(prompt_ids, config)
+            self.engine_info.validate(prompt_ids, config)
         except UserInputError as exc:
             raise invalid_request(f"{prompt_field}: {exc}", prompt_field) from None
         return PreparedRequest(request_id, prompt_ids, config, request.stop_strings)
@@ -162,23 +154,3 @@ class CompletionService:
 
     def shutdown(self) -> None:
         self.scheduler.stop()
-
-
-def context_length(model) -> int:
-    """Longest sequence the checkpoint was built for (prompt + completion)."""
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise ValueError(f"cannot tell the context length of {type(model).__name__}; set max_position_embeddings")
-
-
-def load_cost_curve(config: ServeConfig):
-    """The auto decoder's forward cost curve from ``config.cost_curve``; None means measure it."""
-    if config.cost_curve is None:
-        return None
-    from jf_ray.decoding.planner import CostCurve
-    from jf_ray.storage import read_json
-
-    return CostCurve.from_dict(read_json(config.cost_curve))
