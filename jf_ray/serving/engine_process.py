@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -141,20 +142,20 @@ class EngineProcess:
     # ---- handler side ----
     def submit(self, request_id: str, prompt_ids: list[int], config: DecodeConfig) -> asyncio.Queue:
         """Queue a request; its StepEvents (or an exception) arrive on the returned queue, in order."""
-        queue: asyncio.Queue = asyncio.Queue()
+        events: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if not self.alive:
-                queue.put_nowait(EngineFailure("the engine process has stopped"))
-                return queue
+                events.put_nowait(EngineFailure("the engine process has stopped"))
+                return events
             if len(self._streams) >= self.capacity:
                 self.stats.rejected += 1
                 raise QueueFullError(
                     f"server overloaded: {self.max_batch_size} requests decoding and "
                     f"{self.capacity - self.max_batch_size} queued; retry later"
                 )
-            self._streams[request_id] = (asyncio.get_running_loop(), queue)
+            self._streams[request_id] = (asyncio.get_running_loop(), events)
             self._send(("add", request_id, prompt_ids, config))
-        return queue
+        return events
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -215,8 +216,8 @@ class EngineProcess:
             logger.error("the engine process exited (code %s); failing its requests", self.process.exitcode)
         with self._lock:
             streams, self._streams = self._streams, {}
-        for loop, queue in streams.values():
-            loop.call_soon_threadsafe(queue.put_nowait, EngineFailure("the engine process exited"))
+        for loop, events in streams.values():
+            loop.call_soon_threadsafe(events.put_nowait, EngineFailure("the engine process exited"))
 
     def _dispatch(self, items: list[tuple[str, object]]) -> None:
         per_loop: dict[asyncio.AbstractEventLoop, list] = {}
@@ -239,27 +240,50 @@ class EngineProcess:
 
 
 class _Relay:
-    """The child's side of the events pipe, written by the engine thread and the command loop."""
+    """The child's side of the events pipe. The engine thread and the command loop only queue; a thread of its own
+    sends, merging whatever queued meanwhile into one message: a send blocks while the pipe is full, and the
+    replica drains it only when its receiver gets the interpreter lock, which must never stall a step."""
 
     def __init__(self, conn) -> None:
         self.conn = conn
-        self.lock = threading.Lock()
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.scheduler: BatchScheduler | None = None
         self.steps: list[tuple] = []
-        self.sent_at = time.monotonic()
+        self.recorded_at = time.monotonic()
+        self.thread = threading.Thread(target=self._send_all, name="jf-ray-engine-relay", daemon=True)
+        self.thread.start()
 
     def events(self, items: list[tuple[str, object]]) -> None:
-        with self.lock:
-            self.conn.send(("events", items))
+        self.outbox.put(("events", items))
 
     def on_step(self, batch_size: int, running: int, queue_length: int, step_s: float) -> None:
         self.steps.append((batch_size, running, queue_length, step_s))
         idle = running == 0 and queue_length == 0  # the last step before a pause: its records go now
-        if idle or time.monotonic() - self.sent_at >= STEP_RECORDS_EVERY_S:
-            record = (self.steps, self.scheduler.stats.to_dict(), self.scheduler.step_overhead_ms)
-            with self.lock:
-                self.conn.send(("steps", record))
-            self.steps, self.sent_at = [], time.monotonic()
+        if idle or time.monotonic() - self.recorded_at >= STEP_RECORDS_EVERY_S:
+            self.outbox.put(("steps", (self.steps, self.scheduler.stats.to_dict(), self.scheduler.step_overhead_ms)))
+            self.steps, self.recorded_at = [], time.monotonic()
+
+    def close(self) -> None:
+        self.outbox.put(None)
+        self.thread.join(10.0)
+
+    def _send_all(self) -> None:
+        while True:
+            messages = [self.outbox.get()]
+            while not self.outbox.empty():
+                messages.append(self.outbox.get())
+            events = [item for kind, payload in filter(None, messages) if kind == "events" for item in payload]
+            records = [payload for kind, payload in filter(None, messages) if kind == "steps"]
+            try:
+                if events:
+                    self.conn.send(("events", events))
+                if records:
+                    steps = [step for record in records for step in record[0]]
+                    self.conn.send(("steps", (steps, *records[-1][1:])))
+            except OSError:  # the replica is gone; the command loop ends too
+                return
+            if None in messages:
+                return
 
 
 def _engine_main(config: ServeConfig, commands, events) -> None:
@@ -292,3 +316,4 @@ def _engine_main(config: ServeConfig, commands, events) -> None:
         pass
     finally:
         scheduler.stop()
+        relay.close()
