@@ -124,6 +124,7 @@ class EngineProcess:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self._stopping = False
+        self._closed = False  # set under the lock once the events pipe closed: no stream may be added after
         self._receiver = threading.Thread(target=self._receive, name="jf-ray-engine-events", daemon=True)
         self._receiver.start()
 
@@ -144,7 +145,7 @@ class EngineProcess:
         """Queue a request; its StepEvents (or an exception) arrive on the returned queue, in order."""
         events: asyncio.Queue = asyncio.Queue()
         with self._lock:
-            if not self.alive:
+            if self._closed or not self.alive:
                 events.put_nowait(EngineFailure("the engine process has stopped"))
                 return events
             if len(self._streams) >= self.capacity:
@@ -172,7 +173,7 @@ class EngineProcess:
 
     @property
     def alive(self) -> bool:
-        return not self._stopping and self.process.is_alive() and self._receiver.is_alive()
+        return not (self._stopping or self._closed) and self.process.is_alive() and self._receiver.is_alive()
 
     @property
     def num_active(self) -> int:
@@ -215,7 +216,7 @@ class EngineProcess:
         if not self._stopping:
             logger.error("the engine process exited (code %s); failing its requests", self.process.exitcode)
         with self._lock:
-            streams, self._streams = self._streams, {}
+            streams, self._streams, self._closed = self._streams, {}, True
         for loop, events in streams.values():
             loop.call_soon_threadsafe(events.put_nowait, EngineFailure("the engine process exited"))
 
