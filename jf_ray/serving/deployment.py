@@ -93,7 +93,7 @@ class JacobiDecoderDeployment:
     def check_health(self) -> None:
         """Serve restarts the replica when this raises."""
         if not self.service.scheduler.alive:
-            raise RuntimeError("the engine thread has stopped")
+            raise RuntimeError("the decoding engine has stopped (its process or thread)")
 
     def __del__(self) -> None:
         service = getattr(self, "service", None)
