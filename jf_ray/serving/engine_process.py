@@ -30,6 +30,7 @@ from jf_ray.serving.scheduler import (
     QueueFullError,
     SchedulerStats,
     StepObserver,
+    StreamCapacity,
     put_all_events,
 )
 
@@ -101,7 +102,7 @@ def start_scheduler(engine, config: ServeConfig, observer: StepObserver | None =
     ).start()
 
 
-class EngineProcess:
+class EngineProcess(StreamCapacity):
     """The replica's side: the same ``submit``/``abort``/``snapshot`` as a :class:`BatchScheduler`."""
 
     def __init__(self, config: ServeConfig, observer: StepObserver | None = None, start_timeout_s: float = 900.0):
@@ -148,12 +149,7 @@ class EngineProcess:
             if self._closed or not self.alive:
                 events.put_nowait(EngineFailure("the engine process has stopped"))
                 return events
-            if len(self._streams) >= self.capacity:
-                self.stats.rejected += 1
-                raise QueueFullError(
-                    f"server overloaded: {self.max_batch_size} requests decoding and "
-                    f"{self.capacity - self.max_batch_size} queued; retry later"
-                )
+            self._check_room()
             self._streams[request_id] = (asyncio.get_running_loop(), events)
             self._send(("add", request_id, prompt_ids, config))
         return events
@@ -174,14 +170,6 @@ class EngineProcess:
     @property
     def alive(self) -> bool:
         return not (self._stopping or self._closed) and self.process.is_alive() and self._receiver.is_alive()
-
-    @property
-    def num_active(self) -> int:
-        return len(self._streams)
-
-    @property
-    def queue_length(self) -> int:
-        return max(0, self.num_active - self.max_batch_size)
 
     def snapshot(self) -> dict:
         local = {"aborted": self.stats.aborted, "rejected": self.stats.rejected}

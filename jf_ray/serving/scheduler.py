@@ -79,7 +79,35 @@ class SchedulerStats:
         }
 
 
-class BatchScheduler:
+class StreamCapacity:
+    """The open streams a scheduler counts, and the limit it answers 503 beyond: shared by the engine thread's
+    :class:`BatchScheduler` and the replica's side of the engine process (jf_ray.serving.engine_process)."""
+
+    max_batch_size: int
+    capacity: int  # max_batch_size + the requests that may wait for a slot
+    stats: SchedulerStats
+    _streams: dict
+
+    @property
+    def num_active(self) -> int:
+        return len(self._streams)
+
+    @property
+    def queue_length(self) -> int:
+        """Requests accepted but not (yet) in the running batch."""
+        return max(0, self.num_active - self.max_batch_size)
+
+    def _check_room(self) -> None:
+        """Raise QueueFullError (counted) when another stream would exceed the capacity; call under the lock."""
+        if len(self._streams) >= self.capacity:
+            self.stats.rejected += 1
+            raise QueueFullError(
+                f"server overloaded: {self.max_batch_size} requests decoding and "
+                f"{self.capacity - self.max_batch_size} queued; retry later"
+            )
+
+
+class BatchScheduler(StreamCapacity):
     def __init__(
         self,
         engine,
@@ -137,12 +165,7 @@ class BatchScheduler:
 
     def _enqueue(self, stream: _Stream, prompt_ids: list[int], config: DecodeConfig) -> None:
         with self._wakeup:
-            if len(self._streams) >= self.capacity:
-                self.stats.rejected += 1
-                raise QueueFullError(
-                    f"server overloaded: {self.max_batch_size} requests decoding and "
-                    f"{self.capacity - self.max_batch_size} queued; retry later"
-                )
+            self._check_room()
             self._streams[stream.request_id] = stream
             self._commands.append(("add", stream.request_id, prompt_ids, config))
             self._wakeup.notify()
@@ -155,15 +178,6 @@ class BatchScheduler:
             self.stats.aborted += 1
             self._commands.append(("abort", request_id))
             self._wakeup.notify()
-
-    @property
-    def num_active(self) -> int:
-        return len(self._streams)
-
-    @property
-    def queue_length(self) -> int:
-        """Requests accepted but not (yet) in the running batch."""
-        return max(0, self.num_active - self.max_batch_size)
 
     def snapshot(self) -> dict:
         return {
