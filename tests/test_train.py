@@ -355,6 +355,7 @@ def _fsdp_rank(rank: int, port: int, checkpoint_dir: str, batch) -> None:
             lambda s, m: None,
         )
         save_checkpoint(checkpoint_dir, model, None, optimizer, scheduler, state, {}, is_writer=rank == 0)
+        dist.barrier()  # both ranks leave together: a rank that tore gloo down while its peer wrote aborted once
     finally:
         dist.destroy_process_group()
 
