@@ -88,9 +88,10 @@ class AutoPolicy(RollingJacobiPolicy):
             candidates = [Segment(c, main.start_position) for c in cut_candidates(self.offered, main.tokens)]
         else:
             candidates = self.recycler.segments(req, main, self.candidates)
-        self.num_candidates = len(candidates[: self.candidates])
+        candidates = candidates[: self.candidates]
+        self.num_candidates = len(candidates)
         self.offered = []
-        return [main, *candidates[: self.candidates]]
+        return [main, *candidates]
 
     def update(self, req: RequestState) -> None:
         if self.n == 1 and not self.num_candidates:  # an AR forward: nothing to judge, recycle or learn from
