@@ -28,11 +28,13 @@ CONFIG_FILE = "config.json"
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if dtype not in _DTYPES:
+    """The dtype to decode in: ``auto`` is bf16 on a GPU and fp32 on a CPU, where greedy decoding is exact;
+    an explicit bf16 or fp16 on a CPU that emulates it is kept, with a warning (jf_ray.precision)."""
+    from jf_ray.precision import resolve_precision
+
+    if dtype not in _DTYPES and dtype != "auto":
         raise UserInputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
-    return _DTYPES[dtype]
+    return _DTYPES[resolve_precision(dtype, device, "decode").name]
 
 
 # cuDNN's fused attention, torch's first choice for half precision on recent GPUs, builds an execution plan for

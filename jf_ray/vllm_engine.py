@@ -163,12 +163,13 @@ def close_engine(llm) -> None:
 
 
 def _vllm_dtype(options: VllmOptions) -> str:
-    """jf-ray's meaning of ``auto`` (fp32 on CPU, bf16 on GPU), so both engines compute in the same precision."""
-    if options.dtype == "auto":
-        return "float32" if options.device == "cpu" else "bfloat16"
-    if options.dtype not in _DTYPES:
+    """jf-ray's meaning of ``auto`` (fp32 on CPU, bf16 on GPU: jf_ray.precision), so both engines compute in
+    the same precision."""
+    from jf_ray.precision import resolve_precision
+
+    if options.dtype not in _DTYPES and options.dtype != "auto":
         raise UserInputError(f"unknown dtype {options.dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
-    return _DTYPES[options.dtype]
+    return _DTYPES[resolve_precision(options.dtype, options.device, "decode").name]
 
 
 def greedy_ar(llm, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int]) -> list[list[int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -11,6 +12,9 @@ from jf_ray.raycluster import set_local_cluster_env
 # Ray reads its address settings when it is imported, and test modules import it at collection time: every
 # cluster the tests start stays on 127.0.0.1.
 set_local_cluster_env()
+# Every test computes as on a CPU without native bf16 (fp32 wherever precision is auto), so results are the
+# same on every CI machine; Ray's workers inherit it. tests/test_precision.py injects processors itself.
+os.environ["JF_NATIVE_BF16"] = "0"
 
 
 def _free_port() -> int:

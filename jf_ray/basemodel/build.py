@@ -50,6 +50,16 @@ def content_hash(preset: BasePreset, seed: int) -> str:
     return digest.hexdigest()
 
 
+def resolved_for_this_machine(preset: BasePreset) -> BasePreset:
+    """``preset`` with its precision resolved on this processor (``auto``: bf16 only where native): the
+    concrete choice is part of the content hash, since the two train different models."""
+    from jf_ray.precision import resolve_precision
+
+    choice = resolve_precision(preset.precision, "cpu", "train")
+    logger.info("base model precision: %s", choice.reason)
+    return preset.model_copy(update={"precision": choice.name})
+
+
 def read_build_info(checkpoint_dir: str | Path) -> dict | None:
     path = Path(checkpoint_dir) / BUILD_INFO
     try:
@@ -77,7 +87,7 @@ def build_base(
     from jf_ray.storage.uri import local_path
 
     out = Path(local_path(str(out_dir)))
-    resolved = resolve_preset(preset, overrides)
+    resolved = resolved_for_this_machine(resolve_preset(preset, overrides))
     key = content_hash(resolved, seed)
     info = read_build_info(out)
     if not force and info is not None and info.get("content_hash") == key:
@@ -105,6 +115,7 @@ def _build_into(tmp: Path, name: str, preset: BasePreset, seed: int, key: str, s
     from jf_ray.basemodel.pretrain import new_model, pretrain, seed_everything
     from jf_ray.basemodel.tokenizer import train_tokenizer
     from jf_ray.modeling import num_parameters
+    from jf_ray.precision import machine_record
 
     start = time.perf_counter()
     seed_everything(seed)
@@ -128,6 +139,7 @@ def _build_into(tmp: Path, name: str, preset: BasePreset, seed: int, key: str, s
         "data_s": round(data_s, 1),
         "build_s": round(time.perf_counter() - start, 1),
         "torch_threads": torch.get_num_threads(),
+        "machine": machine_record(),
         **summary,
     }
     (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")

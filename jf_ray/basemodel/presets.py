@@ -8,6 +8,7 @@ budget. Any field can be overridden (``steps=200``); the overrides are part of t
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 from pydantic import Field
 
@@ -33,8 +34,10 @@ class BasePreset(StageConfig):
     lr: float = Field(..., gt=0, description="peak AdamW learning rate (linear warm-up, cosine decay to 10%)")
     warmup_steps: int = Field(..., ge=0, description="linear warm-up steps")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
-    bf16_autocast: bool = Field(
-        False, description="matmuls in bfloat16 (fp32 weights): about 25% faster on CPUs with AVX512-BF16/AMX"
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="matmuls in bf16 autocast (fp32 weights) or fp32; auto: bf16 where the processor has native "
+        "bf16 (about 25% faster there), fp32 elsewhere (emulated bf16 is 13x slower; jf_ray.precision)",
     )
     math_examples: int = Field(..., ge=0, description="math train problems, as chat turns")
     code_examples: int = Field(..., ge=0, description="code train tasks (signature+docstring -> body), as chat turns")
@@ -106,7 +109,6 @@ PRESETS: dict[str, dict] = {
         steps=4000,
         lr=3e-3,
         warmup_steps=50,
-        bf16_autocast=True,
         math_examples=30_000,
         code_examples=36_000,
         raw_code_chars=200_000,
@@ -121,6 +123,8 @@ def resolve_preset(name: str, overrides: Iterable[str] = ()) -> BasePreset:
     data = dict(PRESETS[name])
     for item in overrides:
         key, value = parse_override(item)
+        if key == "bf16_autocast":
+            raise UserInputError(f"{item!r}: bf16_autocast is now precision=auto|bf16|fp32 (auto picks by the CPU)")
         if key not in BasePreset.model_fields:
             raise UserInputError(f"unknown preset field {key!r} in override {item!r}")
         data[key] = value

@@ -85,12 +85,21 @@ def pretrain(model, rows: TokenRows, preset: BasePreset, seed: int, show_progres
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, preset)
-        loss = _train_step(model, optimizer, rows, order[step], preset.bf16_autocast)
+        loss = _train_step(model, optimizer, rows, order[step], preset.precision == "bf16")
         losses.append(loss)
         tokens_per_s = (step + 1) * preset.batch_size * preset.seq_len / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
         if log_every and ((step + 1) % log_every == 0 or step + 1 == preset.steps):
-            logger.info("pretrain step %d/%d loss %.3f, %.0f tokens/s", step + 1, preset.steps, loss, tokens_per_s)
+            left_s = (preset.steps - step - 1) * preset.batch_size * preset.seq_len / tokens_per_s
+            logger.info(
+                "pretrain step %d/%d loss %.3f, %.0f tokens/s (%s), %s left",
+                step + 1,
+                preset.steps,
+                loss,
+                tokens_per_s,
+                preset.precision,
+                tqdm.format_interval(left_s),
+            )
     model.eval()
     wall_s = time.perf_counter() - start
     tail = losses[-max(1, len(losses) // 20) :]
@@ -103,6 +112,46 @@ def pretrain(model, rows: TokenRows, preset: BasePreset, seed: int, show_progres
     }
     logger.info("pretrain done: %s", summary)
     return summary
+
+
+def time_train_steps(preset: BasePreset, steps: int = 3, threads: int | None = None) -> float:
+    """Seconds per training step of ``preset``'s model on this machine, at its (resolved) precision.
+
+    Random weights and tokens, one packed row shape as in training; the first step (allocation, kernel
+    choice) is not counted. About 1.5 s for the ``small`` preset in fp32 on 2 cores: what the job's first
+    ETA rests on, instead of a throughput taken from another machine."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from jf_ray.basemodel.corpus import TokenRows
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads or threads_before)
+    try:
+        config = Qwen2Config(
+            vocab_size=preset.vocab_size,
+            hidden_size=preset.hidden_size,
+            num_hidden_layers=preset.num_layers,
+            num_attention_heads=preset.num_heads,
+            num_key_value_heads=preset.num_kv_heads,
+            intermediate_size=preset.intermediate_size,
+            max_position_embeddings=preset.max_position_embeddings,
+            tie_word_embeddings=True,
+        )
+        model = Qwen2ForCausalLM(config).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        shape = (preset.batch_size, preset.seq_len)
+        tokens = torch.randint(0, preset.vocab_size, shape)
+        positions = (torch.arange(preset.seq_len) % (preset.seq_len // 2)).expand(shape).contiguous()
+        rows = TokenRows(tokens, tokens.clone(), positions)
+        index = torch.arange(preset.batch_size)
+        times = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            _train_step(model, optimizer, rows, index, preset.precision == "bf16")
+            times.append(time.perf_counter() - start)
+        return sorted(times[1:])[len(times[1:]) // 2]
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 def sequence_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -134,5 +134,5 @@ def bench_collection(bench: CollectBench, scratch: str | None = None) -> dict:
         "num_prompts": len(read_prompts(bench.prompts)),
         "batch_scaling": by_batch,
         "worker_scaling": by_workers,
-        "machine": machine.finish(),
+        "machine": machine.finish("fp32"),
     }

@@ -28,9 +28,14 @@ class MachineRecord:
     def start(cls) -> MachineRecord:
         return cls(os.getloadavg(), time.perf_counter())
 
-    def finish(self) -> dict:
-        """{cpus, platform, python, torch, load_avg_start, load_avg_end (1, 5, 15 min), wall_s}."""
+    def finish(self, precision: str | None = None) -> dict:
+        """{cpus, platform, python, torch, load_avg_start, load_avg_end (1, 5, 15 min), wall_s}, the processor
+        (model, SIMD features, threads, native bf16), transformers' version, and the ``precision`` computed in."""
+        from jf_ray.precision import machine_record
+
         return {
+            **machine_record(),
+            "precision": precision,
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),

@@ -52,6 +52,8 @@ def bench_training(
     overrides: list[str] | None = None,
 ) -> dict:
     """The report: one short run per worker count; ``overrides`` are TrainConfig ``KEY=VALUE`` settings."""
+    from jf_ray.precision import resolve_precision
+
     machine = MachineRecord.start()
     out = out or f"file://{tempfile.mkdtemp(prefix='jf-train-bench-')}"
     results = []
@@ -65,11 +67,12 @@ def bench_training(
             f"run_name=bench-w{count}-{int(time.time())}",
             *(overrides or []),
         ]
-        results.append(measure(TrainConfig.load(None, settings), skip))
+        config = TrainConfig.load(None, settings)
+        results.append(measure(config, skip))
         logger.info("workers=%d: %.0f tokens/s", count, results[-1]["tokens_per_s_median"])
     return {
         "benchmark": "train",
         "settings": {"model": model, "data": data, "steps": steps, "skip": skip, "set": list(overrides or [])},
         "results": results,
-        "machine": machine.finish(),
+        "machine": machine.finish(resolve_precision(config.precision, "cuda" if config.use_gpu else "cpu").name),
     }

@@ -115,6 +115,7 @@ def run_decoders(args: argparse.Namespace) -> int:
     from jf_ray.bench.decoders import bench_decoders
     from jf_ray.cli.common import decode_config_from_args
     from jf_ray.modeling import encode_prompt, eos_token_ids, load_model, load_tokenizer, set_torch_threads
+    from jf_ray.precision import precision_of
     from jf_ray.prompts import read_prompts
 
     check_json_target(args)
@@ -148,7 +149,7 @@ def run_decoders(args: argparse.Namespace) -> int:
             "references": ["ar", *references],
         },
         "results": results,
-        "machine": machine.finish(),
+        "machine": machine.finish(precision_of(model.dtype)),
     }
     print_table(results)
     write_report(args, report)

@@ -98,6 +98,16 @@ def local_config(args: argparse.Namespace):
     return ServeConfig.from_dict(apply_overrides(data, args.overrides))
 
 
+def server_precision(config) -> str | None:
+    """What the local app decodes in; None for a server at --url, whose settings this process cannot see."""
+    if config is None:
+        return None
+    from jf_ray.modeling import resolve_device
+    from jf_ray.precision import resolve_precision
+
+    return resolve_precision(config.dtype, resolve_device(config.device), "decode").name
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from jf_ray.bench import serve as bench
     from jf_ray.bench.common import MachineRecord
@@ -142,7 +152,7 @@ def run_serve(args: argparse.Namespace) -> int:
         "offline_ar": offline,
         "served_over_offline_ar": bench.served_over_offline(results, offline),
         **{f"speedup_vs_{name}": bench.speedups(results, name) for name, _ in args.references},
-        "machine": machine.finish(),
+        "machine": machine.finish(server_precision(config)),
     }
     write_report(args, report)
     return 0

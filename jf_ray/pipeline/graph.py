@@ -11,7 +11,9 @@ stage and everything after it. Progress (stage, round, percentage, ETA) is logge
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,7 +68,8 @@ def run_graph(run_dir: str, stages: list[Stage], on_progress: Callable[[dict], N
             state.skipped.append(stage.name)
             done_weight += stage.weight
             continue
-        eta = (total - done_weight) * (work_seconds / work_weight if work_weight else 1.0)
+        pace = work_seconds / work_weight if work_weight else 1.0
+        eta = (total - done_weight) * pace
         progress = {
             "stage": stage.name,
             "index": index + 1,
@@ -76,7 +79,8 @@ def run_graph(run_dir: str, stages: list[Stage], on_progress: Callable[[dict], N
         }
         _report(run_dir, progress, on_progress)
         started = time.perf_counter()
-        outputs = stage.output.model_validate(stage.run(state.outputs))
+        with behind_schedule_warnings(stage.name, stage.weight * pace):
+            outputs = stage.output.model_validate(stage.run(state.outputs))
         seconds = time.perf_counter() - started
         write_json_atomic(
             marker,
@@ -99,6 +103,35 @@ def run_graph(run_dir: str, stages: list[Stage], on_progress: Callable[[dict], N
         on_progress,
     )
     return state
+
+
+@contextlib.contextmanager
+def behind_schedule_warnings(stage: str, expected_s: float, check_every_s: float = 15.0, min_warn_s: float = 60.0):
+    """Log a warning whenever the stage inside has run 2x, 4x, 8x... its expected seconds (and at least
+    ``min_warn_s``): a stage far behind its estimate (a slow processor, emulated bf16, a busy machine) says so
+    while it runs."""
+    done = threading.Event()
+
+    def watch() -> None:
+        started, factor = time.perf_counter(), 2.0
+        while not done.wait(check_every_s):
+            elapsed = time.perf_counter() - started
+            if elapsed > max(factor * expected_s, min_warn_s):
+                logger.warning(
+                    "stage %s is running behind: %.0fs so far, about %.0fs were expected on this machine",
+                    stage,
+                    elapsed,
+                    expected_s,
+                )
+                factor *= 2
+
+    watcher = threading.Thread(target=watch, name=f"eta-{stage}", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 def _recorded_outputs(marker: str, stage: Stage) -> BaseModel:

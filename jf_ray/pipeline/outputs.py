@@ -25,6 +25,7 @@ class BaseOutput(StageOutput):
     model: str  # the base checkpoint (given or built)
     built: bool
     preset: str | None = None
+    precision: str | None = None  # what the build computed in (bf16 or fp32); None for a given checkpoint
 
 
 class DataOutput(StageOutput):

@@ -27,6 +27,7 @@ def write_report(cfg: PipelineConfig, outputs: RunOutputs) -> ReportOutput:
         "training": [{"round": k + 1, **curve} for k, curve in enumerate(training)],
         "collection": [_collect_summary(outputs.collect(k)) for k in trained],
         "config": cfg.model_dump(mode="json"),
+        "machine": machine_section(outputs, training),
     }
     files = {"json_uri": join_uri(cfg.run_dir, "report.json"), "markdown_uri": join_uri(cfg.run_dir, "report.md")}
     write_json_atomic(files["json_uri"], report)
@@ -76,6 +77,35 @@ def _speedup(row: dict) -> str:
     return f"{row['speedup_vs_ar']:.2f}x{spread}"
 
 
+def machine_section(outputs: RunOutputs, training: list[dict]) -> dict:
+    """The machine the report's figures come from (the driver's; stages on a cluster may run elsewhere) and
+    the precision each part computed in: the base build's, every round's training, the decoding's."""
+    from jf_ray.precision import machine_record, resolve_precision
+
+    decode = resolve_precision("auto", "cpu", "decode")
+    return {
+        **machine_record(),
+        "precision": {
+            "base": outputs.base.precision,
+            "train": [curve.get("precision") for curve in training],
+            "decode": decode.name,
+            "decode_reason": decode.reason,
+        },
+    }
+
+
+def machine_line(machine: dict) -> str:
+    """One line of report.md naming the processor and precisions, so a figure is read against its machine."""
+    features = " ".join(name for name, present in machine["cpu_features"].items() if present) or "none read"
+    precision = machine["precision"]
+    train = ", ".join(sorted({p for p in precision["train"] if p})) or "-"
+    return (
+        f"Machine: {machine['cpu_model']}, {machine['cpu_threads']} threads, features: {features}; "
+        f"precision: base {precision['base'] or 'given'}, training {train}, decoding {precision['decode']}; "
+        f"torch {machine['torch']}, transformers {machine['transformers']}."
+    )
+
+
 def training_curve(train_output: TrainOutput) -> dict:
     if not exists(train_output.metrics_log):
         return {"steps": [], "loss": [], "loss_consistency": [], "loss_ar": [], "tokens_per_s": None}
@@ -88,6 +118,7 @@ def training_curve(train_output: TrainOutput) -> dict:
         "loss_ar": [r.get("loss_ar") for r in rows],
         "tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
         "wall_s": train_output.wall_s,
+        "precision": rows[-1].get("precision") if rows else None,
     }
 
 
@@ -103,6 +134,8 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
         f"Run: `{report['run_dir']}`",
         "",
         bench_settings(report["config"]),
+        "",
+        machine_line(report["machine"]),
         "",
     ]
     tasks = list(report["rounds"][0]["eval"])

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jf_ray.pipeline.config import PipelineConfig
+from jf_ray.pipeline.estimate import MachinePace, stage_seconds
 from jf_ray.pipeline.graph import Stage
 from jf_ray.pipeline.outputs import (
     OUTPUT_TYPES,
@@ -34,8 +35,10 @@ from jf_ray.storage import is_local, join_uri, local_path, upload_dir, write_byt
 logger = logging.getLogger(__name__)
 
 
-def build_stages(cfg: PipelineConfig) -> list[Stage]:
-    est = _estimated_seconds(cfg)
+def build_stages(cfg: PipelineConfig, pace: MachinePace | None = None) -> list[Stage]:
+    """The job's stages, weighted by their estimated seconds at ``pace`` (default: a neutral pace; the
+    job measures one with :func:`jf_ray.pipeline.estimate.measure_pace`)."""
+    est = stage_seconds(cfg, pace or MachinePace(base_step_s=None if cfg.base.model else 0.4, speed=1.0))
     stages = [
         _stage("base", None, lambda out: base_stage(cfg), est["base"]),
         _stage("data", None, lambda out: data_stage(cfg), 5.0),
@@ -56,33 +59,6 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
 def _stage(kind: str, k: int | None, run: Callable[[RunOutputs], StageOutput], weight: float) -> Stage:
     """A graph stage whose function sees the earlier outputs through :class:`RunOutputs`."""
     return Stage(stage_name(kind, k), lambda out: run(RunOutputs(out)), OUTPUT_TYPES[kind], weight)
-
-
-def _estimated_seconds(cfg: PipelineConfig) -> dict[str, float]:
-    """Rough stage durations of the embedded `small` model on 2 CPU cores (from full.yaml's stage times).
-
-    They are the stage weights: the first ETA, shown before any stage has finished, is their sum, and every
-    later ETA scales them by the pace observed so far, so on other hardware they only need to be proportionate.
-    """
-    from jf_ray.basemodel.presets import resolve_preset
-
-    base = 5.0
-    if cfg.base.model is None:
-        preset = resolve_preset(cfg.base.preset, [f"{k}={json.dumps(v)}" for k, v in cfg.base.overrides.items()])
-        base = 30.0 + preset.steps * preset.batch_size * preset.seq_len / 11_000  # ~11 k tokens/s with bf16
-    prompts = sum(cfg.workloads.train_prompts.get(task, 0) for task in cfg.workloads.tasks) or 512
-    quality = sum(cfg.workloads.quality_prompts.get(task, 0) for task in cfg.workloads.tasks)
-    bench_runs = len(cfg.evaluation.decoders) * cfg.evaluation.repeats * (len(cfg.rounds) + 1)
-    bench_prompts = sum(cfg.workloads.benchmark_prompts(task) for task in cfg.workloads.tasks)
-    est = {
-        "base": base,
-        "collect": 0.075 * prompts,  # per prompt, up to 256 tokens each
-        "eval": 5.0 + 0.04 * quality,  # batched greedy AR
-        "bench": 0.35 * bench_runs * bench_prompts,  # one decoder run of one prompt at batch 1
-    }
-    for k, rnd in enumerate(cfg.rounds, start=1):
-        est[stage_name("train", k)] = rnd.steps * (0.3 + 0.003 * rnd.block_size)  # 2 workers, micro-batch 2
-    return est
 
 
 def base_stage(cfg: PipelineConfig) -> BaseOutput:
@@ -113,6 +89,7 @@ def _build_base_task(cfg: PipelineConfig) -> BaseOutput:
 def build_base_output(cfg: PipelineConfig) -> BaseOutput:
     """Build (or reuse) the base of ``cfg.base.preset`` and put it under the run directory."""
     from jf_ray.basemodel import build_base
+    from jf_ray.basemodel.build import read_build_info
 
     build_dir = cfg.base.build_dir
     if build_dir is None:
@@ -129,7 +106,8 @@ def build_base_output(cfg: PipelineConfig) -> BaseOutput:
     if not is_local(cfg.run_dir):
         model = join_uri(cfg.run_dir, "base")
         upload_dir(path, model)
-    return BaseOutput(model=model, built=True, preset=cfg.base.preset)
+    precision = (read_build_info(path) or {}).get("preset", {}).get("precision")
+    return BaseOutput(model=model, built=True, preset=cfg.base.preset, precision=precision)
 
 
 def data_stage(cfg: PipelineConfig) -> DataOutput:

@@ -83,8 +83,11 @@ def gradient_sync(model: torch.nn.Module, enabled: bool):
 
 
 def autocast_context(device: torch.device | str, precision: str):
+    """bf16 autocast where ``precision`` resolves to bf16 on ``device`` (jf_ray.precision), else nothing."""
+    from jf_ray.precision import resolve_precision
+
     device = torch.device(device)
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    if resolve_precision(precision, str(device), "train").name == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -117,6 +117,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
     import ray.train.torch
 
     from jf_ray.modeling import set_torch_threads
+    from jf_ray.precision import resolve_precision
     from jf_ray.training.checkpoint import MODEL_DIR, load_training_state
     from jf_ray.training.data import MicroBatchStream, load_packed_sequences
     from jf_ray.training.loop import LoopState, build_optimizer, build_scheduler, run_loop
@@ -127,6 +128,9 @@ def train_loop_per_worker(config_dict: dict) -> None:
     set_torch_threads(config.cpus_per_worker)
     torch.manual_seed(config.seed)
     device = ray.train.torch.get_device()
+    # Resolved on the worker: its processor decides whether bf16 is native (jf_ray.precision).
+    precision = resolve_precision(config.precision, str(device), "train")
+    config = config.model_copy(update={"precision": precision.name})
     resume_dir = _restore_checkpoint_dir()
     model, tokenizer, model_dtype = load_model_for_training(
         resume_dir / MODEL_DIR if resume_dir else config.model, config
@@ -148,7 +152,9 @@ def train_loop_per_worker(config_dict: dict) -> None:
         shutil.rmtree(resume_dir, ignore_errors=True)
     reporter = Reporter(config, model, tokenizer, optimizer, scheduler, total_steps, rank, model_dtype)
     reporter.restore_log(state.step)
-    logger.info("rank %d/%d: %d steps from step %d on %s", rank, world, total_steps, state.step, device)
+    logger.info(
+        "rank %d/%d: %d steps from step %d on %s, %s", rank, world, total_steps, state.step, device, precision.reason
+    )
     run_loop(model, stream, optimizer, scheduler, config, total_steps, state, device, reporter.on_step)
 
 
@@ -234,6 +240,7 @@ class Reporter:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.total_steps, self.rank, self.model_dtype = total_steps, rank, model_dtype
         self.lines: list[str] = []
+        self.started, self.first_step = time.perf_counter(), None  # the ETA: this run's own pace
 
     @property
     def log_uri(self) -> str:
@@ -262,16 +269,19 @@ class Reporter:
             return
         metrics = {key: round(value, 6) if isinstance(value, float) else value for key, value in metrics.items()}
         metrics["total_steps"] = self.total_steps
+        metrics["precision"] = self.config.precision
         if self.rank == 0 and log_now:
             self.lines.append(json.dumps(metrics, sort_keys=True))
             logger.info(
-                "step %d/%d loss %.4f (pc %.4f ar %.4f) %.0f tok/s",
+                "step %d/%d loss %.4f (pc %.4f ar %.4f) %.0f tok/s %s, %s left",
                 state.step,
                 self.total_steps,
                 metrics["loss"],
                 metrics["loss_consistency"],
                 metrics["loss_ar"],
                 metrics["tokens_per_s"],
+                self.config.precision,
+                self._time_left(state.step),
             )
         if checkpoint_now:
             self._report_with_checkpoint(state, metrics)
@@ -279,6 +289,15 @@ class Reporter:
             # Each report is a barrier across workers through the controller (about a second on CPU), so
             # reporting every step would dominate small-model steps; the log file still gets every step.
             ray.train.report(metrics)
+
+    def _time_left(self, step: int) -> str:
+        """The rest of the run at the pace of this run's steps so far (the first one, which loads, excluded)."""
+        if self.first_step is None or step <= self.first_step:
+            self.first_step, self.started = step, time.perf_counter()
+            return "?"
+        per_step = (time.perf_counter() - self.started) / (step - self.first_step)
+        minutes, seconds = divmod(round(per_step * (self.total_steps - step)), 60)
+        return f"{minutes}m{seconds:02d}s"
 
     def _report_with_checkpoint(self, state, metrics: dict) -> None:
         import ray.train
