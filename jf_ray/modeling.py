@@ -1,7 +1,8 @@
 """Loading any Hugging Face causal LM and its tokenizer, and turning prompts into token ids.
 
 Accepts a local checkpoint directory, a ``file://`` URI, an object-store URI (``s3://``; downloaded to a
-local cache first) or a hub name where the network allows it: the loading code is the same. A training
+local cache first), a hub name where the network allows it, or a GGUF file (path or URI; converted once to a
+cached checkpoint, jf_ray.gguf_checkpoint): the loading code is the same. A training
 checkpoint keeps its model files in a ``model/`` subdirectory beside the optimizer state
 (docs/checkpoints.md); given the checkpoint root, the loaders use (and download) ``model/`` only.
 """
@@ -90,7 +91,14 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def local_model_path(model: str) -> str:
-    """Map a model reference to something ``from_pretrained`` takes (a local dir or a hub name)."""
+    """Map a model reference to something ``from_pretrained`` takes (a local dir or a hub name).
+
+    Every loader of a model goes through here (serving, benchmarks, evaluation, collection, training, vLLM),
+    so a ``.gguf`` file works wherever a checkpoint does: it becomes its converted checkpoint."""
+    from jf_ray.gguf_checkpoint import gguf_checkpoint, is_gguf_reference
+
+    if is_gguf_reference(model):
+        return str(gguf_checkpoint(model))
     if model.startswith("file://"):
         model = model[len("file://") :]
     if "://" in model:

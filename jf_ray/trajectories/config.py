@@ -11,7 +11,7 @@ from jf_ray.trajectories.backend_base import BackendSpec
 class CollectConfig(StageConfig):
     """Collect greedy Jacobi trajectories of ``model`` on ``prompts`` into a Parquet dataset at ``out``."""
 
-    model: ModelLocation = Field(..., description="checkpoint: local dir, file:// or s3:// URI, or hub name")
+    model: ModelLocation = Field(..., description="checkpoint: local dir, file:// or s3:// URI, hub name or .gguf file")
     prompts: Location = Field(..., description='URI of a JSONL file, one {"prompt": str, "id"?: str|int} per line')
     out: Location = Field(..., description="URI of the output dataset (file://, s3:// or a local path)")
     block_size: int = Field(16, ge=1, description="Jacobi block size n")
