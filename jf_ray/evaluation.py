@@ -23,12 +23,13 @@ from jf_ray.decoding import DecodeConfig
 from jf_ray.errors import UserInputError
 from jf_ray.sandbox import SandboxLimits
 from jf_ray.workloads import Example
-from jf_ray.workloads.common import LOSS_TASKS, TEST_ONLY_TASKS, Split, Task
+from jf_ray.workloads.common import LOSS_TASKS, TEST_ONLY_TASKS, Split
+from jf_ray.workloads.tasks import Task
 
 logger = logging.getLogger(__name__)
 
 # Longest math solutions are ~200 tokens; code bodies and HumanEval completions are longer.
-DEFAULT_MAX_NEW_TOKENS = {"math": 256, "code": 128, "stdlib": 384, "humaneval": 512}
+DEFAULT_MAX_NEW_TOKENS = {"math": 256, "wordmath": 256, "code": 128, "stdlib": 384, "humaneval": 512}
 DEFAULT_EXAMPLES = 200
 
 
@@ -40,7 +41,9 @@ class EvalConfig(StageConfig):
     prompts: Location | None = Field(
         None,
         description="JSONL of your own examples instead of the task's: {prompt, tests, entry_point} rows are "
-        "executed (pass@1), {prompt, answer} rows checked by final answer (accuracy)",
+        "executed (pass@1), {prompt, answer} rows checked by final answer (accuracy); or a Hugging Face dataset "
+        "(hf://datasets/NAME, a save_to_disk dir, Parquet/JSON/CSV) with ?column= or ?template= naming the prompt "
+        "and ?answer= the answer (docs/evaluation.md)",
     )
     split: Split = Field("heldout", description="workload split (heldout: never trained on)")
     n: int | None = Field(None, ge=1, description="number of examples (default: 200, all of HumanEval or the file)")
@@ -64,10 +67,11 @@ class EvalConfig(StageConfig):
 
 
 def load_eval_examples(config: EvalConfig) -> list[Example]:
-    from jf_ray.workloads import load_examples, read_examples
+    from jf_ray.prompt_sources import read_example_set
+    from jf_ray.workloads import load_examples
 
     if config.prompts is not None:
-        examples = read_examples(config.prompts)[: config.n]
+        examples = read_example_set(config.prompts)[: config.n]
         if not examples:
             raise UserInputError(f"{config.prompts} holds no examples")
         if len({bool(ex.tests) for ex in examples}) > 1:

@@ -1,5 +1,6 @@
 """Prompt input of bench, collection and serving benchmarks: a JSONL object at a URI, one
-``{"prompt": str, "id"?: str|int}`` per line.
+``{"prompt": str, "id"?: str|int}`` per line, or any Hugging Face dataset with a column or template naming
+the prompt (a hub dataset, a ``save_to_disk`` directory, Parquet/JSON/CSV files; :mod:`jf_ray.prompt_sources`).
 
 Prompt ids are stable across runs: the given ``id``, or a hash of the prompt text. Resume and the
 "every prompt exactly once" guarantee are defined over these ids.
@@ -42,20 +43,14 @@ def parse_prompt_line(line: str, where: str) -> Prompt:
 
 
 def read_prompts(uri: str) -> list[Prompt]:
-    """Prompts in file order; an exact repeat (same id and text) is kept once, a clashing id is an error."""
-    try:
-        text = read_bytes(uri).decode("utf-8")
-    except UnicodeDecodeError:
-        raise UserInputError(f"{uri} is not UTF-8 text") from None
+    """Prompts in file (or dataset) order; an exact repeat (same id and text) is kept once, a clashing id is an
+    error."""
     prompts: dict[str, Prompt] = {}
     repeats = 0
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        prompt = parse_prompt_line(line, f"{uri} line {number}")
+    for where, prompt in located_prompts(uri):
         seen = prompts.get(prompt.id)
         if seen is not None and seen.text != prompt.text:
-            raise UserInputError(f"{uri} line {number}: id {prompt.id!r} is used by two different prompts")
+            raise UserInputError(f"{where}: id {prompt.id!r} is used by two different prompts")
         repeats += seen is not None
         prompts.setdefault(prompt.id, prompt)
     if not prompts:
@@ -63,6 +58,27 @@ def read_prompts(uri: str) -> list[Prompt]:
     if repeats:
         logger.warning("%s: %d repeated prompts kept once", uri, repeats)
     return list(prompts.values())
+
+
+def located_prompts(uri: str) -> list[tuple[str, Prompt]]:
+    """``(where, prompt)`` of every prompt: the lines of a prompts JSONL, or the rows of a dataset."""
+    from jf_ray.prompt_sources import dataset_prompts, parse_source
+
+    source = parse_source(uri)
+    if source is None:
+        return jsonl_prompts(uri)
+    rows = dataset_prompts(source)
+    return [(where, Prompt(text_prompt_id(text) if given is None else given, text)) for where, given, text in rows]
+
+
+def jsonl_prompts(uri: str) -> list[tuple[str, Prompt]]:
+    """``(where, prompt)`` of every non-blank line of a prompts JSONL."""
+    try:
+        text = read_bytes(uri).decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserInputError(f"{uri} is not UTF-8 text") from None
+    lines = ((number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip())
+    return [(f"{uri} line {number}", parse_prompt_line(line, f"{uri} line {number}")) for number, line in lines]
 
 
 def shard_prompts(prompts: list[Prompt], shard_size: int) -> list[tuple[str, list[Prompt]]]:

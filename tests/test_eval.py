@@ -248,3 +248,18 @@ def test_run_decoders_without_warmup_runs_each_decoder_once_per_repeat(micro_che
     calls.clear()
     bench.run_decoders(model, [[5, 6, 7]], ["rolling"], config, [], repeats=2)
     assert calls == ["ar", "rolling"] * 3  # one untimed warm-up each, then two interleaved repeats
+
+
+def test_cli_eval_wordmath_and_a_dataset_set_report_intervals(micro_checkpoint, tmp_path, capsys):
+    report = eval_cli(micro_checkpoint, tmp_path, "--task", "wordmath", "--n", "2", "--max-new-tokens", "8")
+    assert report["n"] == 2 and 0.0 <= report["ci_low"] <= report["accuracy"] <= report["ci_high"] <= 1.0
+    assert "ci_low=" in capsys.readouterr().out
+    datasets = pytest.importorskip("datasets")
+    rows = {"question": ["What is 2 + 2?", "What is 3 + 3?"], "solution": ["#### 4", "#### 6"]}
+    datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "qa.parquet"))
+    reference = f"{tmp_path / 'qa.parquet'}?column=question&answer=solution"
+    report = eval_cli(micro_checkpoint, tmp_path, "--task", "math", "--prompts", reference, "--max-new-tokens", "8")
+    assert report["n"] == 2 and "accuracy" in report and "ci_high" in report
+    missing = f"{tmp_path / 'qa.parquet'}?column=prompt_text&answer=solution"
+    assert main(["eval", "--model", str(micro_checkpoint), "--task", "math", "--prompts", missing]) == 2
+    assert "no column 'prompt_text'" in capsys.readouterr().err

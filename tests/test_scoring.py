@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from jf_ray.sandbox import SandboxLimits
-from jf_ray.scoring import answer_matches, extract_code, program_for, score_outputs
+from jf_ray.scoring import answer_matches, extract_code, program_for, score_outputs, wilson_interval
 from jf_ray.workloads import load_examples
 from jf_ray.workloads.humaneval import humaneval_examples
 
@@ -42,3 +42,17 @@ def test_answers_and_the_refusal_to_mix():
     assert answer_matches("Paris", "  Paris\n") and not answer_matches("Paris", "Lyon")
     with pytest.raises(ValueError, match="mix"):
         score_outputs(math[:1] + load_examples("code", "heldout", 1), ["", ""])
+
+
+@pytest.mark.parametrize(
+    ("successes", "n", "low", "high"),
+    [(0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634), (10, 10, 0.7225, 1.0), (49, 164, 0.2340, 0.3728), (0, 0, 0, 1)],
+)
+def test_wilson_interval_known_values(successes, n, low, high):
+    assert wilson_interval(successes, n) == pytest.approx((low, high), abs=1e-4)
+
+
+def test_every_rate_carries_its_interval():
+    math = load_examples("math", "heldout", 4)
+    score = score_outputs(math, [math[0].answer, math[1].answer, "", ""])
+    assert score["accuracy"] == 0.5 and (score["ci_low"], score["ci_high"]) == pytest.approx((0.1500, 0.8500), abs=1e-4)

@@ -1,4 +1,4 @@
-"""The code, math and stdlib workloads: splits, generators, the math checker, JSONL export (local, S3, CLI)."""
+"""The code, math, wordmath and stdlib workloads: splits, generators, the math checker, JSONL export."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import pytest
 
 from jf_ray.cli.main import main
 from jf_ray.errors import UserInputError
-from jf_ray.workloads import load_examples, read_examples, write_examples
+from jf_ray.scoring import answer_matches
+from jf_ray.workloads import TASKS, load_examples, read_examples, write_examples
 from jf_ray.workloads.code import draw_task, generate_code
 from jf_ray.workloads.code_parts import KINDS, REDUCTIONS
+from jf_ray.workloads.common import TASKS as EMBEDDED_TASKS
 from jf_ray.workloads.common import jsonl_to_examples, split_of
 from jf_ray.workloads.humaneval import humaneval_examples
 from jf_ray.workloads.math import column, final_answer, generate_math, is_correct
@@ -22,6 +24,7 @@ from jf_ray.workloads.stdlib import (
     stdlib_examples,
     stdlib_files,
 )
+from jf_ray.workloads.word_math import ANSWER_FORMAT
 
 _EQUATION_RE = re.compile(r"((?:\d+ [-+*/] )+\d+) = (\d+)")
 _COLUMN_RE = re.compile(r"(\d+) ([-+]) (\d+): [^\n]*; so (\d+)")
@@ -281,13 +284,56 @@ def test_cli_data_export(tmp_path, capsys):
 
 
 def test_every_per_task_table_names_every_task():
-    """Task names are defined once (jf_ray.workloads.common.TASKS); tables keyed by task must cover them all."""
+    """Task names are defined once (jf_ray.workloads.tasks.ALL_TASKS: the embedded ones of common.TASKS and the
+    instruct-model ones); tables keyed by task must cover them all."""
     from jf_ray.evaluation import DEFAULT_MAX_NEW_TOKENS
     from jf_ray.pipeline.config import BENCHMARK_PROMPTS, WorkloadConfig
-    from jf_ray.workloads.common import LOSS_TASKS, TASKS, TEST_ONLY_TASKS
+    from jf_ray.workloads.common import LOSS_TASKS, TEST_ONLY_TASKS
+    from jf_ray.workloads.tasks import ALL_TASKS
 
-    assert set(DEFAULT_MAX_NEW_TOKENS) == set(BENCHMARK_PROMPTS) == set(TASKS)
-    assert set(TEST_ONLY_TASKS) | set(LOSS_TASKS) <= set(TASKS)
+    assert set(DEFAULT_MAX_NEW_TOKENS) == set(BENCHMARK_PROMPTS) == set(ALL_TASKS)
+    assert set(TEST_ONLY_TASKS) | set(LOSS_TASKS) <= set(ALL_TASKS)
     assert WorkloadConfig(tasks=["stdlib"], train_prompts={"stdlib": 4}).tasks == ["stdlib"]
+    assert WorkloadConfig(tasks=["wordmath"], train_prompts={"wordmath": 4}).tasks == ["wordmath"]
     with pytest.raises(ValueError, match="poetry"):
         WorkloadConfig(tasks=["poetry"])
+
+
+# ---------------------------------------------------------------- wordmath (plain English, instruct models)
+def test_word_problems_are_deterministic_per_seed_and_split():
+    first = load_examples("wordmath", "heldout", 30, seed=3)
+    assert first == load_examples("wordmath", "heldout", 30, seed=3)
+    assert first != load_examples("wordmath", "heldout", 30, seed=4)
+    assert all(split_of(ex.prompt) == "heldout" for ex in first)
+    train = load_examples("wordmath", "train", 200, seed=3)
+    assert not {ex.prompt for ex in train} & {ex.prompt for ex in first}
+    assert len({ex.prompt for ex in train}) == 200
+
+
+def test_word_problems_are_plain_english_with_a_checkable_answer():
+    for example in load_examples("wordmath", "train", 200, seed=0):
+        question = example.prompt.removesuffix(" " + ANSWER_FORMAT)
+        assert question != example.prompt and question.endswith("?") and not re.search(r"\d+ [-+] \d+:", question)
+        value = final_answer(example.answer)
+        assert value is not None and value >= 0
+        for left, right in _EQUATION_RE.findall(example.answer):  # every step of the working is right
+            assert eval(left.replace("/", "//")) == int(right), example.answer
+        assert example.answer.endswith(f"The answer is {value}.")
+
+
+def test_word_problems_are_scored_by_final_answer():
+    example = load_examples("wordmath", "heldout", 1, seed=0)[0]
+    value = final_answer(example.answer)
+    assert answer_matches(example.answer, f"Let me think. So it is {value}. The answer is {value}.")
+    assert not answer_matches(example.answer, f"The answer is {value + 1}.")
+    assert not answer_matches(example.answer, f"It is {value}")  # no stated final answer: not scored right
+    assert answer_matches(example.answer, f"#### {value}")
+
+
+def test_wordmath_is_a_task_everywhere_and_math_stays_embedded(tmp_path):
+    assert "wordmath" in TASKS and "wordmath" not in EMBEDDED_TASKS
+    out = tmp_path / "wm.jsonl"
+    assert main(["data", "export", "--task", "wordmath", "--split", "heldout", "--n", "5", "--out", str(out)]) == 0
+    assert read_examples(str(out)) == load_examples("wordmath", "heldout", 5)
+    with pytest.raises(UserInputError, match="unknown task"):
+        load_examples("algebra", "train", 1)

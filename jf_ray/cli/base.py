@@ -7,7 +7,8 @@ import argparse
 
 from jf_ray.basemodel.presets import PRESETS
 from jf_ray.cli.common import add_config_options, config_data, positive_int
-from jf_ray.workloads.common import SPLITS, TASKS
+from jf_ray.workloads.common import SPLITS
+from jf_ray.workloads.tasks import ALL_TASKS as TASKS
 
 
 def register(subparsers) -> None:
@@ -36,8 +37,9 @@ def register(subparsers) -> None:
     export = data_sub.add_parser(
         "export",
         help='write {"prompt", "answer"} lines (code and humaneval: with "tests", "entry_point") of a workload split',
-        description="Math problems and code tasks are generated (fresh ones per seed); stdlib prompts are "
-        "standard-library functions; humaneval is its 164 problems (heldout only).",
+        description="Math problems (math; wordmath: plain English, for instruct models) and code tasks are "
+        "generated (fresh ones per seed); stdlib prompts are standard-library functions; humaneval is its 164 "
+        "problems (heldout only).",
     )
     export.add_argument("--task", required=True, choices=TASKS)
     export.add_argument("--split", default="train", choices=SPLITS)

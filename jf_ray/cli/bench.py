@@ -14,6 +14,7 @@ from functools import partial
 
 from jf_ray.cli.bench_serve import register_serve
 from jf_ray.cli.common import (
+    PROMPTS_HELP,
     add_address_option,
     add_decode_options,
     add_json_option,
@@ -59,7 +60,7 @@ def register_decoders(benchmarks) -> None:
         description="Runs greedy AR and the chosen decoders on the same prompts in one process.",
     )
     add_model_options(parser)
-    parser.add_argument("--prompts", required=True, help='JSONL file or URI, one {"prompt": ...} per line')
+    parser.add_argument("--prompts", required=True, help=PROMPTS_HELP)
     parser.add_argument(
         "--decoders",
         type=partial(decoder_list, allowed=BENCH_NAMES),
@@ -174,7 +175,7 @@ def register_collect(benchmarks) -> None:
         description="Batch scaling in one in-process worker, then the real `collect` with 1..W Ray workers.",
     )
     parser.add_argument("--model", required=True, help="HF checkpoint dir, file:// or s3:// URI, or hub name")
-    parser.add_argument("--prompts", required=True, help='JSONL file or URI, one {"prompt": ...} per line')
+    parser.add_argument("--prompts", required=True, help=PROMPTS_HELP)
     parser.add_argument("--workers", type=int_list, default=[1, 2], help="comma-separated Ray worker counts")
     parser.add_argument("--batch-sizes", type=int_list, default=[1, 2, 4, 8, 16], help="in-process batch sizes")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="batch size of the worker runs")

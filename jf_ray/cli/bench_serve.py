@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from jf_ray.cli.common import (
+    PROMPTS_HELP,
     add_address_option,
     add_json_option,
     add_set_option,
@@ -55,7 +56,7 @@ def register_serve(benchmarks) -> None:
         default=16,
         help="untimed requests each decoder and server gets first, from one client (a server that has been up a while)",
     )
-    parser.add_argument("--prompts", default=None, help='JSONL file or URI, one {"prompt": ...} per line')
+    parser.add_argument("--prompts", default=None, help=PROMPTS_HELP)
     parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat", help="API to call")
     add_set_option(parser, "ServeConfig (the local app)")
     parser.add_argument(

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import json
 
-from jf_ray.cli.common import FieldFlag, add_address_option, add_config_options, config_from_args, join_or_start_ray
+from jf_ray.cli.common import (
+    PROMPTS_HELP,
+    FieldFlag,
+    add_address_option,
+    add_config_options,
+    config_from_args,
+    join_or_start_ray,
+)
 
 FLAGS = (
     FieldFlag("--model", "checkpoint: local dir, file:// or s3:// URI", required=True),
-    FieldFlag("--prompts", 'JSONL URI, one {"prompt": ..., "id"?: ...} per line', required=True),
+    FieldFlag("--prompts", PROMPTS_HELP, required=True),
     FieldFlag("--out", "output dataset URI (file://, s3:// or a path)", required=True),
     FieldFlag("--block-size", "Jacobi block size n", int),
     FieldFlag("--workers", "Ray actors (one per GPU on clusters)", int),

@@ -15,6 +15,11 @@ from typing import Any
 from jf_ray.config import DTYPE_NAMES
 from jf_ray.decoding.registry import DECODER_NAMES, canonical
 
+# Every --prompts that takes a prompt list (jf_ray.prompts.read_prompts reads them all).
+PROMPTS_HELP = (
+    'JSONL file or URI, one {"prompt": ..., "id"?: ...} per line, or a Hugging Face dataset (hf://datasets/NAME, '
+    "a save_to_disk dir, Parquet/JSON/CSV) with ?column=NAME or ?template={NAME} naming the prompt (docs/pipeline.md)"
+)
 PRECEDENCE = (
     "Settings are layered, later wins: the --config YAML, then explicit flags, then --set KEY=VALUE "
     "(dotted keys reach into sections, e.g. --set decode.num_blocks=3)."

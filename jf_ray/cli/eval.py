@@ -8,7 +8,8 @@ from jf_ray.cli.common import FieldFlag, add_config_options, config_from_args, d
 from jf_ray.config import DTYPE_NAMES
 from jf_ray.decoding.registry import DECODER_NAMES
 from jf_ray.scoring import QUALITY_FIELDS
-from jf_ray.workloads.common import SPLITS, TASKS
+from jf_ray.workloads.common import SPLITS
+from jf_ray.workloads.tasks import ALL_TASKS as TASKS
 
 FLAGS = (
     FieldFlag("--model", "HF checkpoint dir, file:// or s3:// URI, or hub name", required=True),
@@ -40,8 +41,9 @@ def register(subparsers) -> None:
         "eval",
         help="evaluate a model on a workload, HumanEval or your own JSONL set with any decoder",
         description="code, humaneval and sets with tests: pass@1, each completion executed in the sandbox. "
-        "math and sets with answers: final-answer accuracy. stdlib: loss of the reference bodies. Every "
-        "decoder other than ar runs beside greedy AR: TPF, tokens/s, speed-up over AR, repetition. "
+        "math, wordmath and sets with answers: final-answer accuracy. Rates carry a Wilson 95% interval "
+        "(ci_low, ci_high). stdlib: loss of the reference bodies. Every decoder other than ar runs beside greedy "
+        "AR: TPF, tokens/s, speed-up over AR, repetition. "
         "Settings: an EvalConfig (its decode section a DecodeConfig).",
     )
     add_config_options(parser, "EvalConfig", FLAGS)
@@ -76,7 +78,18 @@ def _progress_bar(decoder: str, total: int):
     return lambda done: bar.update(done)
 
 
-SUMMARY_FIELDS = ("n", *QUALITY_FIELDS, "correct", "tpf", "tokens_per_s", "speedup_vs_ar", "repetition")
+# ci_low/ci_high: the rate's Wilson 95% interval (jf_ray.scoring.wilson_interval).
+SUMMARY_FIELDS = (
+    "n",
+    *QUALITY_FIELDS,
+    "ci_low",
+    "ci_high",
+    "correct",
+    "tpf",
+    "tokens_per_s",
+    "speedup_vs_ar",
+    "repetition",
+)
 
 
 def print_summary(report: dict) -> None:

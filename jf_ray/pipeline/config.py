@@ -7,10 +7,11 @@ from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_
 from jf_ray.config import Location, ModelLocation, StageConfig
 from jf_ray.packing.schedules import Strategy
 from jf_ray.pipeline.sections import CollectSection, EvaluationSection, PackSection, TrainSection
-from jf_ray.workloads.common import TEST_ONLY_TASKS, Task
+from jf_ray.workloads.common import TEST_ONLY_TASKS
+from jf_ray.workloads.tasks import Task
 
 # Held-out examples per task in the timed benchmark, where the config names none (HumanEval: all of it).
-BENCHMARK_PROMPTS: dict[str, int] = {"math": 64, "code": 32, "stdlib": 32, "humaneval": 164}
+BENCHMARK_PROMPTS: dict[str, int] = {"math": 64, "wordmath": 64, "code": 32, "stdlib": 32, "humaneval": 164}
 
 
 class BaseModelConfig(StageConfig):
@@ -43,8 +44,9 @@ class WorkloadConfig(StageConfig):
     tasks: list[Task] = Field(["math", "code"], min_length=1, description="workloads to train and evaluate on")
     prompts: Location | None = Field(
         None,
-        description='JSONL URI of your own collection prompts ({"prompt", "id"?}); replaces the tasks\' train'
-        " splits for collection (evaluation stays on the tasks' held-out splits)",
+        description='JSONL URI of your own collection prompts ({"prompt", "id"?}) or a Hugging Face dataset '
+        "reference (hf://datasets/NAME, a save_to_disk dir, Parquet/JSON/CSV; ?column= or ?template=); replaces "
+        "the tasks' train splits for collection (evaluation stays on the tasks' held-out splits)",
     )
     train_prompts: dict[Task, NonNegativeInt] = Field(
         {"math": 512, "code": 256}, description="prompts per task for trajectory collection (train split)"

@@ -12,7 +12,11 @@ class CollectConfig(StageConfig):
     """Collect greedy Jacobi trajectories of ``model`` on ``prompts`` into a Parquet dataset at ``out``."""
 
     model: ModelLocation = Field(..., description="checkpoint: local dir, file:// or s3:// URI, hub name or .gguf file")
-    prompts: Location = Field(..., description='URI of a JSONL file, one {"prompt": str, "id"?: str|int} per line')
+    prompts: Location = Field(
+        ...,
+        description='URI of a JSONL file, one {"prompt": str, "id"?: str|int} per line, or a Hugging Face dataset '
+        "reference (hf://datasets/NAME, a save_to_disk dir, Parquet/JSON/CSV; ?column= or ?template=)",
+    )
     out: Location = Field(..., description="URI of the output dataset (file://, s3:// or a local path)")
     block_size: int = Field(16, ge=1, description="Jacobi block size n")
     max_new_tokens: int = Field(256, ge=1, description="cap on generated tokens per prompt")

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from jf_ray.errors import UserInputError
 from jf_ray.workloads.code import generate_code
-from jf_ray.workloads.common import TEST_ONLY_TASKS, Example, Split, check_split, check_task
+from jf_ray.workloads.common import TEST_ONLY_TASKS, Example, Split, check_split
 from jf_ray.workloads.humaneval import humaneval_examples
 from jf_ray.workloads.math import generate_math
 from jf_ray.workloads.stdlib import stdlib_examples
+from jf_ray.workloads.tasks import check_task
+from jf_ray.workloads.word_math import generate_word_math
 
 
 def load_examples(task: str, split: Split, n: int, seed: int = 0) -> list[Example]:
@@ -26,6 +28,8 @@ def load_examples(task: str, split: Split, n: int, seed: int = 0) -> list[Exampl
         return humaneval_examples(n)
     if task == "math":
         return generate_math(n, split=split, seed=seed)
+    if task == "wordmath":
+        return generate_word_math(n, split=split, seed=seed)
     if task == "code":
         return generate_code(n, split=split, seed=seed)
     return stdlib_examples(split, n=n, seed=seed)
