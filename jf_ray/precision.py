@@ -5,8 +5,11 @@ BF16 extension on Arm): there the embedded base trains about 25% faster. Elsewhe
 matmuls: on an AVX2-only EPYC one 128 -> 384 linear layer (4,608 rows, forward + backward) took 625 ms
 against 20.5 ms in fp32, and the base trained 13x slower (docs/precision.md). So ``auto`` means:
 
-- training (the base's pretraining, the Jacobi Forcing rounds): bf16 autocast on a GPU or a CPU with
-  native bf16, fp32 on any other CPU;
+- the embedded base's pretraining (``pretrain``): bf16 autocast on a CPU with native bf16, fp32 on any
+  other CPU;
+- the Jacobi Forcing rounds (``train``): bf16 autocast on a GPU; fp32 on every CPU, because their small
+  micro-batches did not gain from bf16 even where it is native (round 1 of the quickstart: 186 s in bf16
+  against 163 s in fp32 on a 2-core EPYC with AVX512-BF16; docs/precision.md);
 - decoding (serving, collection, evaluation, benchmarks, vLLM): bf16 on a GPU, fp32 on every CPU, native
   bf16 or not, because greedy decoding is exact only in fp32 there: bf16 rounding differs with the shape of
   the forward, and Jacobi drafts change the shape (docs/decoding.md).
@@ -33,7 +36,7 @@ from typing import Literal
 
 logger = logging.getLogger(__name__)
 
-Purpose = Literal["train", "decode"]
+Purpose = Literal["pretrain", "train", "decode"]
 NATIVE_BF16_ENV = "JF_NATIVE_BF16"
 # The SIMD features a figure is read against; every report records which of them the processor has.
 FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16", "bf16")
@@ -123,7 +126,7 @@ def native_fp16(cpu: CpuInfo) -> bool:
 
 
 def resolve_precision(
-    requested: str, device: str = "cpu", purpose: Purpose = "train", cpu: CpuInfo | None = None
+    requested: str, device: str = "cpu", purpose: Purpose = "pretrain", cpu: CpuInfo | None = None
 ) -> Precision:
     """The precision to compute in for ``requested`` (``auto``, ``bf16``, ``fp32`` or ``fp16``) on ``device``.
 
@@ -141,6 +144,8 @@ def resolve_precision(
     if requested == "auto":
         if purpose == "decode":
             return Precision("fp32", "auto decoding on CPU: fp32, the precision in which greedy decoding is exact")
+        if purpose == "train":
+            return Precision("fp32", "auto training on CPU: fp32, bf16 autocast does not pay at its micro-batches")
         if cpu.native_bf16:
             return Precision("bf16", f"auto on CPU: bf16, native on {cpu.model} ({_bf16_features(cpu)})")
         return Precision("fp32", f"auto on CPU: fp32, {cpu.model} has no native bf16 (torch would emulate it)")

@@ -55,7 +55,7 @@ def resolved_for_this_machine(preset: BasePreset) -> BasePreset:
     concrete choice is part of the content hash, since the two train different models."""
     from jf_ray.precision import resolve_precision
 
-    choice = resolve_precision(preset.precision, "cpu", "train")
+    choice = resolve_precision(preset.precision, "cpu", "pretrain")
     logger.info("base model precision: %s", choice.reason)
     return preset.model_copy(update={"precision": choice.name})
 

@@ -49,10 +49,11 @@ def log_machine() -> None:
     """The processor and what ``auto`` precision means on it, once at the start (every report records it)."""
     cpu = cpu_info()
     logger.info(
-        "machine: %s, %d threads, %s; training: %s; decoding: %s",
+        "machine: %s, %d threads, %s; base: %s; training: %s; decoding: %s",
         cpu.model,
         cpu.threads,
         " ".join(cpu.features) or "no SIMD features read",
+        resolve_precision("auto", "cpu", "pretrain").reason,
         resolve_precision("auto", "cpu", "train").reason,
         resolve_precision("auto", "cpu", "decode").reason,
     )

@@ -41,7 +41,7 @@ def measure_pace(cfg: PipelineConfig, build_base: bool) -> MachinePace:
     fp32_step = time_train_steps(fp32_reference)
     base_step = None
     if build_base:
-        same = preset.precision == "fp32" and name == "small" and not overrides
+        same = preset.precision == "fp32" and _step_shape(preset) == _step_shape(fp32_reference)
         base_step = fp32_step if same else time_train_steps(preset)
     pace = MachinePace(base_step, REFERENCE_FP32_STEP_S / fp32_step)
     logger.info(
@@ -51,6 +51,12 @@ def measure_pace(cfg: PipelineConfig, build_base: bool) -> MachinePace:
         f", base step {base_step * 1000:.0f} ms in {preset.precision}" if base_step else "",
     )
     return pace
+
+
+def _step_shape(preset) -> tuple:
+    """What a training step's cost depends on (not the number of steps or the corpus)."""
+    fields = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+    return tuple(getattr(preset, name) for name in (*fields, "seq_len", "batch_size"))
 
 
 def stage_seconds(cfg: PipelineConfig, pace: MachinePace) -> dict[str, float]:

@@ -68,7 +68,7 @@ class TrainConfig(StageConfig):
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="share of steps in linear warm-up")
     max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping norm")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="bf16 autocast or fp32; auto: bf16 on GPU and on CPUs with native bf16, else fp32"
+        "auto", description="bf16 autocast or fp32; auto: bf16 on GPU, fp32 on CPU (docs/precision.md)"
     )
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = Field(
         "sdpa", description="attention kernel; sdpa/eager take a 4D float mask, flex_attention a block mask"
