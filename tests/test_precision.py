@@ -226,7 +226,8 @@ def test_the_first_eta_comes_from_the_measured_step():
     cfg = PipelineConfig.load("jobs/configs/quickstart.yaml")
     slow = stage_seconds(cfg, MachinePace(base_step_s=6.0, speed=0.5))
     fast = stage_seconds(cfg, MachinePace(base_step_s=0.5, speed=1.0))
-    assert slow["base"] > 1200 * 6.0 and fast["base"] < 1200 * 0.5 + 60
+    steps = cfg.base.overrides["steps"]
+    assert slow["base"] > steps * 6.0 and fast["base"] < steps * 0.5 + 60
     assert slow["collect"] == pytest.approx(2 * fast["collect"])
 
 
