@@ -148,7 +148,8 @@ def resolve_precision(
             return Precision("fp32", "auto training on CPU: fp32, bf16 autocast does not pay at its micro-batches")
         if cpu.native_bf16:
             return Precision("bf16", f"auto on CPU: bf16, native on {cpu.model} ({_bf16_features(cpu)})")
-        return Precision("fp32", f"auto on CPU: fp32, {cpu.model} has no native bf16 (torch would emulate it)")
+        told = f" ({NATIVE_BF16_ENV}=0)" if cpu.source == NATIVE_BF16_ENV else ""
+        return Precision("fp32", f"auto on CPU: fp32, {cpu.model} has no native bf16{told} (torch would emulate it)")
     emulated = (requested == "bf16" and not cpu.native_bf16) or (requested == "fp16" and not native_fp16(cpu))
     if emulated:
         _warn_emulated(requested, cpu.model)

@@ -117,11 +117,12 @@ def _check_cpu_memory(options: VllmOptions, engines: int) -> None:
         )
 
 
-def open_engine(path: str, options: VllmOptions, seed: int = 0):
+def open_engine(path: str, options: VllmOptions, seed: int = 0, **engine_kwargs):
     """An offline ``vllm.LLM`` over the checkpoint at ``path`` (token ids in, token ids out, prefix cache on).
 
-    vLLM starts its engine core in a spawned process: the calling script needs an ``if __name__ ==
-    "__main__":`` guard. Any start-up failure is re-raised as :class:`UserInputError` with its cause.
+    ``engine_kwargs`` go to ``vllm.LLM`` as they are (e.g. ``speculative_config``: jf_ray.vllm_jacobi). vLLM
+    starts its engine core in a spawned process: the calling script needs an ``if __name__ == "__main__":``
+    guard. Any start-up failure is re-raised as :class:`UserInputError` with its cause.
     """
     require_vllm()
     if options.device == "cpu":
@@ -150,6 +151,7 @@ def open_engine(path: str, options: VllmOptions, seed: int = 0):
         kwargs["block_size"] = options.block_size
     if options.device != "cpu":
         kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
+    kwargs.update(engine_kwargs)
     try:
         return LLM(**kwargs)
     except Exception as exc:  # vLLM raises RuntimeError/ValueError/OOM from its engine core; keep the cause

@@ -23,10 +23,13 @@ def test_speedup_is_the_median_of_paired_ratios_and_one_pair_is_the_plain_ratio(
 def test_machine_record_names_the_machine_and_its_load_at_both_ends():
     from jf_ray.bench.common import MachineRecord
 
-    record = MachineRecord.start().finish()
-    assert set(record) == {"cpus", "platform", "python", "torch", "load_avg_start", "load_avg_end", "wall_s"}
+    record = MachineRecord.start().finish("fp32")
+    load = {"cpus", "platform", "python", "torch", "transformers", "load_avg_start", "load_avg_end", "wall_s"}
+    processor = {"cpu_model", "cpu_features", "cpu_threads", "native_bf16", "native_bf16_source", "precision"}
+    assert set(record) == load | processor
     assert len(record["load_avg_start"]) == len(record["load_avg_end"]) == 3 and record["cpus"] >= 1
-    assert record["torch"] and record["wall_s"] >= 0
+    assert record["torch"] and record["wall_s"] >= 0 and record["precision"] == "fp32"
+    assert record["cpu_model"] and record["cpu_threads"] >= 1
 
 
 def test_bench_help_lists_the_four_benchmarks(capsys):
