@@ -9,7 +9,7 @@ against 20.5 ms in fp32, and the base trained 13x slower (docs/precision.md). So
   other CPU;
 - the Jacobi Forcing rounds (``train``): bf16 autocast on a GPU; fp32 on every CPU, because their small
   micro-batches did not gain from bf16 even where it is native (round 1 of the quickstart: 186 s in bf16
-  against 163 s in fp32 on a 2-core EPYC with AVX512-BF16; docs/precision.md);
+  against 180 s in fp32 on a 2-core EPYC with AVX512-BF16; docs/precision.md);
 - decoding (serving, collection, evaluation, benchmarks, vLLM): bf16 on a GPU, fp32 on every CPU, native
   bf16 or not, because greedy decoding is exact only in fp32 there: bf16 rounding differs with the shape of
   the forward, and Jacobi drafts change the shape (docs/decoding.md).
