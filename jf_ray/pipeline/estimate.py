@@ -17,9 +17,11 @@ from jf_ray.pipeline.outputs import stage_name
 
 logger = logging.getLogger(__name__)
 
-# The `small` preset's fp32 training step (12 x 384 tokens, 2 threads) on the machine the per-stage seconds of
-# `stage_seconds` were timed on (2-core AMD EPYC with AVX512-BF16, torch 2.13; docs/precision.md).
-REFERENCE_FP32_STEP_S = 0.40
+# The `small` preset's fp32 training step (12 x 384 tokens, 2 threads), as `time_train_steps` measures it, on the
+# machine kind the per-stage seconds of `stage_seconds` were timed on: 0.46-0.49 s on a 2-core AMD EPYC with
+# AVX512-BF16, torch 2.13, idle. There the quickstart's stages took: collection 99-107 s per round of 1,792
+# prompts, round 1's training 163-186 s, evaluation 13-16 s, benchmark 49-60 s (docs/results.md).
+REFERENCE_FP32_STEP_S = 0.47
 
 
 @dataclass(frozen=True)
