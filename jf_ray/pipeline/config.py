@@ -29,6 +29,12 @@ class BaseModelConfig(StageConfig):
         description="local dir to build the base in (default: <run_dir>/base for local runs, else a cache)",
     )
 
+    def override_args(self) -> list[str]:
+        """The overrides as the ``key=value`` arguments :func:`jf_ray.basemodel.presets.resolve_preset` takes."""
+        import json
+
+        return [f"{key}={json.dumps(value)}" for key, value in self.overrides.items()]
+
     @field_validator("overrides")
     @classmethod
     def _preset_fields(cls, value: dict) -> dict:

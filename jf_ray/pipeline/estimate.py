@@ -8,7 +8,6 @@ timed on the reference machine below; the graph rescales them again by the pace 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
@@ -36,21 +35,20 @@ def measure_pace(cfg: PipelineConfig, build_base: bool) -> MachinePace:
     from jf_ray.basemodel.presets import resolve_preset
     from jf_ray.basemodel.pretrain import time_train_steps
 
-    name = cfg.base.preset if build_base else "small"
-    overrides = [f"{k}={json.dumps(v)}" for k, v in cfg.base.overrides.items()] if build_base else []
-    preset = resolved_for_this_machine(resolve_preset(name, overrides))
     fp32_reference = resolve_preset("small", ["precision=fp32"])
     fp32_step = time_train_steps(fp32_reference)
-    base_step = None
+    base_step, note = None, ""
     if build_base:
+        preset = resolved_for_this_machine(resolve_preset(cfg.base.preset, cfg.base.override_args()))
         same = preset.precision == "fp32" and _step_shape(preset) == _step_shape(fp32_reference)
         base_step = fp32_step if same else time_train_steps(preset)
+        note = f", base step {base_step * 1000:.0f} ms in {preset.precision}"
     pace = MachinePace(base_step, REFERENCE_FP32_STEP_S / fp32_step)
     logger.info(
         "measured here: fp32 training step %.0f ms (%.2fx the reference machine)%s",
         fp32_step * 1000,
         pace.speed,
-        f", base step {base_step * 1000:.0f} ms in {preset.precision}" if base_step else "",
+        note,
     )
     return pace
 
@@ -67,7 +65,7 @@ def stage_seconds(cfg: PipelineConfig, pace: MachinePace) -> dict[str, float]:
 
     base = 5.0
     if pace.base_step_s is not None:
-        preset = resolve_preset(cfg.base.preset, [f"{k}={json.dumps(v)}" for k, v in cfg.base.overrides.items()])
+        preset = resolve_preset(cfg.base.preset, cfg.base.override_args())
         base = 30.0 / pace.speed + preset.steps * pace.base_step_s  # data and tokenizer, then the steps
     prompts = sum(cfg.workloads.train_prompts.get(task, 0) for task in cfg.workloads.tasks) or 512
     quality = sum(cfg.workloads.quality_prompts.get(task, 0) for task in cfg.workloads.tasks)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jf_ray.pipeline.config import PipelineConfig
-from jf_ray.pipeline.estimate import MachinePace, stage_seconds
+from jf_ray.pipeline.estimate import REFERENCE_FP32_STEP_S, MachinePace, stage_seconds
 from jf_ray.pipeline.graph import Stage
 from jf_ray.pipeline.outputs import (
     OUTPUT_TYPES,
@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 def build_stages(cfg: PipelineConfig, pace: MachinePace | None = None) -> list[Stage]:
     """The job's stages, weighted by their estimated seconds at ``pace`` (default: a neutral pace; the
     job measures one with :func:`jf_ray.pipeline.estimate.measure_pace`)."""
-    est = stage_seconds(cfg, pace or MachinePace(base_step_s=None if cfg.base.model else 0.4, speed=1.0))
+    neutral = MachinePace(base_step_s=None if cfg.base.model else REFERENCE_FP32_STEP_S, speed=1.0)
+    est = stage_seconds(cfg, pace or neutral)
     stages = [
         _stage("base", None, lambda out: base_stage(cfg), est["base"]),
         _stage("data", None, lambda out: data_stage(cfg), 5.0),
@@ -98,7 +99,7 @@ def build_base_output(cfg: PipelineConfig) -> BaseOutput:
             if is_local(cfg.run_dir)
             else str(Path.home() / ".cache" / "jf_ray" / f"base-{cfg.base.preset}-{cfg.seed}")
         )
-    overrides = [f"{key}={json.dumps(value)}" for key, value in cfg.base.overrides.items()]
+    overrides = cfg.base.override_args()
     path = build_base(
         local_path(build_dir), preset=cfg.base.preset, seed=cfg.seed, overrides=overrides, show_progress=True
     )
