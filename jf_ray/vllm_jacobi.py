@@ -17,6 +17,12 @@ its last n-gram), then by repeating the last token.
 
 vLLM's verification decides what is emitted, so greedy output is vLLM's greedy AR token for token and sampled
 output keeps the target distribution (rejection sampling); the proposer only decides how much is accepted.
+
+Load awareness: every draft token is verified in the batch's forward, which costs compute once the batch is
+large. With a draft-length table (vLLM's own ``num_speculative_tokens_per_batch_size`` field of the
+speculative config: ``[(first_rows, last_rows, draft_length), ...]``) the proposer drafts that many tokens for
+a step of that many rows, down to none (plain AR). vLLM 0.32 computes this schedule but hands it only to its
+built-in proposers, not to a ``custom_class`` one, so the proposer applies it itself (docs/vllm.md).
 """
 
 from __future__ import annotations
@@ -32,6 +38,15 @@ logger = logging.getLogger(__name__)
 SUPPORTED_VLLM = "0.32.0"
 MAX_NGRAM = 3  # longest context suffix the top-up looks up
 LOOKUP_WINDOW = 1024  # the top-up searches the context's last tokens only: a bounded cost per row and step
+
+# jf-ray decoder names a vLLM engine runs (jf-ray serve --engine vllm): ``ar`` is vLLM's plain AR; ``jacobi``
+# and ``rolling`` draft block_size tokens per row with this proposer (vLLM's verify-and-redraft step is the
+# rolling Jacobi iteration: there are no block restarts to tell them apart); ``auto`` adds a draft-length table.
+VLLM_DECODERS = ("ar", "jacobi", "rolling", "auto")
+# Tokens one step should verify over all rows when the table is derived for ``auto``: rows * (draft + 1) stays
+# within it, so a full batch decodes as AR. A starting point for small CPU models, not measured on vLLM.
+DEFAULT_VERIFY_TOKENS = 64
+DraftLengths = list[tuple[int, int, int]]  # (first rows, last rows, draft length): vLLM's schedule format
 
 
 def check_vllm_version(version: str | None = None) -> None:
@@ -119,8 +134,13 @@ class JacobiProposer:
     def __init__(self, vllm_config):
         check_vllm_version()
         install_sample_hook()
-        self.k = vllm_config.speculative_config.num_speculative_tokens
+        speculative = vllm_config.speculative_config
+        self.k = speculative.num_speculative_tokens
         self.max_model_len = vllm_config.model_config.max_model_len
+        # Draft length by rows in the step (index = rows), or None: always k.
+        self.draft_lengths = dense_draft_lengths(
+            speculative.num_speculative_tokens_per_batch_size, vllm_config.scheduler_config.max_num_seqs, self.k
+        )
         self.predictions: dict[str, list[int]] = {}  # request id -> argmax rows of its last verify pass
         self.input_batch = None  # the runner's batch, for the request ids of propose()'s rows
 
@@ -146,10 +166,11 @@ class JacobiProposer:
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None) -> list[list[int]]:
         """One draft per batch row: ``[]`` for a row still in prefill or at the length limit."""
         req_ids = self.input_batch.req_ids if self.input_batch is not None else []
+        k = self.draft_length(len(sampled_token_ids))
         drafts = []
         for i, sampled in enumerate(sampled_token_ids):
             num_tokens = int(num_tokens_no_spec[i])
-            room = min(self.k, self.max_model_len - num_tokens)
+            room = min(k, self.max_model_len - num_tokens)
             if not sampled or room <= 0:
                 drafts.append([])
                 continue
@@ -158,6 +179,64 @@ class JacobiProposer:
             context = token_ids_cpu[i, max(0, num_tokens - LOOKUP_WINDOW) : num_tokens]
             drafts.append(top_up(context, draft, room))
         return drafts
+
+    def draft_length(self, rows: int) -> int:
+        """Tokens to draft per row in a step of ``rows`` rows (the table's entry; 0 = plain AR)."""
+        if self.draft_lengths is None:
+            return self.k
+        return self.draft_lengths[min(rows, len(self.draft_lengths) - 1)]
+
+
+def dense_draft_lengths(table: DraftLengths | None, max_rows: int, k: int) -> list[int] | None:
+    """The table as a list indexed by rows, with vLLM's own reading of it (gaps carry the previous length,
+    lengths are capped at ``k``), or None without a table."""
+    if not table:
+        return None
+    from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
+    return build_dynamic_sd_schedule_lookup(table, vllm_max_batch_size=max_rows, vllm_num_speculative_tokens=k)
+
+
+def check_draft_lengths(table: DraftLengths) -> None:
+    """The checks vLLM makes when the engine starts, made up front: ValueError naming what is wrong."""
+    if not table:
+        raise ValueError("the table is empty; leave it out for a fixed draft length")
+    previous_last = 0
+    for first, last, length in sorted(table):
+        entry = f"({first}, {last}, {length})"
+        if not 1 <= first <= last or length < 0:
+            raise ValueError(f"{entry} needs 1 <= first rows <= last rows and a draft length >= 0")
+        if previous_last == 0 and first != 1:
+            raise ValueError(f"the first range must start at 1 row (every batch size needs a length): {entry}")
+        if first <= previous_last:
+            raise ValueError(f"ranges overlap at {entry}")
+        previous_last = last
+
+
+def budget_draft_lengths(k: int, max_rows: int, verify_tokens: int = DEFAULT_VERIFY_TOKENS) -> DraftLengths:
+    """A table that keeps the tokens a step verifies, rows * (draft + 1), within ``verify_tokens``: k while a
+    row's share allows it, then shorter, 0 (plain AR) beyond ``verify_tokens // 2`` rows."""
+    lengths = [max(0, min(k, verify_tokens // rows - 1)) for rows in range(1, max_rows + 1)]
+    table: DraftLengths = []
+    for rows, length in enumerate(lengths, start=1):
+        if table and table[-1][2] == length:
+            table[-1] = (table[-1][0], rows, length)
+        else:
+            table.append((rows, rows, length))
+    return table
+
+
+def serving_speculative_config(decoder: str, k: int, max_rows: int, draft_lengths: DraftLengths | None) -> dict | None:
+    """The ``speculative_config`` a vLLM engine serving ``decoder`` runs with (None: plain AR): see
+    :data:`VLLM_DECODERS`; ``auto`` without a table gets :func:`budget_draft_lengths`."""
+    if decoder == "ar":
+        return None
+    config = speculative_config(k)
+    if decoder == "auto" and draft_lengths is None:
+        draft_lengths = budget_draft_lengths(k, max_rows)
+    if draft_lengths:
+        config["num_speculative_tokens_per_batch_size"] = [list(entry) for entry in draft_lengths]
+    return config
 
 
 def speculative_config(num_speculative_tokens: int) -> dict:

@@ -75,8 +75,9 @@ def test_another_vllm_version_is_refused_naming_the_supported_one():
 
 def _fake_config(k: int = K, max_model_len: int = MAX_MODEL_LEN):
     return SimpleNamespace(
-        speculative_config=SimpleNamespace(num_speculative_tokens=k),
+        speculative_config=SimpleNamespace(num_speculative_tokens=k, num_speculative_tokens_per_batch_size=None),
         model_config=SimpleNamespace(max_model_len=max_model_len),
+        scheduler_config=SimpleNamespace(max_num_seqs=MAX_NUM_SEQS),
     )
 
 

@@ -23,6 +23,11 @@ FLAGS = (
     FieldFlag("--model", "checkpoint: local dir, file:// or s3:// URI", required=True),
     FieldFlag("--decoder", f"default decoder ({describe()})", decoder_name, key="decode.decoder"),
     FieldFlag("--block-size", "Jacobi block size n", positive_int, key="decode.block_size"),
+    FieldFlag(
+        "--engine",
+        "jf (default: jf-ray's engine) or vllm (vLLM's, drafting with JacobiProposer; docs/vllm.md)",
+        choices=("jf", "vllm"),
+    ),
     FieldFlag("--host", "bind address (default 127.0.0.1)"),
     FieldFlag("--port", "HTTP port (default 8000)", positive_int),
     FieldFlag("--model-name", "name clients pass as `model`"),
@@ -60,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args)
     if "://" not in config.model or config.model.startswith("file://"):
         local_model_path(config.model)  # a missing local checkpoint is exit 2 now, not a dying replica later
+        if config.engine == "vllm":  # as is a checkpoint that vLLM cannot run
+            from jf_ray.vllm_engine import check_vllm_model, serving_options
+
+            check_vllm_model(local_model_path(config.model), serving_options(config))
     started_cluster = join_or_start_ray(args, num_cpus=args.ray_cpus)  # before ray is imported
     from ray import serve
 
@@ -72,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
         base = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
-        print(f"serving {config.served_model_name!r} (decoder {config.decode.decoder}) at {base}/v1", flush=True)
+        engine = f"engine {config.engine}, decoder {config.decode.decoder}"
+        print(f"serving {config.served_model_name!r} ({engine}) at {base}/v1", flush=True)
         print(
             f"  curl {base}/v1/completions -H 'Content-Type: application/json' "
             f'-d \'{{"model": "{config.served_model_name}", "prompt": "def ", "max_tokens": 32}}\'',

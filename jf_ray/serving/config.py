@@ -7,11 +7,17 @@ tests build; the deployment receives it whole, so every knob is visible in one p
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import Field, model_validator
 
 from jf_ray.config import DType, Location, ModelLocation, StageConfig
 from jf_ray.decoding.types import DecodeConfig
+from jf_ray.vllm_jacobi import VLLM_DECODERS, check_draft_lengths
+
+# Settings of jf-ray's own engine that a vLLM engine has no use for: set with engine: vllm, they are refused.
+_JF_ENGINE_ONLY = ("cost_curve", "engine_process", "stream_interval_ms", "stream_chunks_per_s")
+_JF_DECODE_ONLY = ("num_blocks", "pool_size", "spawn_ratio", "recycle_context", "lookup_tokens", "lookup_max_ngram")
 
 # Directory names that say what a directory is, not which model it holds (training checkpoints, exports).
 _GENERIC_DIR = re.compile(r"(checkpoint|ckpt|step|epoch)[-_]?\d+|model|hf|final|latest|best|export", re.I)
@@ -71,6 +77,22 @@ class ServeConfig(StageConfig):
         description="name clients pass as `model` (default: a hub id as given, org included; a checkpoint "
         "path's last component, with its parent's name before a generic one such as checkpoint-000800)",
     )
+    engine: Literal["jf", "vllm"] = Field(
+        "jf",
+        description="what decodes: jf (jf-ray's own engine, every decoder) or vllm (vLLM's engine behind the same "
+        "API: decoder ar = vLLM's AR, jacobi/rolling/auto = vLLM with jf_ray.vllm_jacobi.JacobiProposer drafting "
+        "block_size tokens; docs/vllm.md)",
+    )
+    vllm_draft_lengths: list[tuple[int, int, int]] | None = Field(
+        None,
+        description="engine vllm: draft length by batch size, [(first_rows, last_rows, draft_length), ...] from 1 "
+        "row on (0 = plain AR for those rows); default for decoder auto: about 64 tokens verified per step "
+        "(jf_ray.vllm_jacobi.budget_draft_lengths), none for jacobi/rolling (always block_size)",
+    )
+    vllm_kv_cache_gib: int = Field(1, ge=1, description="engine vllm on CPU: the KV cache in whole GiB")
+    vllm_enforce_eager: bool = Field(
+        False, description="engine vllm: skip torch.compile (starts in seconds instead of minutes; tests)"
+    )
     dtype: DType = Field("auto", description="model dtype (auto: bf16 on GPU, fp32 on CPU)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     decode: DecodeConfig = Field(
@@ -104,6 +126,12 @@ class ServeConfig(StageConfig):
     )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that gives none")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    max_request_bytes: int = Field(
+        1_048_576,
+        ge=1024,
+        description="largest request body in bytes (1 MiB: about 250k tokens of English text); a larger one is a "
+        "413 before it is read whole or parsed. Raise it for long-context models",
+    )
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica")
     engine_process: bool = Field(
         True,
@@ -137,6 +165,31 @@ class ServeConfig(StageConfig):
             raise ValueError(
                 f"default_max_tokens ({self.default_max_tokens}) > max_tokens_limit ({self.max_tokens_limit})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_engine_settings(self) -> ServeConfig:
+        if self.engine != "vllm":
+            if self.vllm_draft_lengths is not None:
+                raise ValueError("vllm_draft_lengths: only engine vllm drafts by batch size (set engine: vllm)")
+            return self
+        decoder = self.decode.decoder
+        if decoder not in VLLM_DECODERS:
+            raise ValueError(
+                f"decode.decoder: {decoder!r} has no vLLM engine (engine: vllm runs {', '.join(VLLM_DECODERS)}); "
+                "use engine: jf for it"
+            )
+        jf_only = [name for name in _JF_ENGINE_ONLY if name in self.model_fields_set]
+        jf_only += [f"decode.{name}" for name in _JF_DECODE_ONLY if name in self.decode.model_fields_set]
+        if jf_only:
+            raise ValueError(f"{', '.join(jf_only)}: jf-ray's own engine only; engine vllm has no such setting")
+        if self.vllm_draft_lengths is not None:
+            if decoder == "ar":
+                raise ValueError("vllm_draft_lengths: decoder ar drafts nothing; use jacobi, rolling or auto")
+            try:
+                check_draft_lengths(self.vllm_draft_lengths)
+            except ValueError as exc:
+                raise ValueError(f"vllm_draft_lengths: {exc}") from None
         return self
 
     @property

@@ -42,7 +42,12 @@ class CompletionService:
         self.config = config
         self.model_name = config.served_model_name
         self.tokenizer = load_tokenizer(config.model)
-        if config.engine_process:
+        if config.engine == "vllm":  # vLLM's engine behind the same API (jf_ray.vllm_engine, docs/vllm.md)
+            from jf_ray.vllm_engine import VllmStreams
+
+            self.scheduler = VllmStreams(config, self.tokenizer)
+            self.engine_info = self.scheduler.info
+        elif config.engine_process:
             self.scheduler = EngineProcess(config, step_observer)
             self.engine_info = self.scheduler.info
         else:
@@ -52,10 +57,11 @@ class CompletionService:
         self.context_length = self.engine_info.context_length
         self.request_observer = request_observer
         logger.info(
-            "serving %s as %r (context %d tokens, decoder %s)",
+            "serving %s as %r (context %d tokens, engine %s, decoder %s)",
             config.model,
             self.model_name,
             self.context_length,
+            config.engine,
             config.decode.decoder,
         )
 
