@@ -294,6 +294,58 @@ def test_typed_outputs_are_saved_and_read_back_when_a_resubmitted_run_skips_the_
         run_graph(str(tmp_path), stages())
 
 
+def test_a_resubmission_with_other_settings_is_refused_naming_the_changes_and_rerun_starts_afresh(tmp_path):
+    """A finished stage records the config values its result depends on: resubmitting the run with other
+    values names the stage and what changed instead of reusing stale results; ``--rerun`` clears the stage's
+    partial outputs (old shards, old checkpoints) so it does not resume from them."""
+    from jf_ray.errors import UserInputError
+    from jf_ray.pipeline.graph import Stage, invalidate_from, run_graph
+
+    out_dir = tmp_path / "round1" / "train"
+
+    def stages(steps: int):
+        def train(out):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"checkpoint-{steps}").write_text("weights")
+            return Count(n=steps)
+
+        settings = {"train": {"steps": steps, "lr": 5e-4}}
+        return [
+            Stage("data", lambda out: Count(), Count, settings={"seed": 0}),
+            Stage("train", train, Count, settings=settings, outputs_dir=str(out_dir)),
+        ]
+
+    run_graph(str(tmp_path), stages(300))
+    assert run_graph(str(tmp_path), stages(300)).skipped == ["data", "train"]
+    with pytest.raises(UserInputError, match=r"stage train .*train\.steps: 300 -> 400.*--rerun train") as refused:
+        run_graph(str(tmp_path), stages(400))
+    assert "lr" not in str(refused.value)  # only what changed
+    assert (out_dir / "checkpoint-300").exists()  # nothing written is touched by a refusal
+    assert invalidate_from(str(tmp_path), stages(400), "train") == ["train"]
+    assert not out_dir.exists()
+    redone = run_graph(str(tmp_path), stages(400))
+    assert redone.skipped == ["data"] and redone.outputs["train"] == Count(n=400)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["checkpoint-400"]
+
+
+def test_each_stage_records_only_the_settings_its_result_depends_on():
+    from jf_ray.pipeline.stages import build_stages
+
+    def settings(**changes):
+        cfg = PipelineConfig.load(CONFIGS[[p.stem for p in CONFIGS].index("quickstart")])
+        return {s.name: s.settings for s in build_stages(cfg.model_copy(update=changes))}
+
+    quick = PipelineConfig.load(CONFIGS[[p.stem for p in CONFIGS].index("quickstart")])
+    before = settings()
+    rounds = [quick.rounds[0], quick.rounds[1].model_copy(update={"steps": 400})]
+    changed = settings(rounds=rounds)
+    assert [name for name in before if before[name] != changed[name]] == ["round2.train"]
+    more_workers = settings(collect=quick.collect.model_copy(update={"workers": 8}))
+    assert more_workers == before  # how fast, not what: a resumed run may scale collection out
+    spawn = settings(evaluation=quick.evaluation.model_copy(update={"spawn_ratio": 0.25}))
+    assert [name for name in before if before[name] != spawn[name]] == ["bench"]  # round evals decode with AR
+
+
 def test_run_outputs_name_each_rounds_model_and_refuse_a_missing_stage():
     base = BaseOutput(model="/base", built=True, preset="tiny")
     trained = TrainOutput(model="/r1/model", checkpoint="/r1", metrics_log="/r1/m.jsonl", wall_s=1.0)

@@ -14,6 +14,7 @@ from jf_ray.storage import (
     DatasetWriter,
     VersionedSchema,
     check_columns,
+    delete_tree,
     download_dir,
     exists,
     fs_and_path,
@@ -186,3 +187,14 @@ def test_dirs_roundtrip_s3_and_cache(s3_bucket, tmp_path):
     upload_dir(src, uri)
     assert json.loads((download_dir(uri, cache_dir=tmp_path / "cache") / "config.json").read_text()) == {"a": 2}
     assert download_dir(f"file://{src}") == src
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_delete_tree_removes_a_directory_and_only_it(where, tmp_path, request):
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
+    for name in ("run/round1/train/checkpoint-1/model.bin", "run/round1/train/metrics.jsonl", "run/keep.json"):
+        write_bytes_atomic(join_uri(root, name), b"x")
+    delete_tree(join_uri(root, "run/round1/train"))
+    assert not exists(join_uri(root, "run/round1/train/metrics.jsonl"))
+    assert read_bytes(join_uri(root, "run/keep.json")) == b"x"
+    delete_tree(join_uri(root, "run/nothing-here"))  # absent is fine

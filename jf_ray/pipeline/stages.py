@@ -41,25 +41,66 @@ def build_stages(cfg: PipelineConfig, pace: MachinePace | None = None) -> list[S
     neutral = MachinePace(base_step_s=None if cfg.base.model else REFERENCE_FP32_STEP_S, speed=1.0)
     est = stage_seconds(cfg, pace or neutral)
     stages = [
-        _stage("base", None, lambda out: base_stage(cfg), est["base"]),
-        _stage("data", None, lambda out: data_stage(cfg), 5.0),
-        _stage("eval", 0, lambda out: eval_stage(cfg, 0, out), est["eval"]),
+        _stage(cfg, "base", None, lambda out: base_stage(cfg), est["base"]),
+        _stage(cfg, "data", None, lambda out: data_stage(cfg), 5.0),
+        _stage(cfg, "eval", 0, lambda out: eval_stage(cfg, 0, out), est["eval"]),
     ]
     for k in range(1, len(cfg.rounds) + 1):
         stages += [
-            _stage("collect", k, lambda out, k=k: collect_stage(cfg, k, out), est["collect"]),
-            _stage("pack", k, lambda out, k=k: pack_stage(cfg, k, out), 15.0),
-            _stage("train", k, lambda out, k=k: train_stage(cfg, k, out), est[stage_name("train", k)]),
-            _stage("eval", k, lambda out, k=k: eval_stage(cfg, k, out), est["eval"]),
+            _stage(cfg, "collect", k, lambda out, k=k: collect_stage(cfg, k, out), est["collect"]),
+            _stage(cfg, "pack", k, lambda out, k=k: pack_stage(cfg, k, out), 15.0),
+            _stage(cfg, "train", k, lambda out, k=k: train_stage(cfg, k, out), est[stage_name("train", k)]),
+            _stage(cfg, "eval", k, lambda out, k=k: eval_stage(cfg, k, out), est["eval"]),
         ]
-    stages.append(_stage("bench", None, lambda out: bench_stage(cfg, out), est["bench"]))
-    stages.append(_stage("report", None, lambda out: report_stage(cfg, out), 5.0))
+    stages.append(_stage(cfg, "bench", None, lambda out: bench_stage(cfg, out), est["bench"]))
+    stages.append(_stage(cfg, "report", None, lambda out: report_stage(cfg, out), 5.0))
     return stages
 
 
-def _stage(kind: str, k: int | None, run: Callable[[RunOutputs], StageOutput], weight: float) -> Stage:
+def _stage(
+    cfg: PipelineConfig, kind: str, k: int | None, run: Callable[[RunOutputs], StageOutput], weight: float
+) -> Stage:
     """A graph stage whose function sees the earlier outputs through :class:`RunOutputs`."""
-    return Stage(stage_name(kind, k), lambda out: run(RunOutputs(out)), OUTPUT_TYPES[kind], weight)
+    return Stage(
+        stage_name(kind, k),
+        lambda out: run(RunOutputs(out)),
+        OUTPUT_TYPES[kind],
+        weight,
+        settings=stage_settings(cfg, kind, k),
+        outputs_dir=join_uri(cfg.run_dir, f"round{k}", ROUND_DIRS[kind]) if kind in ROUND_DIRS else None,
+    )
+
+
+# Where a round's resumable stages write: what a rerun clears (the base build is a cache keyed by its own
+# settings, and the other stages rewrite their files whole).
+ROUND_DIRS = {"collect": "trajectories", "pack": "packed", "train": "train"}
+# Collection settings that decide how fast, not what: a resumed run may change them.
+_COLLECT_EXECUTION = {"workers", "num_cpus_per_worker"}
+
+
+def stage_settings(cfg: PipelineConfig, kind: str, k: int | None) -> dict:
+    """The config values a stage's result depends on; a resumed run refuses a stage recorded with others.
+
+    A round's stages depend on earlier stages' results as well, but those are checked first, and a rerun of
+    one clears every stage after it."""
+    ev, rnd = cfg.evaluation, cfg.rounds[k - 1] if k else None
+    if kind == "base":
+        return {"base": cfg.base.model_dump(mode="json", exclude={"build_dir"}), "seed": cfg.seed}
+    if kind == "data":
+        return {"workloads": cfg.workloads.model_dump(mode="json"), "seed": cfg.seed}
+    if kind == "collect":
+        collect = cfg.collect.model_dump(mode="json", exclude=_COLLECT_EXECUTION)
+        return {"collect": collect, "block_size": rnd.block_size}
+    if kind == "pack":
+        return {"pack": cfg.pack.model_dump(mode="json"), "window": rnd.window, "strategy": rnd.strategy}
+    if kind == "train":
+        return {"train": cfg.train.model_dump(mode="json"), "steps": rnd.steps, "lr": rnd.lr}
+    if kind == "eval":  # greedy AR by default: the Jacobi settings matter only to a Jacobi-family decoder
+        decode = _decode_arguments(cfg) if ev.round_decoder != "ar" else {"max_new_tokens": ev.max_new_tokens}
+        return {"decode": decode, "decoder": ev.round_decoder, "batch_size": max(ev.batch_size, 16)}
+    if kind == "bench":
+        return {"evaluation": ev.model_dump(mode="json")}
+    return {}
 
 
 def base_stage(cfg: PipelineConfig) -> BaseOutput:

@@ -23,6 +23,7 @@ from jf_ray.storage.dataset import (
 from jf_ray.storage.dirs import download_dir, upload_dir
 from jf_ray.storage.io import (
     delete_file,
+    delete_tree,
     list_files,
     read_bytes,
     read_json,
@@ -42,6 +43,7 @@ __all__ = [
     "check_writable",
     "check_writable_file",
     "delete_file",
+    "delete_tree",
     "download_dir",
     "exists",
     "fs_and_path",

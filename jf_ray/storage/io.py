@@ -101,6 +101,13 @@ def delete_file(uri: str, missing_ok: bool = True) -> None:
             raise
 
 
+def delete_tree(uri: str) -> None:
+    """Remove a directory (or object prefix) and everything under it; nothing there is fine."""
+    fs, path = fs_and_path(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Base names of the files directly under ``uri`` ending in ``suffix`` (temporaries skipped), sorted."""
     fs, path = fs_and_path(uri)
