@@ -71,9 +71,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
+    # ValueError: a scalar YAML resolves but cannot build (2024-13-45 as a date, an integer of 5000 digits);
+    # RecursionError: the parser recurses once per nesting level.
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at top level")
     return data
@@ -89,9 +93,15 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r} has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # not YAML (or a date that is none): the text itself
         value = raw
+    except RecursionError:
+        raise ConfigError(f"override {key!r}: value nested too deeply") from None
     return key, value
+
+
+def _yaml_problem(exc: Exception) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

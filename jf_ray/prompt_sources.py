@@ -164,6 +164,10 @@ def template_fields(template: str, reference: str) -> list[str]:
     bad = [name for name in names if not name or not name.replace("-", "_").replace(" ", "_").isidentifier()]
     if bad or not names:
         raise UserInputError(f"{reference}: template {template!r} must name columns, e.g. {{question}}")
+    try:  # conversions and format specs are only checked when formatting: try it once with empty columns
+        template.format_map(dict.fromkeys(names, ""))
+    except (ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise UserInputError(f"{reference}: template {template!r} cannot be formatted ({exc!r})") from None
     return list(dict.fromkeys(names))
 
 

@@ -9,11 +9,11 @@ Prompt ids are stable across runs: the given ``id``, or a hash of the prompt tex
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 
 from jf_ray.errors import UserInputError
+from jf_ray.jsonl import jsonl_records, require_text
 from jf_ray.storage import read_bytes
 
 logger = logging.getLogger(__name__)
@@ -29,17 +29,17 @@ def text_prompt_id(text: str) -> str:
     return "p-" + hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def parse_prompt_line(line: str, where: str) -> Prompt:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise UserInputError(f"{where}: not valid JSON ({exc.msg})") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+def prompt_from_record(obj, where: str) -> Prompt:
+    """One ``{"prompt": str, "id"?: str|int}`` record of a prompts JSONL."""
+    if not isinstance(obj, dict) or "prompt" not in obj:
         raise UserInputError(f'{where}: expected an object with a string "prompt"')
+    text = require_text(obj["prompt"], where, "prompt")
     raw_id = obj.get("id")
-    if raw_id is not None and not isinstance(raw_id, (str, int)):
+    if raw_id is None:
+        return Prompt(id=text_prompt_id(text), text=text)
+    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):  # true/false are not ids
         raise UserInputError(f'{where}: "id" must be a string or an integer')
-    return Prompt(id=str(raw_id) if raw_id is not None else text_prompt_id(obj["prompt"]), text=obj["prompt"])
+    return Prompt(id=require_text(str(raw_id), where, "id"), text=text)
 
 
 def read_prompts(uri: str) -> list[Prompt]:
@@ -73,12 +73,7 @@ def located_prompts(uri: str) -> list[tuple[str, Prompt]]:
 
 def jsonl_prompts(uri: str) -> list[tuple[str, Prompt]]:
     """``(where, prompt)`` of every non-blank line of a prompts JSONL."""
-    try:
-        text = read_bytes(uri).decode("utf-8")
-    except UnicodeDecodeError:
-        raise UserInputError(f"{uri} is not UTF-8 text") from None
-    lines = ((number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip())
-    return [(f"{uri} line {number}", parse_prompt_line(line, f"{uri} line {number}")) for number, line in lines]
+    return [(where, prompt_from_record(obj, where)) for where, obj in jsonl_records(read_bytes(uri), uri)]
 
 
 def shard_prompts(prompts: list[Prompt], shard_size: int) -> list[tuple[str, list[Prompt]]]:

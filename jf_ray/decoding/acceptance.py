@@ -30,9 +30,14 @@ def greedy_verify(draft: list[int], predictions: list[int]) -> Verdict:
     return Verdict(accepted=matched + 1, next_head=predictions[matched])
 
 
+MIN_TEMPERATURE = 1e-5  # sampling temperatures below it sample as this one
+
+
 def filter_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Sampling distribution of each row of ``logits`` [..., V]: temperature, then top-k, then top-p."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # Below MIN_TEMPERATURE, logits / temperature overflows float32 (1e-45 is 0 in float32): the softmax is NaN
+    # and the whole batch's step fails. There the distribution is a point mass on the argmax anyway.
+    probs = torch.softmax(logits.float() / max(temperature, MIN_TEMPERATURE), dim=-1)
     if top_k and top_k < probs.shape[-1]:
         kth = torch.topk(probs, top_k, dim=-1).values[..., -1:]
         probs = torch.where(probs < kth, torch.zeros_like(probs), probs)

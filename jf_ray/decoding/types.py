@@ -25,6 +25,8 @@ def _public_name(value: object) -> object:
 # A decoder's public name; aliases (``mr``) are accepted and replaced by it, unknown names name the choices.
 DecoderName = Annotated[Literal[DECODER_NAMES], BeforeValidator(_public_name)]
 FinishReason = Literal["stop", "length", "abort"]
+# Seeds torch.Generator.manual_seed takes (a signed or unsigned 64-bit integer); beyond, it raises.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 class DecodeConfig(StageConfig):
@@ -53,7 +55,9 @@ class DecodeConfig(StageConfig):
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy; > 0 samples (distribution-preserving)")
     top_k: int = Field(0, ge=0, description="sampling: keep the k most likely tokens (0 = off)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="sampling: nucleus mass (1 = off)")
-    seed: int | None = Field(None, description="seed of draft initialisation and sampling")
+    seed: int | None = Field(
+        None, ge=SEED_MIN, le=SEED_MAX, description="seed of draft initialisation and sampling (64-bit)"
+    )
     record_trajectory: bool = Field(False, description="jacobi: keep every draft state of every block")
     logprobs: int | None = Field(
         None,

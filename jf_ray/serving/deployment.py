@@ -52,12 +52,31 @@ async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(APIError(500, f"internal error: {exc}", "server_error").body(), status_code=500)
 
 
-async def read_json(request: Request) -> Any:
-    raw = await request.body()
+async def read_json(request: Request, limit: int) -> Any:
+    """The decoded JSON body; a 413 past ``limit`` bytes (``max_request_bytes``), a 400 when it is no JSON."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:  # refuse before reading it
+        raise body_too_large(limit)
+    raw = bytearray()
+    async for chunk in request.stream():  # a chunked body declares no length: count while reading
+        raw += chunk
+        if len(raw) > limit:
+            raise body_too_large(limit)
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise protocol.invalid_request(f"request body is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8, an integer of > 4300 digits
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise protocol.invalid_request(f"request body is not valid JSON: {problem}") from None
+
+
+def body_too_large(limit: int) -> APIError:
+    return APIError(
+        413,
+        f"request body is larger than this server's limit of {limit} bytes (max_request_bytes)",
+        "invalid_request_error",
+        None,
+        "request_too_large",
+    )
 
 
 def sse(payload: dict | str) -> str:
@@ -100,10 +119,13 @@ class JacobiDecoderDeployment:
         if service is not None:
             service.shutdown()
 
-    def _authorize(self, request: Request) -> None:
+    def _key_ok(self, request: Request) -> bool:
         key = self.config.api_key
         sent = request.headers.get("authorization", "")
-        if key and not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
+        return not key or hmac.compare_digest(sent.encode(), f"Bearer {key}".encode())
+
+    def _authorize(self, request: Request) -> None:
+        if not self._key_ok(request):
             raise APIError(
                 401,
                 "invalid or missing API key (Authorization: Bearer <key>)",
@@ -113,8 +135,10 @@ class JacobiDecoderDeployment:
             )
 
     @api.get("/health")
-    async def health(self) -> JSONResponse:
+    async def health(self, request: Request) -> JSONResponse:
         body = self.service.health()
+        if not self._key_ok(request):  # health probes send no key; what is served is for key holders only
+            del body["model"]
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     @api.get("/v1/models")
@@ -125,14 +149,14 @@ class JacobiDecoderDeployment:
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         self._authorize(request)
-        body = protocol.parse_request(CompletionRequest, await read_json(request))
+        body = protocol.parse_request(CompletionRequest, await read_json(request, self.config.max_request_bytes))
         prepared = self.service.prepare_completion(body)
         return await self._respond(prepared, body, chat=False)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         self._authorize(request)
-        body = protocol.parse_request(ChatCompletionRequest, await read_json(request))
+        body = protocol.parse_request(ChatCompletionRequest, await read_json(request, self.config.max_request_bytes))
         prepared = self.service.prepare_chat(body)
         return await self._respond(prepared, body, chat=True)
 

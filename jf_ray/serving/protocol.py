@@ -13,11 +13,14 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from jf_ray.decoding.types import DecoderName
+from jf_ray.decoding.types import SEED_MAX, SEED_MIN, DecoderName
 
 MAX_STOP_STRINGS = 16
+# Text that may begin a stop string is held back and re-scanned every engine step, in time that grows with the
+# square of the stop string's length: a long one would stall the replica's event loop for every stream.
+MAX_STOP_CHARS = 256
 MAX_TOP_LOGPROBS = 20
 
 # Fields of the OpenAI (and vLLM) APIs this server cannot honour -> values that ask for nothing (allowed).
@@ -96,7 +99,9 @@ class _Request(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus sampling mass")
     top_k: int | None = Field(None, ge=0, description="extension: keep the k most likely tokens")
-    seed: int | None = Field(None, description="seed of sampling and draft initialisation")
+    seed: int | None = Field(
+        None, ge=SEED_MIN, le=SEED_MAX, description="seed of sampling and draft initialisation (64-bit)"
+    )
     stop: str | list[str] | None = Field(None, description="strings that end the completion")
     stream: bool = Field(False, description="answer with server-sent events")
     stream_options: StreamOptions | None = Field(None, description="include_usage: final usage chunk")
@@ -105,6 +110,8 @@ class _Request(BaseModel):
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported; must be 0")
     user: str | None = Field(None, description="end-user id (logged only)")
     decoder: DecoderName | None = Field(None, description="extension: a jf-ray decoder name (jf_ray.decoding.registry)")
+    # The field a max_tokens error names: the one the client sent (chat's newer name is copied into max_tokens).
+    _max_tokens_field: str = PrivateAttr("max_tokens")
 
     @field_validator("stop")
     @classmethod
@@ -116,7 +123,13 @@ class _Request(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters")
         return stops
+
+    @property
+    def max_tokens_field(self) -> str:
+        return self._max_tokens_field
 
     @property
     def stop_strings(self) -> list[str]:
@@ -197,6 +210,7 @@ class ChatCompletionRequest(_Request):
             raise ValueError("messages must contain some text")
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
+            self._max_tokens_field = "max_completion_tokens"
         return self
 
     @property
@@ -219,10 +233,35 @@ def parse_request(cls: type[_Request], payload: Any) -> _Request:
         raise invalid_request("top_logprobs: needs logprobs: true", "top_logprobs")
     if cls is CompletionRequest and "top_logprobs" in payload:
         raise invalid_request("top_logprobs: not a completions field; use logprobs: N", "top_logprobs")
+    for name in cls.model_fields.keys() & payload.keys():
+        where = unpaired_surrogate_at(payload[name], name)
+        if where is not None:
+            raise invalid_request(f"{where}: holds an unpaired surrogate escape (\\ud800-\\udfff), not text", name)
     try:
         return cls.model_validate(payload)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
+
+
+def unpaired_surrogate_at(value: Any, path: str) -> str | None:
+    """Path of the first string in ``value`` that JSON's ``\\ud800`` escapes made invalid Unicode, or None.
+
+    json.loads accepts them, pydantic too; the tokenizer then fails (a 500) and no response could carry them.
+    Iterative: a body may nest as deep as json.loads allows.
+    """
+    stack = [(path, value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return where.encode("utf-8", "backslashreplace").decode()  # a key on the path may hold one too
+        elif isinstance(item, list):
+            stack.extend((f"{where}.{i}", v) for i, v in reversed(list(enumerate(item))))
+        elif isinstance(item, dict):
+            stack.extend((f"{where}.{k}", v) for k, v in reversed(list(item.items())))
+    return None
 
 
 class Usage(BaseModel):

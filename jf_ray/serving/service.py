@@ -101,7 +101,7 @@ class CompletionService:
     def _prepare(self, request_id: str, prompt_ids: list[int], request, prompt_field: str) -> PreparedRequest:
         if not prompt_ids:
             raise invalid_request(f"{prompt_field}: the prompt is empty after tokenization", prompt_field)
-        max_tokens = self._max_tokens(len(prompt_ids), request.max_tokens, prompt_field)
+        max_tokens = self._max_tokens(len(prompt_ids), request.max_tokens, prompt_field, request.max_tokens_field)
         overrides = {k: getattr(request, k) for k in _DECODE_OVERRIDES if getattr(request, k) is not None}
         decode = self.config.decode.model_dump()
         decode.update(overrides, max_new_tokens=max_tokens, record_trajectory=False)
@@ -116,7 +116,7 @@ class CompletionService:
             raise invalid_request(f"{prompt_field}: {exc}", prompt_field) from None
         return PreparedRequest(request_id, prompt_ids, config, request.stop_strings)
 
-    def _max_tokens(self, prompt_tokens: int, requested: int | None, prompt_field: str) -> int:
+    def _max_tokens(self, prompt_tokens: int, requested: int | None, prompt_field: str, cap_field: str) -> int:
         room = self.context_length - prompt_tokens
         if room <= 0:
             raise invalid_request(
@@ -129,15 +129,15 @@ class CompletionService:
             return min(self.config.default_max_tokens, room)
         if requested > self.config.max_tokens_limit:
             raise invalid_request(
-                f"max_tokens: {requested} is above this server's limit of {self.config.max_tokens_limit}",
-                "max_tokens",
+                f"{cap_field}: {requested} is above this server's limit of {self.config.max_tokens_limit}",
+                cap_field,
             )
         if requested > room:
             raise invalid_request(
-                f"max_tokens: this model's maximum context length is {self.context_length} tokens, but you "
+                f"{cap_field}: this model's maximum context length is {self.context_length} tokens, but you "
                 f"requested {prompt_tokens + requested} ({prompt_tokens} in the prompt, {requested} in the "
                 "completion)",
-                "max_tokens",
+                cap_field,
                 "context_length_exceeded",
             )
         return requested

@@ -16,7 +16,6 @@ drawn cyclically from a per-worker permutation.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -25,6 +24,7 @@ from functools import lru_cache
 import pyarrow as pa
 
 from jf_ray.errors import UserInputError
+from jf_ray.jsonl import jsonl_records, require_text
 from jf_ray.packing.schema import PACKED_SCHEMA
 from jf_ray.training.batches import PackedBatch, TrainSequence, collate
 from jf_ray.training.config import TrainConfig
@@ -70,39 +70,44 @@ def load_packed_sequences(uri: str, rank: int = 0, world_size: int = 1) -> Packe
     return rows
 
 
-def anchor_from_record(record: dict, tokenizer, max_tokens: int, ar_on_prompt: bool) -> TrainSequence:
+def anchor_from_record(record: dict, tokenizer, max_tokens: int, ar_on_prompt: bool, where: str = "anchor record"):
     """One JSONL record -> an anchor sequence (AR loss on the text, or on the answer of a prompt pair)."""
+    if not isinstance(record, dict):
+        raise UserInputError(f"{where}: expected an object, got {type(record).__name__}")
     if "input_ids" in record:
-        ids, loss_from = [int(t) for t in record["input_ids"]], 0
+        ids, loss_from = anchor_token_ids(record["input_ids"], where), 0
     elif tokenizer is None:
-        raise UserInputError("anchor records with text need the model's tokenizer, and the model has none")
+        raise UserInputError(f"{where}: records with text need the model's tokenizer, and the model has none")
     elif "text" in record:
-        ids, loss_from = tokenizer(record["text"], add_special_tokens=False)["input_ids"], 0
+        text = require_text(record["text"], where, "text")
+        ids, loss_from = tokenizer(text, add_special_tokens=False)["input_ids"], 0
     elif "prompt" in record and "answer" in record:
         from jf_ray.modeling import encode_prompt
 
-        prompt = encode_prompt(tokenizer, record["prompt"])
-        answer = tokenizer(record["answer"], add_special_tokens=False)["input_ids"]
+        prompt = encode_prompt(tokenizer, require_text(record["prompt"], where, "prompt"))
+        answer = tokenizer(require_text(record["answer"], where, "answer"), add_special_tokens=False)["input_ids"]
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         ids, loss_from = prompt + answer + eos, 0 if ar_on_prompt else len(prompt)
     else:
-        raise UserInputError(f"anchor record needs text, prompt+answer or input_ids; got keys {sorted(record)}")
+        raise UserInputError(f"{where}: needs text, prompt+answer or input_ids; got keys {sorted(record)}")
     ids = ids[:max_tokens]
     return TrainSequence(ids, is_anchor=True, anchor_loss_from=min(loss_from, max(len(ids) - 1, 0)))
+
+
+def anchor_token_ids(value, where: str) -> list[int]:
+    """``input_ids`` of an anchor record: a list of non-negative integers (ids past the model's vocabulary are
+    not known here; they fail in the worker's embedding)."""
+    if not isinstance(value, list) or not all(type(t) is int and t >= 0 for t in value):
+        raise UserInputError(f'{where}: "input_ids" must be a list of non-negative integers')
+    return value
 
 
 def load_anchor_sequences(uri: str, tokenizer, max_tokens: int, ar_on_prompt: bool) -> list[TrainSequence]:
     from jf_ray.storage import read_bytes
 
     anchors = []
-    for number, line in enumerate(read_bytes(uri).decode().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserInputError(f"{uri} line {number} is not JSON: {exc}") from None
-        anchor = anchor_from_record(record, tokenizer, max_tokens, ar_on_prompt)
+    for where, record in jsonl_records(read_bytes(uri), uri):
+        anchor = anchor_from_record(record, tokenizer, max_tokens, ar_on_prompt, where)
         if len(anchor) >= 2:
             anchors.append(anchor)
     if not anchors:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from jf_ray.errors import UserInputError
+from jf_ray.jsonl import jsonl_records, require_text
 
 Split = Literal["train", "heldout"]
 SPLITS: tuple[str, ...] = ("train", "heldout")
@@ -82,16 +83,18 @@ def examples_to_jsonl(examples: Iterable[Example]) -> bytes:
 
 def jsonl_to_examples(data: bytes, source: str = "") -> list[Example]:
     examples = []
-    for number, line in enumerate(data.decode().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for where, row in jsonl_records(data, source or "JSONL"):
         try:
-            examples.append(row_to_example(json.loads(line)))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            if not isinstance(row, dict):
+                raise TypeError(f"got {type(row).__name__}")
+            example = row_to_example(row)
+        except (KeyError, TypeError, ValueError) as exc:
             raise UserInputError(
-                f"{source or 'JSONL'} line {number}: not a {{prompt, answer}} or {{prompt, tests, entry_point}} "
-                f"object ({exc})"
+                f"{where}: not a {{prompt, answer}} or {{prompt, tests, entry_point}} object ({exc})"
             ) from exc
+        for name, value in asdict(example).items():
+            require_text(value, where, name)
+        examples.append(example)
     return examples
 
 
