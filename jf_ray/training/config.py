@@ -91,6 +91,13 @@ class TrainConfig(StageConfig):
     )
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every this many steps (0 = only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
+    max_failures: int = Field(
+        2,
+        ge=0,
+        description="worker failures (a lost node, a killed process) the run survives: Ray Train restarts every "
+        "worker from the last checkpoint, and the run continues bit for bit as it would have; a deterministic "
+        "error fails the same way each time, so it costs this many more attempts",
+    )
 
     @model_validator(mode="after")
     def _anchor_needs_source(self) -> TrainConfig:

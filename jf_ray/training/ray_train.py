@@ -8,8 +8,11 @@
   ``<out>/<run_name>/checkpoint-<step>`` (``file://`` or ``s3://``) and keeps the last ``keep_checkpoints``.
   Re-running with the same ``out`` and ``run_name`` resumes from the latest one: Ray Train V2 restores its
   checkpoint list from storage and ``get_checkpoint()`` hands it to the workers.
-* Metrics: every ``log_every`` steps to ``<out>/<run_name>/metrics.jsonl`` (rewritten atomically at
-  checkpoints and at the end), every ``report_every`` steps to the Ray Train reporter. Ray Train V2 keeps in
+* Failures: a worker that dies (a lost node, a killed process) restarts the worker group from the last
+  checkpoint, up to ``max_failures`` times in one run (Ray Train's ``FailureConfig``); what it had logged
+  past that checkpoint is dropped and recomputed, bit for bit (tests/test_train_faults.py).
+* Metrics: every ``log_every`` steps to ``<out>/<run_name>/metrics.jsonl`` (rewritten atomically before
+  each checkpoint is reported), every ``report_every`` steps to the Ray Train reporter. Ray Train V2 keeps in
   ``Result.metrics`` only metrics reported with a checkpoint, so the last step is always reported with one.
 """
 
@@ -37,7 +40,7 @@ def train(config: TrainConfig) -> dict:
     """Run training on the Ray cluster this process has joined (docs/cluster.md); returns the summary also written to
     ``<out>/<run_name>/summary.json``: final metrics, ``model`` (the URI of the model files, what consumers
     load), ``checkpoint`` (the checkpoint root, what a resume reads), tokens/s."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jf_ray.raycluster import require_fit
@@ -60,6 +63,7 @@ def train(config: TrainConfig) -> dict:
             storage_path=storage_path,
             storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=config.max_failures),
         ),
     )
     started = time.perf_counter()
@@ -318,6 +322,8 @@ class Reporter:
                 model_dtype=self.model_dtype,
             )
             checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
+            # The log first: a worker killed between the two then leaves lines past the last checkpoint, which
+            # the restarted worker drops (restore_log), instead of a checkpoint whose log lacks its last steps.
+            if self.rank == 0:
+                write_bytes_atomic(self.log_uri, ("\n".join(self.lines) + "\n").encode())
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state.step:06d}")
-        if self.rank == 0:
-            write_bytes_atomic(self.log_uri, ("\n".join(self.lines) + "\n").encode())
