@@ -22,7 +22,7 @@ from jf_ray.errors import UserInputError
 
 # Deterministic in CI: the same cases every run (a failure reproduces); the counts are what the report cites.
 FUZZ = settings(
-    max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=200, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
 OUTCOMES: Counter = Counter()
 

@@ -155,7 +155,7 @@ def validate(service, path: str, body: dict) -> tuple[int, dict | None]:
 
 @pytest.mark.parametrize("path", list(ENDPOINTS))
 def test_hostile_bodies_are_4xx_naming_the_field_in_process(service, path):
-    @settings(FUZZ, max_examples=600)
+    @settings(FUZZ, max_examples=400)
     @given(case=hostile_bodies(path))
     def check(case):
         body, field = case
