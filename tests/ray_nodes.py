@@ -8,6 +8,7 @@ Processes are found and stopped by their node's temp dir, never by name: other R
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -27,9 +28,17 @@ OBJECT_STORE_BYTES = 300 * 1024**2
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: each socket stays bound until all are picked, because a port released
+    at once may be handed out again, and Ray refuses a node whose components were given the same port."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 @dataclass
@@ -65,9 +74,9 @@ class LocalRayCluster:
         # `python` in a job's entrypoint is the node's own: this interpreter's environment, as in an image
         self.env["PATH"] = f"{Path(sys.executable).parent}:{self.env['PATH']}"
         self.ip = node_ip_address()
-        self.port, self.dashboard_port = free_port(), free_port()
+        self.port, self.dashboard_port, client_port = free_ports(3)
         self.nodes: list[Node] = []
-        head_args = ["--head", f"--port={self.port}", f"--ray-client-server-port={free_port()}", *self._dashboard()]
+        head_args = ["--head", f"--port={self.port}", f"--ray-client-server-port={client_port}", *self._dashboard()]
         self.head = self._start(Node("h", f"{root}h", head_cpus), head_args)
 
     @property
@@ -96,9 +105,9 @@ class LocalRayCluster:
         args = [RAY, "start", *role_args, f"--num-cpus={node.num_cpus}", f"--temp-dir={node.temp_dir}"]
         args += [f"--resources={json.dumps({node.name: 1})}", f"--object-store-memory={OBJECT_STORE_BYTES}"]
         args += ["--disable-usage-stats", f"--min-worker-port={low}", f"--max-worker-port={low + 99}"]
-        for flag in ("node-manager", "object-manager", "metrics-export", "dashboard-agent-listen"):
-            args.append(f"--{flag}-port={free_port()}")
-        args += [f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+        flags = ("node-manager", "object-manager", "metrics-export", "dashboard-agent-listen", "dashboard-agent-grpc")
+        flags += ("runtime-env-agent",)
+        args += [f"--{flag}-port={port}" for flag, port in zip(flags, free_ports(len(flags)))]
         env = self.env | {"JF_CACHE_DIR": f"{node.temp_dir}/cache"}
         command = args
         if hide:  # own mount namespace: the hidden directories are empty there

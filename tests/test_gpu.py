@@ -14,8 +14,8 @@ import random
 
 import pytest
 import torch
+from ray_nodes import free_port
 from test_decoding import hf_greedy
-from test_serving import _free_port
 from tiny_models import random_qwen2
 
 from jf_ray.decoding import DecodeConfig, generate
@@ -134,7 +134,7 @@ def test_fsdp2_over_nccl_trains_like_a_plain_model_and_saves_full_weights(tmp_pa
         )
         return optimizer, scheduler, state
 
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         sharded = shard_model(random_qwen2(seed=0, vocab_size=VOCAB).cuda().train(), bf16=False)
         optimizer, scheduler, state = train(sharded)
@@ -213,7 +213,7 @@ def test_serve_app_on_a_gpu_replica_answers_greedy_like_ar(ray_session, tmp_path
         dtype="fp32",
         device="cuda",
         num_gpus=1,
-        port=_free_port(),
+        port=free_port(),
         decode={"decoder": "mr", "block_size": 16},
     )
     serve.start(http_options={"host": config.host, "port": config.port})

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ray_nodes import free_ports
 
 from jf_ray.pipeline import PipelineConfig, run_pipeline
 
@@ -156,29 +157,15 @@ def test_ray_job_submit_runs_the_smoke_job(tiny_base, tmp_path, ray_session):
     assert len(report["rounds"]) == 3
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_head(ray_bin: str, env: dict, temp: Path, attempts: int = 3) -> subprocess.Popen:
     """`ray start --head --block` in its own process group (so the test stops exactly this cluster, unlike
     `ray stop`, which stops every Ray on the machine); retried because GCS start-up can time out under load."""
     for _ in range(attempts):
-        port, dashboard = _free_port(), _free_port()
         # Every port explicit: the defaults (e.g. the agent's 52365) clash with the test session's own cluster.
-        ports = [
-            f"--{name}={_free_port()}"
-            for name in (
-                "dashboard-agent-listen-port",
-                "dashboard-agent-grpc-port",
-                "runtime-env-agent-port",
-                "metrics-export-port",
-            )
-        ]
+        names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")
+        names += ("metrics-export-port",)
+        port, dashboard, *others = free_ports(2 + len(names))
+        ports = [f"--{name}={number}" for name, number in zip(names, others)]
         head = subprocess.Popen(
             [
                 ray_bin,

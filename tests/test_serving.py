@@ -16,6 +16,7 @@ import urllib.request
 
 import pytest
 import torch
+from ray_nodes import free_port
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -443,14 +444,6 @@ API_KEY = "test-key"
 MAX_BATCH, MAX_QUEUED = 4, 4
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(ray_session, checkpoint):
     """The Serve app on a local Ray cluster; yields its base URL. Torn down with the module."""
@@ -467,7 +460,7 @@ def server(ray_session, checkpoint):
         max_queued_requests=MAX_QUEUED,
         max_tokens_limit=160,
         default_max_tokens=64,
-        port=_free_port(),
+        port=free_port(),
         decode={"decoder": "mr", "block_size": 16},
     )
     serve.start(http_options={"host": config.host, "port": config.port})
@@ -757,7 +750,7 @@ def test_jf_ray_serve_runs_in_the_foreground_and_tears_down_on_sigterm(checkpoin
 
     from jf_ray.raycluster import LOCAL_CLUSTER_ENV
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **LOCAL_CLUSTER_ENV, "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
     cmd = [
