@@ -22,6 +22,7 @@ from jf_ray.storage.dataset import (
 )
 from jf_ray.storage.dirs import download_dir, upload_dir
 from jf_ray.storage.io import (
+    StorageWriteError,
     delete_file,
     delete_tree,
     list_files,
@@ -33,11 +34,14 @@ from jf_ray.storage.io import (
     write_table_atomic,
 )
 from jf_ray.storage.preflight import check_writable, check_writable_file
+from jf_ray.storage.retry import StorageUnavailable, retry_count, retry_counts
 from jf_ray.storage.uri import exists, fs_and_path, is_local, join_uri, local_path
 
 __all__ = [
     "DatasetError",
     "DatasetWriter",
+    "StorageUnavailable",
+    "StorageWriteError",
     "VersionedSchema",
     "check_columns",
     "check_writable",
@@ -58,6 +62,8 @@ __all__ = [
     "read_json",
     "read_manifest",
     "read_table",
+    "retry_count",
+    "retry_counts",
     "upload_dir",
     "write_bytes_atomic",
     "write_json_atomic",

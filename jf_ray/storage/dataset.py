@@ -35,6 +35,7 @@ from jf_ray.storage.io import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from jf_ray.storage.retry import StorageUnavailable
 from jf_ray.storage.uri import exists, fs_and_path, join_uri
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,8 @@ class DatasetWriter:
     def _load_record(self, name: str) -> dict[str, Any] | None:
         try:
             record = read_json(self.record_uri(name))
+        except StorageUnavailable:
+            raise
         except UserInputError as exc:
             logger.warning("shard %s will be redone: unreadable record (%s)", name, exc)
             return None
@@ -208,15 +211,23 @@ class DatasetWriter:
 
 def _shard_problem(dataset_uri: str, record: dict[str, Any]) -> str | None:
     """Why a shard's bytes do not match its record, or None when they do."""
+    return _fetch_shard(dataset_uri, record)[1]
+
+
+def _fetch_shard(dataset_uri: str, record: dict[str, Any]) -> tuple[bytes | None, str | None]:
+    """(the shard's bytes, None) when they match its record's size and checksum, else (None, why not).
+    One read: the bytes checked are the bytes used."""
     try:
         data = read_bytes(join_uri(dataset_uri, record["file"]))
+    except StorageUnavailable:
+        raise  # the store, not the shard, is at fault: redoing the shard would not help
     except UserInputError:
-        return "shard file missing"
+        return None, "shard file missing"
     if len(data) != record["bytes"]:
-        return f"size {len(data)} != recorded {record['bytes']} (truncated?)"
+        return None, f"size {len(data)} != recorded {record['bytes']} (truncated?)"
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
-        return "checksum mismatch (corrupt)"
-    return None
+        return None, "checksum mismatch (corrupt)"
+    return data, None
 
 
 def read_manifest(dataset_uri: str, schema: VersionedSchema | None = None) -> dict[str, Any]:
@@ -256,10 +267,9 @@ def iter_dataset(
 
 
 def _read_verified_shard(dataset_uri: str, shard: dict, schema_tag: dict, columns) -> pa.Table:
-    problem = _shard_problem(dataset_uri, shard)
+    data, problem = _fetch_shard(dataset_uri, shard)
     if problem:
         raise DatasetError(f"{dataset_uri}: shard {shard['name']}: {problem}")
-    data = read_bytes(join_uri(dataset_uri, shard["file"]))
     table = parquet_bytes_to_table(data, columns, source=f"shard {shard['name']}")
     if table.num_rows != shard["rows"]:
         raise DatasetError(

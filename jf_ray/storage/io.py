@@ -5,10 +5,16 @@ renamed over the target (``rename`` is atomic on POSIX). On an object store the 
 memory first and sent as one object: S3 publishes an object only when its PUT (or multipart completion)
 succeeds, so a reader sees the old object or the whole new one, never a prefix. A writer killed mid-way
 leaves at most an orphan temporary file (local) or an incomplete multipart upload (S3), both invisible.
+
+Faults: on an object store every operation here is retried as a whole after a transient error (throttling,
+server errors, dropped connections, a read shorter than the object), bounded and counted
+(:mod:`jf_ray.storage.retry`). A local write that fails (a full disk) removes its temporary file and raises
+:class:`StorageWriteError`, which says that the previous file is unchanged.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
@@ -20,43 +26,76 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jf_ray.errors import UserInputError
+from jf_ray.storage.retry import ShortRead, retrying
 from jf_ray.storage.uri import fs_and_path, is_local
 
 TMP_PREFIX = ".tmp-"
 
 
+class StorageWriteError(UserInputError):
+    """A local write failed (disk full, quota, I/O error); the target keeps its previous contents."""
+
+
+def _remote(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem without SDK retries: the operations here retry (and count) whole operations."""
+    return fs_and_path(uri, sdk_retries=False)
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
-    fs, path = fs_and_path(uri)
     if is_local(uri):
-        _write_local_atomic(fs, path, data)
+        _write_local_atomic(uri, fs_and_path(uri)[1], data)
         return
-    with fs.open_output_stream(path) as stream:
-        stream.write(data)
+    fs, path = _remote(uri)
+
+    def put() -> None:
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+
+    retrying("write", uri, put)
 
 
-def _write_local_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+def _write_local_atomic(uri: str, path: str, data: bytes) -> None:
     parent, name = os.path.split(path)
-    fs.create_dir(parent, recursive=True)
     tmp = os.path.join(parent, f"{TMP_PREFIX}{name}.{uuid.uuid4().hex}")
     try:
+        os.makedirs(parent, exist_ok=True)
         with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except OSError as exc:
+        raise StorageWriteError(_local_write_failure(uri, path, exc)) from exc
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def _local_write_failure(uri: str, path: str, exc: OSError) -> str:
+    cause = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        cause += " (free space on that disk, or write elsewhere)"
+    before = "keeps its previous contents" if os.path.exists(path) else "was not created"
+    return f"cannot write {uri}: {cause}; nothing was replaced: {os.path.basename(path)} {before}"
 
 
 def read_bytes(uri: str) -> bytes:
-    fs, path = fs_and_path(uri)
+    if is_local(uri):
+        return _read_whole(uri, *fs_and_path(uri))
+    return retrying("read", uri, lambda: _read_whole(uri, *_remote(uri)))
+
+
+def _read_whole(uri: str, fs: pafs.FileSystem, path: str) -> bytes:
+    """The whole object, checked against the size the store reports (a cut connection is no short read)."""
     try:
-        with fs.open_input_stream(path) as stream:
-            return stream.read()
+        with fs.open_input_file(path) as handle:
+            size = handle.size()
+            data = handle.read()
     except FileNotFoundError:
         raise UserInputError(f"not found: {uri}") from None
+    if len(data) != size:
+        raise ShortRead(f"{uri}: read {len(data)} of its {size} bytes")
+    return data
 
 
 def write_json_atomic(uri: str, obj: Any) -> None:
@@ -67,7 +106,7 @@ def read_json(uri: str) -> Any:
     data = read_bytes(uri)
     try:
         return json.loads(data)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not UTF-8
         raise UserInputError(f"{uri} is not valid JSON: {exc}") from None
 
 
@@ -92,25 +131,40 @@ def read_table(uri: str, columns: Sequence[str] | None = None) -> pa.Table:
     return parquet_bytes_to_table(read_bytes(uri), columns, source=uri)
 
 
+def _local_or_retrying(operation: str, uri: str, func):
+    """``func(fs, path)`` once on a local filesystem, retried as a whole on an object store."""
+    if is_local(uri):
+        return func(*fs_and_path(uri))
+    return retrying(operation, uri, lambda: func(*_remote(uri)))
+
+
 def delete_file(uri: str, missing_ok: bool = True) -> None:
-    fs, path = fs_and_path(uri)
-    try:
-        fs.delete_file(path)
-    except FileNotFoundError:
-        if not missing_ok:
-            raise
+    def delete(fs: pafs.FileSystem, path: str) -> None:
+        try:
+            fs.delete_file(path)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+
+    _local_or_retrying("delete", uri, delete)
 
 
 def delete_tree(uri: str) -> None:
     """Remove a directory (or object prefix) and everything under it; nothing there is fine."""
-    fs, path = fs_and_path(uri)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)
+
+    def delete(fs: pafs.FileSystem, path: str) -> None:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+
+    _local_or_retrying("delete", uri, delete)
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Base names of the files directly under ``uri`` ending in ``suffix`` (temporaries skipped), sorted."""
-    fs, path = fs_and_path(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+
+    def listing(fs: pafs.FileSystem, path: str) -> list:
+        return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+
+    infos = _local_or_retrying("list", uri, listing)
     names = [i.base_name for i in infos if i.type == pafs.FileType.File]
     return sorted(n for n in names if n.endswith(suffix) and not n.startswith(TMP_PREFIX))

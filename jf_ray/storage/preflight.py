@@ -19,6 +19,7 @@ from pathlib import Path
 
 from jf_ray.errors import UserInputError
 from jf_ray.storage.io import delete_file, write_bytes_atomic
+from jf_ray.storage.retry import StorageUnavailable
 from jf_ray.storage.uri import fs_and_path, is_local, join_uri, local_path
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ def _check_object_store(uri: str, named: str) -> None:
         delete_file(probe, missing_ok=False)
     except OSError as exc:
         raise UserInputError(f"cannot write {named}: {_aws_cause(exc, uri)}") from None
+    except StorageUnavailable as exc:  # transient errors on every retry: the store is down or unreachable
+        raise UserInputError(f"cannot write {named}: {exc}") from None
 
 
 def _credentials_found() -> bool:

@@ -27,6 +27,7 @@ from jf_ray.storage import (
     join_uri,
     read_dataset,
     read_json,
+    retry_count,
     write_json_atomic,
 )
 from jf_ray.trajectories.config import CollectConfig
@@ -120,7 +121,7 @@ def collect(config: CollectConfig, on_shard_done: Callable[[dict], None] | None 
     from jf_ray.raycluster import require_fit
     from jf_ray.trajectories.ray_pool import PoolOptions, run_shards
 
-    start = time.perf_counter()
+    start, retries_before = time.perf_counter(), retry_count()
     check_backend(config)
     prompts = read_prompts(config.prompts)
     tasks = plan_tasks(prompts, config)
@@ -151,7 +152,17 @@ def collect(config: CollectConfig, on_shard_done: Callable[[dict], None] | None 
         reports, retries = outcome.reports, outcome.retries
     writer.commit(_manifest_meta(config, prompts), expected_shards=[t.name for t in tasks])
     rows = verify_exactly_once(config.out, prompts)
-    return _summary(config, prompts, tasks, reports, retries, rows, time.perf_counter() - start)
+    summary = _summary(config, prompts, tasks, reports, retries, rows, time.perf_counter() - start)
+    summary["storage_retries"] = _storage_retries(reports, retry_count() - retries_before)
+    return summary
+
+
+def _storage_retries(reports: list[dict], driver: int) -> int:
+    """Storage operations retried after transient errors, by the driver and by the workers' shards."""
+    total = driver + sum(r.get("storage_retries", 0) for r in reports)
+    if total:
+        logger.warning("collect: %d storage operations were retried after transient errors (all succeeded)", total)
+    return total
 
 
 def _settings(config: CollectConfig) -> RecordSettings:

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 
 from jf_ray.prompts import Prompt
-from jf_ray.storage import DatasetWriter
+from jf_ray.storage import DatasetWriter, retry_count
 from jf_ray.trajectories.backends import BackendSpec, GenerationBackend, make_backend
 from jf_ray.trajectories.recorder import record_trajectories
 from jf_ray.trajectories.schema import TRAJECTORY_SCHEMA
@@ -52,7 +52,7 @@ class ShardWorker:
 
     def run(self, task: ShardTask) -> dict:
         """Record and write one shard; returns its throughput report (tokens, seconds, forwards)."""
-        start = time.perf_counter()
+        start, retries_before = time.perf_counter(), retry_count()
         s = self.settings
         batch = record_trajectories(
             self.backend,
@@ -74,6 +74,7 @@ class ShardWorker:
             "forwards": batch.stats.forwards,
             "generate_s": round(batch.generate_s, 4),
             "shard_s": round(shard_s, 4),
+            "storage_retries": retry_count() - retries_before,
         }
         logger.info(
             "shard %s: %d prompts, %d tokens in %.1fs (%.1f tok/s, TPF %.2f)",
