@@ -3,8 +3,9 @@
 Object stores fail a small fraction of requests in normal operation (503 SlowDown under load, 500
 InternalError, connections reset mid-response). :func:`retrying` reruns a whole operation (a PUT of one
 object, a read of one object, a listing) after such a transient error, with exponential backoff and jitter,
-at most ``JF_STORAGE_ATTEMPTS`` times (default 6, waits 0.25 s doubling up to 8 s: about 8 s in all), and
-counts every retry in this process (:func:`retry_count`) so that stages can report them. Errors that a retry
+at most ``JF_STORAGE_ATTEMPTS`` times (default 6; waits of 0.25 s doubling, each between half and all of its
+step: 4-8 s in all), and counts every retry in this process (:func:`retry_count`) so that stages can report
+them. Errors that a retry
 cannot fix (a missing object or bucket, denied access, bad credentials) are raised at once. When the attempts
 are spent it raises :class:`StorageUnavailable`, which names the location, the operation and the last error.
 Local files are not retried: a full or failing disk does not heal in seconds.
