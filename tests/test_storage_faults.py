@@ -22,6 +22,7 @@ from jf_ray.storage import (
     StorageUnavailable,
     StorageWriteError,
     VersionedSchema,
+    check_writable,
     fs_and_path,
     join_uri,
     read_bytes,
@@ -151,6 +152,9 @@ def test_storage_gone_fails_fast_naming_the_location(faulty_s3):
         write_json_atomic(uri, {"a": 1})
     assert time.monotonic() - start < 10  # bounded: 6 attempts, 20 ms doubling
     assert proxy.injected["down"] >= 6
+    out = join_uri(bucket, "run")
+    with pytest.raises(UserInputError, match=f"cannot write --out {out}: storage unavailable: write {out}/"):
+        check_writable(out, "--out")  # the entry points' check, before any work
 
 
 # --- collection under faults (Ray) -------------------------------------------------------------------

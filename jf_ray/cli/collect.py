@@ -66,6 +66,7 @@ def print_summary(summary: dict) -> None:
     print(
         f"collected {summary['prompts']} prompts into {summary['out']}: {summary['shards']} shards "
         f"({summary['shards_run']} run, {summary['shards_skipped']} skipped, {len(summary['retries'])} retries), "
+        f"{summary.get('storage_retries', 0)} storage operations retried, "
         f"{summary['rows']} blocks"
     )
     print(
