@@ -191,6 +191,8 @@ def test_collection_to_s3_survives_faulted_requests(ray_session, faulty_s3, chec
     proxy, bucket = faulty_s3
     prompts = _write_prompts(bucket, 8)
     out = join_uri(bucket, "runs/faulty/trajectories")
+    # Seeded: the n-th request the proxy sees draws the same fault in every run (~70 requests: 4 errors, 3 delays);
+    # only which request gets it depends on timing.
     proxy.fault_rate = 0.08
     summary = collect(_collect_config(checkpoint, prompts, out))
     errors = sum(proxy.injected[k] for k in ERROR_KINDS)
