@@ -37,8 +37,19 @@ def _absolute_if_existing_path(value: str) -> str:
     return _absolute_location(value) if os.path.exists(os.path.expanduser(value)) else value
 
 
+def _known_fetch_reference(value: str) -> str:
+    """``fetch://NAME[?route=...]`` must name a known model: an error at load, listing the known ones, not
+    after the stages before the first model load have run."""
+    from jf_ray.model_fetch import is_fetch_reference, parse_fetch_reference
+
+    if is_fetch_reference(value):
+        parse_fetch_reference(value)
+    return value
+
+
 Location = Annotated[str, AfterValidator(_absolute_location)]  # storage URI or local path
-ModelLocation = Annotated[str, AfterValidator(_absolute_if_existing_path)]  # checkpoint URI, path or hub name
+# Checkpoint URI, path, hub name, .gguf file or fetch://NAME (a known model, jf_ray.model_fetch).
+ModelLocation = Annotated[str, AfterValidator(_absolute_if_existing_path), AfterValidator(_known_fetch_reference)]
 # Model dtypes by jf-ray's names (auto: bf16 on GPU, fp32 on CPU); jf_ray.modeling and vllm_engine map them.
 DTYPE_NAMES: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 DType = Literal[DTYPE_NAMES]

