@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from ray_nodes import free_port
+from ray_nodes import start_moto_server
 
 from jf_ray.raycluster import set_local_cluster_env
 
@@ -20,13 +20,10 @@ os.environ["JF_NATIVE_BF16"] = "0"
 @pytest.fixture(scope="session")
 def moto_s3_endpoint():
     """A local S3 wire-protocol server (moto) for the whole session; yields its endpoint URL."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    server, endpoint = start_moto_server()
+    yield endpoint
+    server.terminate()
+    server.wait(timeout=30)
 
 
 @pytest.fixture

@@ -41,6 +41,26 @@ def free_ports(count: int) -> list[int]:
         return [sock.getsockname()[1] for sock in socks]
 
 
+def start_moto_server(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """A moto S3 server in a process of its own; returns it and its endpoint URL once it accepts connections.
+
+    Not in the test process: moto's server imports Flask, whose module-level proxies raise on any attribute
+    lookup outside a request, and vLLM's in-process engine start scans every loaded module's globals."""
+    port = free_port()
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return server, f"http://127.0.0.1:{port}"
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("the moto server did not start") from None
+            time.sleep(0.1)
+
+
 @dataclass
 class Node:
     name: str

@@ -215,7 +215,9 @@ def test_faults_on_the_multinode_cluster(multinode_cluster, moto_s3_endpoint, mo
     s3.create_bucket(Bucket="jf-faults")
     cluster, client = multinode_cluster, JobSubmissionClient(multinode_cluster.dashboard_url)
     entrypoint = "python jobs/progressive.py --config jobs/configs/smoke.yaml run_dir=s3://jf-faults/smoke "
-    entrypoint += "train.workers=2 rounds.0.steps=24 train.checkpoint_every=2"
+    # max_failures=0: the job itself must fail on the node loss, to test that a resubmission resumes from S3
+    # (Ray Train's own restarts within a job: tests/test_train_faults.py)
+    entrypoint += "train.workers=2 rounds.0.steps=24 train.checkpoint_every=2 train.max_failures=0"
 
     def submit() -> str:
         return wait_for(lambda: _try_submit(client, entrypoint), 300, 5, "the job agent")
