@@ -125,31 +125,14 @@ def test_the_proposer_drafts_nothing_once_the_batch_reaches_the_tables_zero():
 def checkpoint(tmp_path_factory) -> Path:
     """A random tiny Llama (head size 32, which vLLM's CPU attention accepts; varied greedy text, where the
     barely trained ``micro`` base repeats one token) with the embedded base model's tokenizer and chat template."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import save_vllm_llama
 
     from jf_ray.basemodel import build_base
     from jf_ray.modeling import load_tokenizer
 
     base = build_base(tmp_path_factory.mktemp("vllm_serve_base") / "micro", preset="micro", seed=0, num_threads=1)
-    tokenizer = load_tokenizer(str(base))
-    torch.manual_seed(2)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=128,
-        max_position_embeddings=512,
-        initializer_range=0.3,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
     out = tmp_path_factory.mktemp("vllm_serve_llama")
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_vllm_llama(out, load_tokenizer(str(base)), seed=2, max_positions=512)
 
 
 @pytest.fixture(scope="module")

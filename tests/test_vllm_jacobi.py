@@ -208,26 +208,11 @@ def _runs(checkpoint: Path) -> Runs:
 
 
 def _llama_checkpoint(path: Path, tokenizer_from: Path) -> Path:
-    """A random tiny Llama (head size 32, which vLLM's CPU attention accepts) with the base model's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A random tiny Llama vLLM's CPU attention accepts, with the base model's tokenizer."""
+    from tiny_models import save_vllm_llama
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=128,
-        max_position_embeddings=1024,
-        initializer_range=0.3,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_vllm_llama(path, AutoTokenizer.from_pretrained(tokenizer_from), seed=1)
 
 
 @pytest.fixture(scope="module")
